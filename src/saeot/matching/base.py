@@ -1,0 +1,213 @@
+"""The Matcher interface shared by semantic OT and every baseline.
+
+A matcher answers one question for a pair of SAEs (hook A, hook B): for every
+feature i of A, which feature of B is it, how sure are we (margin to the
+second-best candidate), and is it a match at all (a cost below a threshold
+calibrated on a null of random pairs)?
+
+A subclass supplies two things:
+
+* :meth:`Matcher.candidates` -- the ``k`` cheapest partners of each feature of A,
+  ``cost [F_a, k]`` ascending and ``index [F_a, k]`` into B (``inf`` / -1 padding);
+* :meth:`Matcher.pair_costs` -- the cost of arbitrary pairs (used for the null).
+
+Everything else (nearest or one-to-one assignment, margin, the "no match"
+decision) is shared, so all matchers produce comparable :class:`MatchResult`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from saeot.types import FeatureSamples, MatchResult
+
+
+@dataclass
+class MatchContext:
+    """What matchers may read. Fields a matcher does not declare in ``requires`` may be None.
+
+    Attributes:
+        saes: hook name -> sae_lens ``SAE`` (weights; used by the data-free baselines).
+        samples: hook name -> :class:`FeatureSamples` already projected into the
+            shared reference space (used by semantic OT and mean embedding).
+        correlations: ``(hook_a, hook_b)`` -> ``[F_a, F_b]`` Pearson correlation of
+            the two SAEs' activations on the same tokens (activation correlation).
+        device: where matchers should compute.
+    """
+
+    saes: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, FeatureSamples] | None = None
+    correlations: dict[tuple[str, str], Tensor] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+class MatcherNotApplicable(RuntimeError):
+    """The matcher cannot run on this input (e.g. needs shared tokens that do not exist)."""
+
+
+class Matcher(ABC):
+    """Base class of all matchers.
+
+    Args:
+        assignment: ``nearest`` (each feature of A takes its cheapest partner; many-to-one)
+            or ``hungarian`` (one-to-one linear assignment over the candidates).
+        n_candidates: partners kept per feature for the one-to-one assignment.
+        null_quantile: a pair is a match only if its cost is below this quantile of
+            the costs of random pairs (the null). ``1.0`` disables the decision.
+        n_null: number of random pairs drawn for the null.
+        min_margin: a pair is a match only if the second-best candidate costs at
+            least this much more (relative to the best: ``margin / best``).
+        seed: seed of the null's random pairs.
+    """
+
+    name: ClassVar[str] = "matcher"
+    #: which fields of MatchContext the matcher reads: {"saes", "samples", "correlations"}
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self,
+        assignment: str = "nearest",
+        n_candidates: int = 8,
+        null_quantile: float = 0.01,
+        n_null: int = 4096,
+        min_margin: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if assignment not in ("nearest", "hungarian"):
+            raise ValueError(f"matcher.assignment must be 'nearest' or 'hungarian', got {assignment!r}")
+        if not 0.0 < null_quantile <= 1.0:
+            raise ValueError(f"matcher.null_quantile must be in (0, 1], got {null_quantile}")
+        if n_candidates < 2:
+            raise ValueError(f"matcher.n_candidates must be >= 2, got {n_candidates}")
+        self.assignment = assignment
+        self.n_candidates = n_candidates
+        self.null_quantile = null_quantile
+        self.n_null = n_null
+        self.min_margin = min_margin
+        self.seed = seed
+
+    # ------------------------------------------------------------------ subclass API
+    @abstractmethod
+    def candidates(self, ctx: MatchContext, hook_a: str, hook_b: str, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` cheapest partners in B of every feature of A.
+
+        Returns:
+            cost: ``[F_a, k]`` float, ascending along dim 1, ``inf`` where fewer exist.
+            index: ``[F_a, k]`` long indices into B's features, -1 where ``cost`` is inf.
+        """
+
+    @abstractmethod
+    def pair_costs(self, ctx: MatchContext, hook_a: str, hook_b: str, ia: Tensor, ib: Tensor) -> Tensor:
+        """``[n]`` cost of the pairs ``(ia[j], ib[j])``; ``inf`` for pairs with a dead feature."""
+
+    def alive(self, ctx: MatchContext, hook: str) -> Tensor:
+        """``[F]`` bool: features that can take part in a match (default: all)."""
+        return torch.ones(_n_features(ctx, hook), dtype=torch.bool)
+
+    # ------------------------------------------------------------------ shared logic
+    def check(self, ctx: MatchContext, hook_a: str, hook_b: str) -> None:
+        """Raise :class:`MatcherNotApplicable` if ``ctx`` lacks what this matcher needs."""
+        for need in self.requires:
+            value = getattr(ctx, need)
+            if value is None:
+                raise MatcherNotApplicable(f"matcher {self.name} needs {need}, which this run did not compute")
+            if need == "correlations":
+                if (hook_a, hook_b) not in value:
+                    raise MatcherNotApplicable(
+                        f"matcher {self.name} needs activations of {hook_a} and {hook_b} on the same tokens"
+                    )
+            elif hook_a not in value or hook_b not in value:
+                raise MatcherNotApplicable(f"matcher {self.name} needs {need} for {hook_a} and {hook_b}")
+
+    def null_threshold(self, ctx: MatchContext, hook_a: str, hook_b: str) -> float:
+        """The ``null_quantile`` quantile of the costs of random (alive, alive) pairs."""
+        if self.null_quantile >= 1.0:
+            return float("inf")
+        alive_a = self.alive(ctx, hook_a).nonzero().flatten()
+        alive_b = self.alive(ctx, hook_b).nonzero().flatten()
+        if len(alive_a) == 0 or len(alive_b) == 0:
+            return float("nan")
+        g = torch.Generator().manual_seed(self.seed)
+        ia = alive_a[torch.randint(len(alive_a), (self.n_null,), generator=g)]
+        ib = alive_b[torch.randint(len(alive_b), (self.n_null,), generator=g)]
+        costs = self.pair_costs(ctx, hook_a, hook_b, ia, ib).double()
+        costs = costs[torch.isfinite(costs)]
+        if costs.numel() == 0:
+            return float("nan")
+        return float(torch.quantile(costs, self.null_quantile))
+
+    def match(self, ctx: MatchContext, hook_a: str, hook_b: str) -> MatchResult:
+        """Match every feature of A to B; see the class docstring for the decision rule."""
+        from saeot.matching.assignment import linear_assignment_sparse
+
+        self.check(ctx, hook_a, hook_b)
+        k = self.n_candidates if self.assignment == "hungarian" else 2
+        cost, index = self.candidates(ctx, hook_a, hook_b, k)
+        cost = cost.double().cpu()
+        index = index.long().cpu()
+        if cost.shape[1] < 2:  # B has a single feature: pad so that the margin is defined
+            cost = torch.cat([cost, torch.full_like(cost[:, :1], float("inf"))], dim=1)
+            index = torch.cat([index, torch.full_like(index[:, :1], -1)], dim=1)
+        best, second = cost[:, 0], cost[:, 1]
+        margin = second - best
+        margin[~torch.isfinite(best)] = float("nan")
+
+        if self.assignment == "nearest":
+            feature_b, distance = index[:, 0].clone(), best.clone()
+        else:
+            feature_b = linear_assignment_sparse(cost, index, n_b=_n_features(ctx, hook_b))
+            distance = torch.full_like(best, float("inf"))
+            assigned = feature_b >= 0
+            col = (index == feature_b[:, None]) & assigned[:, None]
+            distance[assigned] = cost[col]
+
+        threshold = self.null_threshold(ctx, hook_a, hook_b)
+        matched = torch.isfinite(distance) & (feature_b >= 0)
+        if threshold == threshold:  # not nan
+            matched &= distance <= threshold
+        if self.min_margin > 0:
+            rel = margin / best.abs().clamp_min(1e-12)
+            matched &= rel >= self.min_margin
+        return MatchResult(
+            hook_a=hook_a,
+            hook_b=hook_b,
+            matcher=self.name,
+            feature_b=feature_b,
+            distance=distance,
+            margin=margin,
+            matched=matched,
+            null_threshold=threshold,
+        )
+
+
+def topk_from_dense(cost: Tensor, k: int, alive_b: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``k`` smallest entries per row of a dense ``[F_a, F_b]`` cost (``inf`` = impossible)."""
+    if alive_b is not None:
+        cost = cost.masked_fill(~alive_b.to(cost.device)[None, :], float("inf"))
+    k_eff = min(k, cost.shape[1])
+    values, index = torch.topk(cost, k_eff, dim=1, largest=False)
+    index = index.masked_fill(~torch.isfinite(values), -1)
+    if k_eff < k:
+        pad = k - k_eff
+        values = torch.cat([values, values.new_full((cost.shape[0], pad), float("inf"))], dim=1)
+        index = torch.cat([index, index.new_full((cost.shape[0], pad), -1)], dim=1)
+    return values, index
+
+
+def _n_features(ctx: MatchContext, hook: str) -> int:
+    if ctx.samples is not None and hook in ctx.samples:
+        return ctx.samples[hook].n_features
+    if hook in ctx.saes:
+        return int(ctx.saes[hook].cfg.d_sae)
+    if ctx.correlations is not None:
+        for (a, b), corr in ctx.correlations.items():
+            if a == hook:
+                return int(corr.shape[0])
+            if b == hook:
+                return int(corr.shape[1])
+    raise KeyError(f"no SAE, samples or correlations for {hook}")
