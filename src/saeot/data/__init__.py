@@ -1,0 +1,1 @@
+"""Text sources and the LightningDataModule that streams hidden states."""

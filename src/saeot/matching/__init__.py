@@ -1,0 +1,1 @@
+"""Matchers (semantic OT and baselines), assignment, and flow graphs across layers."""

@@ -1,0 +1,201 @@
+"""One streaming pass: per-feature weighted samples of the hidden states where it fires.
+
+For feature i of the SAE at a hook, with activation ``a_t = f_i(h_t)`` at token t,
+the feature is the distribution ``mu_i = sum_t w_t delta(h_t)``, ``w_t = a_t / sum a_t``
+over the tokens where it fires. It is estimated with K samples per feature, in
+memory ``O(F x K x d)`` whatever the stream length:
+
+* ``topk``: the K tokens with the largest activations, weights proportional to them;
+* ``reservoir``: weighted reservoir sampling (Efraimidis & Spirakis' A-Res): each
+  firing token gets the key ``u^(1/a_t)``, ``u ~ U(0, 1)``, and the K largest keys
+  are kept; the kept tokens are an activation-weighted sample without replacement,
+  so they carry uniform weights.
+
+Both keep the K largest *keys* (``a_t`` itself for topk, ``log(u) / a_t`` for
+reservoir), so merging two streams (e.g. two DDP ranks) is exact: keep the K
+largest keys of the union. Multiplying a feature's activations by c > 0 leaves
+both the kept tokens and the weights unchanged (the ranking of ``a_t`` and of
+``log(u) / a_t`` is unchanged and the weights are normalised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from saeot.types import FeatureSamples
+
+MODES = ("topk", "reservoir")
+
+
+class StreamingProfiler:
+    """Streaming K-sample estimate of every feature's distribution, plus firing statistics.
+
+    Args:
+        hook: hook name of the SAE.
+        n_features: F.
+        d: width of the hidden states.
+        k: samples kept per feature.
+        mode: ``topk`` or ``reservoir``.
+        seed: seed of the reservoir keys.
+        dtype: storage dtype of the kept hidden states.
+        device: where the state lives.
+    """
+
+    def __init__(
+        self, hook: str, n_features: int, d: int, k: int = 32, mode: str = "topk", seed: int = 0,
+        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"profiling.sampling={mode!r}; expected one of {MODES}")
+        if k < 1:
+            raise ValueError(f"profiling.k must be >= 1, got {k}")
+        self.hook, self.F, self.d, self.K, self.mode = hook, n_features, d, k, mode
+        dev = torch.device(device)
+        self.generator = torch.Generator(device=dev).manual_seed(seed)
+        self.keys = torch.full((n_features, k), float("-inf"), device=dev)
+        self.acts = torch.zeros(n_features, k, device=dev)
+        self.points = torch.zeros(n_features, k, d, dtype=dtype, device=dev)
+        self.token_ids = torch.full((n_features, k), -1, dtype=torch.long, device=dev)
+        self.locations = torch.full((n_features, k, 2), -1, dtype=torch.long, device=dev)
+        self.n_fire = torch.zeros(n_features, dtype=torch.long, device=dev)
+        self.act_sum = torch.zeros(n_features, dtype=torch.float64, device=dev)
+        self.act_max = torch.zeros(n_features, device=dev)
+        self.n_tokens = 0
+
+    def keys_of(self, acts: Tensor) -> Tensor:
+        """``[N, F]`` sampling keys of activations ``[N, F]`` (-inf where the feature is off)."""
+        fire = acts > 0
+        if self.mode == "topk":
+            return torch.where(fire, acts, torch.full_like(acts, float("-inf")))
+        u = torch.rand(acts.shape, generator=self.generator, device=acts.device).clamp_min(1e-30)
+        return torch.where(fire, torch.log(u) / acts.clamp_min(1e-30), torch.full_like(acts, float("-inf")))
+
+    @torch.no_grad()
+    def update(self, h: Tensor, acts: Tensor, token_ids: Tensor, locations: Tensor) -> None:
+        """Absorb one batch of tokens.
+
+        Args:
+            h: ``[N, d]`` hidden states.
+            acts: ``[N, F]`` the SAE's activations on them.
+            token_ids: ``[N]`` token ids.
+            locations: ``[N, 2]`` (context index, position).
+        """
+        if h.shape[0] != acts.shape[0] or acts.shape[1] != self.F or h.shape[1] != self.d:
+            raise ValueError(f"update: h {tuple(h.shape)} / acts {tuple(acts.shape)} do not fit F={self.F}, d={self.d}")
+        if not torch.isfinite(acts).all():
+            raise FloatingPointError(f"non-finite SAE activations at {self.hook}")
+        acts = acts.float()
+        fire = acts > 0
+        self.n_fire += fire.sum(0)
+        self.act_sum += acts.clamp_min(0).sum(0, dtype=torch.float64)
+        self.act_max = torch.maximum(self.act_max, acts.max(0).values.clamp_min(0))
+        self.n_tokens += h.shape[0]
+
+        keys = self.keys_of(acts).T  # [F, N]
+        m = min(self.K, keys.shape[1])
+        cand_keys, cand_rows = keys.topk(m, dim=1)  # [F, m]
+        cand_acts = acts.T.gather(1, cand_rows)
+        self._absorb(
+            cand_keys, cand_acts,
+            fetch=lambda f, j: (h[cand_rows[f, j]], token_ids[cand_rows[f, j]], locations[cand_rows[f, j]]),
+        )
+
+    def _absorb(self, cand_keys: Tensor, cand_acts: Tensor, fetch: Callable) -> None:
+        """Keep the K largest keys of (state, candidates); write incoming samples into evicted slots.
+
+        ``cand_keys``/``cand_acts``: ``[F, M]``. ``fetch(f, j)`` returns the hidden states,
+        token ids and locations of candidates ``(f[n], j[n])``.
+        """
+        K = self.K
+        all_keys = torch.cat([self.keys, cand_keys], dim=1)
+        top = all_keys.topk(K, dim=1)
+        chosen = torch.zeros_like(all_keys, dtype=torch.bool).scatter_(1, top.indices, True)
+        chosen &= torch.isfinite(all_keys)
+        incoming = chosen[:, K:]  # [F, M]
+        evicted = ~chosen[:, :K]  # [F, K] slots free for incoming samples
+        n_in = incoming.sum(1)
+        if int(n_in.sum()) == 0:
+            return
+        # pair the j-th incoming candidate of a row with the j-th free slot of that row
+        slot_order = torch.argsort((~evicted).to(torch.int8), dim=1, stable=True)  # free slots first
+        in_order = torch.argsort((~incoming).to(torch.int8), dim=1, stable=True)  # incoming first
+        rank = torch.arange(max(K, incoming.shape[1]), device=all_keys.device)
+        f_idx, r_idx = (rank[None, : incoming.shape[1]] < n_in[:, None]).nonzero(as_tuple=True)
+        cand_j = in_order[f_idx, r_idx]
+        slot = slot_order[f_idx, r_idx]
+        pts, toks, locs = fetch(f_idx, cand_j)
+        self.points[f_idx, slot] = pts.to(self.points.dtype)
+        self.token_ids[f_idx, slot] = toks
+        self.locations[f_idx, slot] = locs
+        self.keys[f_idx, slot] = cand_keys[f_idx, cand_j]
+        self.acts[f_idx, slot] = cand_acts[f_idx, cand_j]
+
+    @torch.no_grad()
+    def merge(self, other: "StreamingProfiler") -> None:
+        """Absorb another profiler's state (same hook/F/K/mode): exact, order-free."""
+        if (other.F, other.K, other.d, other.mode) != (self.F, self.K, self.d, self.mode):
+            raise ValueError("merge: profilers differ in F, K, d or mode")
+        self.n_fire += other.n_fire.to(self.n_fire.device)
+        self.act_sum += other.act_sum.to(self.act_sum.device)
+        self.act_max = torch.maximum(self.act_max, other.act_max.to(self.act_max.device))
+        self.n_tokens += other.n_tokens
+        dev = self.keys.device
+        o_pts, o_tok, o_loc = other.points.to(dev), other.token_ids.to(dev), other.locations.to(dev)
+        self._absorb(
+            other.keys.to(dev), other.acts.to(dev),
+            fetch=lambda f, j: (o_pts[f, j], o_tok[f, j], o_loc[f, j]),
+        )
+
+    def state(self) -> dict[str, Tensor]:
+        return {
+            "keys": self.keys, "acts": self.acts, "points": self.points, "token_ids": self.token_ids,
+            "locations": self.locations, "n_fire": self.n_fire, "act_sum": self.act_sum,
+            "act_max": self.act_max, "n_tokens": torch.tensor([self.n_tokens], device=self.keys.device),
+        }
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        for name, value in state.items():
+            if name == "n_tokens":
+                self.n_tokens = int(value.reshape(-1)[0])
+            else:
+                setattr(self, name, value.to(getattr(self, name).device))
+
+    def finalize(self) -> FeatureSamples:
+        """The estimated distributions, samples sorted by decreasing activation."""
+        valid = torch.isfinite(self.keys)
+        acts = torch.where(valid, self.acts, torch.zeros_like(self.acts))
+        order = acts.argsort(dim=1, descending=True)
+        valid = valid.gather(1, order)
+        acts = acts.gather(1, order)
+        if self.mode == "topk":
+            w = acts
+        else:
+            w = valid.float()
+        w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
+        w = torch.where(valid, w, torch.zeros_like(w))
+        pts = self.points.gather(1, order[..., None].expand(-1, -1, self.d))
+        return FeatureSamples(
+            hook=self.hook,
+            points=pts.float().cpu(),
+            weights=w.cpu(),
+            n_fire=self.n_fire.cpu(),
+            act_sum=self.act_sum.cpu(),
+            act_max=self.act_max.cpu(),
+            n_tokens=self.n_tokens,
+            token_ids=torch.where(valid, self.token_ids.gather(1, order), -1).cpu(),
+            locations=torch.where(valid[..., None], self.locations.gather(1, order[..., None].expand(-1, -1, 2)), -1).cpu(),
+            activations=acts.cpu(),
+        )
+
+
+def flatten_batch(batch: dict, hook: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(h [N, d], token_ids [N], locations [N, 2])`` of the masked positions of a batch."""
+    mask = batch["mask"]
+    h = batch["hidden"][hook][mask]
+    toks = batch["tokens"][mask]
+    ctx = batch["context_index"][:, None].expand_as(batch["tokens"])[mask]
+    pos = batch["positions"][mask]
+    return h, toks, torch.stack([ctx, pos], dim=1)

@@ -1,0 +1,348 @@
+"""SAE providers: every provider returns sae_lens ``SAE`` objects keyed by hook name.
+
+* :class:`PretrainedSAEs` -- ``SAE.from_pretrained(release, sae_id)`` (online);
+* :class:`DiskSAEs` -- sae_lens' on-disk format (``cfg.json`` + safetensors);
+* :class:`LocalTrainedSAEs` -- trains TopK / JumpReLU / standard SAEs with sae_lens'
+  training SAE classes on hidden states streamed from the data module, and caches
+  them on disk under a key made of everything that determines them; a cached SAE
+  is reused without retraining.
+
+Providers are built by Hydra from ``conf/sae/*.yaml``; ``load`` is called with the
+language model, the hooks and the data module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE
+from tqdm.auto import tqdm
+
+from saeot.data.datamodule import hook_layer
+
+log = logging.getLogger(__name__)
+
+_COMPLETE = "SAEOT_COMPLETE"
+
+
+class SAEProvider(ABC):
+    """Gives one SAE per hook."""
+
+    def validate(self, hooks: list[str]) -> None:
+        """Check the configuration without loading anything (called before long work)."""
+
+    @abstractmethod
+    def load(self, lm: Any, hooks: list[str], datamodule: Any = None) -> dict[str, SAE]:
+        """hook name -> SAE for every hook in ``hooks``."""
+
+
+def check_sae_widths(saes: dict[str, SAE], lm: Any) -> None:
+    """Raise if an SAE's ``d_in`` differs from the width of its hook."""
+    d_model = lm.model.cfg.d_model
+    for hook, sae in saes.items():
+        if sae.cfg.d_in != d_model:
+            raise ValueError(
+                f"sae for {hook} has d_in={sae.cfg.d_in} but the model's {hook} has width {d_model}: "
+                "check sae= (release / path) against model="
+            )
+
+
+def _format(template: str, hook: str) -> str:
+    return template.format(layer=hook_layer(hook), hook=hook)
+
+
+class PretrainedSAEs(SAEProvider):
+    """Pretrained SAEs from the sae_lens registry.
+
+    Args:
+        release: sae_lens release name (e.g. ``gpt2-small-res-jb``, ``gemma-scope-2b-pt-res-canonical``).
+        sae_id: id template, formatted with ``layer`` and ``hook`` (e.g. ``blocks.{layer}.hook_resid_pre``
+            or ``layer_{layer}/width_16k/canonical``).
+        device, dtype: where and how to load.
+    """
+
+    def __init__(self, release: str, sae_id: str, device: str = "cpu", dtype: str = "float32") -> None:
+        self.release, self.sae_id, self.device, self.dtype = release, sae_id, device, dtype
+
+    def validate(self, hooks: list[str]) -> None:
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+        directory = get_pretrained_saes_directory()
+        if self.release not in directory:
+            raise ValueError(f"sae.release={self.release!r} is not a sae_lens release (see sae_lens pretrained_saes.yaml)")
+        known = directory[self.release].saes_map
+        for hook in hooks:
+            sid = _format(self.sae_id, hook)
+            if sid not in known:
+                raise ValueError(
+                    f"sae.sae_id={sid!r} (for {hook}) is not in release {self.release!r}; "
+                    f"e.g. {sorted(known)[:3]}"
+                )
+
+    def load(self, lm: Any, hooks: list[str], datamodule: Any = None) -> dict[str, SAE]:
+        self.validate(hooks)
+        return {
+            h: SAE.from_pretrained(self.release, _format(self.sae_id, h), device=self.device, dtype=self.dtype)
+            for h in hooks
+        }
+
+
+class DiskSAEs(SAEProvider):
+    """SAEs saved in sae_lens' format (``SAE.save_model`` / ``save_inference_model``).
+
+    Args:
+        path: directory template formatted with ``layer`` and ``hook``
+            (e.g. ``/saes/layer_{layer}``), or a mapping hook -> directory.
+    """
+
+    def __init__(self, path: str | dict[str, str], device: str = "cpu", dtype: str | None = None) -> None:
+        self.path, self.device, self.dtype = path, device, dtype
+
+    def _dir(self, hook: str) -> Path:
+        if isinstance(self.path, str):
+            return Path(_format(self.path, hook)).expanduser()
+        if hook not in self.path:
+            raise ValueError(f"sae.path has no entry for {hook}")
+        return Path(self.path[hook]).expanduser()
+
+    def validate(self, hooks: list[str]) -> None:
+        for h in hooks:
+            d = self._dir(h)
+            if not (d / "cfg.json").is_file():
+                raise ValueError(f"sae.path: {d} (for {h}) has no cfg.json; expected an SAE saved with sae_lens")
+
+    def load(self, lm: Any, hooks: list[str], datamodule: Any = None) -> dict[str, SAE]:
+        self.validate(hooks)
+        out = {}
+        for h in hooks:
+            try:
+                out[h] = SAE.load_from_disk(self._dir(h), device=self.device, dtype=self.dtype)
+            except Exception as e:
+                raise ValueError(f"sae.path: cannot load the SAE in {self._dir(h)} ({e})") from e
+        return out
+
+
+_ARCH = {
+    "topk": ("TopKTrainingSAE", "TopKTrainingSAEConfig"),
+    "jumprelu": ("JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig"),
+    "standard": ("StandardTrainingSAE", "StandardTrainingSAEConfig"),
+}
+
+
+class LocalTrainedSAEs(SAEProvider):
+    """Train one SAE per hook with sae_lens on streamed hidden states, cached on disk.
+
+    One pass of the model over the ``profile`` split fills a buffer of at most
+    ``train_tokens`` hidden states per hook (all hooks at once); each SAE is then
+    trained for ``steps`` Adam steps of ``batch_size`` tokens on that buffer, its
+    inputs scaled so that their mean norm is ``sqrt(d)`` and the scale folded back
+    into the weights afterwards (the saved SAE reads raw hidden states).
+
+    The cache key hashes the model, hook, token stream and every training setting;
+    a finished SAE sits in ``cache_dir/saes/<key>/`` next to a completion marker,
+    written to a temporary directory first and renamed, so an interrupted training
+    is never reused.
+
+    Args:
+        architecture: ``topk``, ``jumprelu`` or ``standard``.
+        d_sae: number of features (or ``expansion`` x d_model when None).
+        k: TopK's k.
+        l1_coefficient / l0_coefficient: sparsity penalties of standard / JumpReLU.
+        lr, steps, batch_size, train_tokens, seed: training settings.
+        cache_dir: cache root (default ``$SAEOT_CACHE`` or ``~/.cache/saeot``).
+    """
+
+    def __init__(
+        self,
+        architecture: str = "topk",
+        d_sae: int | None = None,
+        expansion: int = 4,
+        k: int = 16,
+        l1_coefficient: float = 5.0,
+        l0_coefficient: float = 1.0,
+        jumprelu_init_threshold: float = 0.01,
+        lr: float = 3e-3,
+        steps: int = 600,
+        batch_size: int = 512,
+        train_tokens: int = 16384,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        device: str = "cpu",
+        progress: bool = True,
+    ) -> None:
+        if architecture not in _ARCH:
+            raise ValueError(f"sae.architecture={architecture!r}; expected one of {sorted(_ARCH)}")
+        self.architecture = architecture
+        self.d_sae, self.expansion, self.k = d_sae, expansion, k
+        self.l1_coefficient, self.l0_coefficient = l1_coefficient, l0_coefficient
+        self.jumprelu_init_threshold = jumprelu_init_threshold
+        self.lr, self.steps, self.batch_size, self.train_tokens, self.seed = lr, steps, batch_size, train_tokens, seed
+        self.cache_dir = cache_dir
+        self.device = device
+        self.progress = progress
+        self.n_trained = 0  # SAEs trained (not taken from the cache) by the last load()
+
+    # ------------------------------------------------------------------ cache
+    def _root(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        from saeot.lm import default_cache_dir
+
+        return default_cache_dir()
+
+    def settings(self, d_model: int) -> dict[str, Any]:
+        d_sae = self.d_sae or self.expansion * d_model
+        s: dict[str, Any] = {
+            "architecture": self.architecture, "d_sae": d_sae, "lr": self.lr, "steps": self.steps,
+            "batch_size": self.batch_size, "train_tokens": self.train_tokens, "seed": self.seed,
+        }
+        if self.architecture == "topk":
+            s["k"] = self.k
+        elif self.architecture == "standard":
+            s["l1_coefficient"] = self.l1_coefficient
+        else:
+            s["l0_coefficient"] = self.l0_coefficient
+            s["jumprelu_init_threshold"] = self.jumprelu_init_threshold
+        return s
+
+    def cache_key(self, lm: Any, hook: str, data_fingerprint: str) -> str:
+        model_id = {"name": lm.name, "cfg": {k: str(v) for k, v in sorted(lm.model.cfg.to_dict().items())
+                                             if k in ("n_layers", "d_model", "d_vocab", "n_heads", "d_mlp", "seed")}}
+        blob = json.dumps({"model": model_id, "hook": hook, "data": data_fingerprint,
+                           "settings": self.settings(lm.model.cfg.d_model), "v": 1}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def cache_path(self, lm: Any, hook: str, data_fingerprint: str) -> Path:
+        return self._root() / "saes" / f"{hook}-{self.cache_key(lm, hook, data_fingerprint)}"
+
+    # ------------------------------------------------------------------ load / train
+    def load(self, lm: Any, hooks: list[str], datamodule: Any = None) -> dict[str, SAE]:
+        if datamodule is None:
+            raise ValueError("sae=train_local needs the data module to stream hidden states")
+        fp = datamodule.fingerprint()
+        paths = {h: self.cache_path(lm, h, fp) for h in hooks}
+        missing = [h for h in hooks if not (paths[h] / _COMPLETE).is_file()]
+        self.n_trained = 0
+        if missing:
+            buffers = self.collect(datamodule, missing)
+            for h in missing:
+                sae = self.train_one(buffers[h], h)
+                _save_atomic(sae, paths[h])
+                self.n_trained += 1
+                log.info("trained SAE for %s -> %s", h, paths[h])
+        out = {}
+        for h in hooks:
+            try:
+                out[h] = SAE.load_from_disk(paths[h], device=self.device)
+            except Exception as e:
+                raise RuntimeError(f"cached SAE {paths[h]} is corrupt ({e}); delete it and rerun") from e
+        return out
+
+    def collect(self, datamodule: Any, hooks: list[str]) -> dict[str, torch.Tensor]:
+        """Up to ``train_tokens`` hidden states per hook from the profile split, ``[N, d]``."""
+        bufs: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+        n = 0
+        saved = datamodule.hooks
+        datamodule.hooks = list(hooks)
+        try:
+            from saeot.data.datamodule import stop_layer
+
+            datamodule._stop_at = stop_layer(datamodule.hooks)
+            with tqdm(total=self.train_tokens, desc="collect SAE training tokens", disable=not self.progress, leave=False) as bar:
+                for batch in datamodule.iter_batches("profile", device=self.device):
+                    mask = batch["mask"]
+                    for h in hooks:
+                        bufs[h].append(batch["hidden"][h][mask].float().cpu())
+                    got = int(mask.sum())
+                    n += got
+                    bar.update(got)
+                    if n >= self.train_tokens:
+                        break
+        finally:
+            datamodule.hooks = saved
+            datamodule._stop_at = stop_layer(saved)
+        return {h: torch.cat(v)[: self.train_tokens] for h, v in bufs.items()}
+
+    def _build(self, d_in: int) -> Any:
+        import sae_lens
+
+        sae_cls_name, cfg_cls_name = _ARCH[self.architecture]
+        cfg_cls = getattr(sae_lens, cfg_cls_name)
+        kw: dict[str, Any] = {"d_in": d_in, "d_sae": self.d_sae or self.expansion * d_in, "device": self.device}
+        if self.architecture == "topk":
+            kw["k"] = self.k
+        elif self.architecture == "standard":
+            kw["l1_coefficient"] = self.l1_coefficient
+        else:
+            kw["l0_coefficient"] = self.l0_coefficient
+            kw["jumprelu_init_threshold"] = self.jumprelu_init_threshold
+        return getattr(sae_lens, sae_cls_name)(cfg_cls(**kw))
+
+    def train_one(self, acts: torch.Tensor, hook: str) -> Any:
+        """Train a fresh training SAE on ``acts [N, d]``; returns it with the input scale folded in."""
+        from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
+
+        if not torch.isfinite(acts).all():
+            raise FloatingPointError(f"non-finite hidden states at {hook}; cannot train an SAE on them")
+        torch.manual_seed(self.seed)
+        n, d = acts.shape
+        scale = math.sqrt(d) / float(acts.norm(dim=1).mean().clamp_min(1e-8))
+        x_all = (acts * scale).to(self.device)
+        sae = self._build(d)
+        with torch.no_grad():  # start the decoder bias at the data mean (geometric-median proxy)
+            sae.b_dec.copy_(x_all.mean(0))
+        opt = torch.optim.Adam(sae.parameters(), lr=self.lr)
+        coeff_cfg = sae.get_coefficients()
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        fired_recently = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
+        bar = tqdm(range(self.steps), desc=f"train SAE {hook}", disable=not self.progress, leave=False)
+        for step in bar:
+            idx = torch.randint(n, (min(self.batch_size, n),), generator=g)
+            coefficients = {}
+            for name, c in coeff_cfg.items():
+                if isinstance(c, TrainCoefficientConfig):
+                    warm = min(1.0, (step + 1) / c.warm_up_steps) if c.warm_up_steps else 1.0
+                    coefficients[name] = c.value * warm
+                else:
+                    coefficients[name] = float(c)
+            out = sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=x_all[idx], coefficients=coefficients,
+                    dead_neuron_mask=fired_recently > 200, n_training_steps=step, is_logging_step=False,
+                )
+            )
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            with torch.no_grad():
+                fired = (out.feature_acts > 0).any(0)
+                fired_recently = torch.where(fired, torch.zeros_like(fired_recently), fired_recently + 1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=float(out.loss))
+        sae.fold_activation_norm_scaling_factor(scale)
+        return sae
+
+
+def _save_atomic(sae: Any, path: Path) -> None:
+    """Save an inference SAE into ``path`` through a temporary directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        sae.save_inference_model(tmp)
+        (tmp / _COMPLETE).write_text("ok\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

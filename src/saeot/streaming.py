@@ -1,0 +1,176 @@
+"""The Lightning module that drives the streaming passes over hidden states.
+
+``trainer.predict(StreamPass(...), datamodule=dm)`` runs every consumer on every
+batch (hidden states are computed by the data module after transfer). At the end
+each consumer's state is gathered from all DDP ranks and merged exactly, so every
+rank holds the same, complete result whatever the number of processes.
+
+Consumers:
+
+* :class:`ProfileConsumer` -- per-feature samples and firing statistics (profile split);
+* :class:`AlignedStatesConsumer` -- a bounded subsample of hidden states of the same
+  tokens at every hook (held-out split; fits the reference space);
+* :class:`CorrelationConsumer` -- streaming Pearson correlation between two SAEs'
+  activations on the same tokens (held-out split; activation-correlation baseline).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from saeot.profiling import StreamingProfiler, flatten_batch
+
+
+def encode(sae: Any, h: Tensor) -> Tensor:
+    """``[N, d] -> [N, F]`` SAE activations (in the SAE's dtype, returned as float32)."""
+    p = next(sae.parameters())
+    return sae.encode(h.to(device=p.device, dtype=p.dtype)).float()
+
+
+class Consumer:
+    """Something that absorbs batches and merges exactly across ranks."""
+
+    def update(self, batch: dict, saes: dict[str, Any], cache: dict) -> None:
+        raise NotImplementedError
+
+    def sync(self, module: L.LightningModule) -> None:
+        """Merge the states of all ranks (no-op on one process)."""
+
+
+def _gather(module: L.LightningModule, t: Tensor) -> list[Tensor]:
+    """Per-rank copies of ``t`` (every rank gets all). Works with one process too."""
+    if module.trainer is None or module.trainer.world_size == 1:
+        return [t]
+    g = module.all_gather(t)
+    return list(g.unbind(0))
+
+
+class ProfileConsumer(Consumer):
+    def __init__(self, hooks: list[str], saes: dict[str, Any], k: int, mode: str, seed: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.profilers = {
+            h: StreamingProfiler(h, saes[h].cfg.d_sae, saes[h].cfg.d_in, k=k, mode=mode, seed=seed, dtype=dtype, device=device)
+            for h in hooks
+        }
+
+    def to(self, device: torch.device) -> None:
+        for p in self.profilers.values():
+            p.load_state({k: v.to(device) for k, v in p.state().items()})
+            p.generator = torch.Generator(device=device).manual_seed(int(p.generator.initial_seed()))
+
+    def update(self, batch: dict, saes: dict[str, Any], cache: dict) -> None:
+        for h, prof in self.profilers.items():
+            x, toks, locs = flatten_batch(batch, h)
+            acts = cache.setdefault(h, encode(saes[h], x))
+            prof.update(x.to(prof.points.device), acts.to(prof.points.device), toks, locs)
+
+    def sync(self, module: L.LightningModule) -> None:
+        if module.trainer is None or module.trainer.world_size == 1:
+            return
+        for h, prof in self.profilers.items():
+            states = {k: _gather(module, v) for k, v in prof.state().items()}
+            merged = StreamingProfiler(h, prof.F, prof.d, prof.K, prof.mode, device=prof.keys.device)
+            for r in range(module.trainer.world_size):
+                other = StreamingProfiler(h, prof.F, prof.d, prof.K, prof.mode, device=prof.keys.device)
+                other.load_state({k: v[r] for k, v in states.items()})
+                merged.merge(other)
+            self.profilers[h] = merged
+
+    def results(self):
+        return {h: p.finalize() for h, p in self.profilers.items()}
+
+
+class AlignedStatesConsumer(Consumer):
+    """Keeps the hidden states of the first ``max_tokens`` tokens at every hook (same tokens)."""
+
+    def __init__(self, hooks: list[str], max_tokens: int) -> None:
+        self.hooks, self.max_tokens = hooks, max_tokens
+        self.parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
+        self.n = 0
+
+    def update(self, batch: dict, saes: dict[str, Any], cache: dict) -> None:
+        if self.n >= self.max_tokens:
+            return
+        take = self.max_tokens - self.n
+        for h in self.hooks:
+            x, _, _ = flatten_batch(batch, h)
+            self.parts[h].append(x[:take].float().cpu())
+        self.n += min(take, int(batch["mask"].sum()))
+
+    def sync(self, module: L.LightningModule) -> None:
+        if module.trainer is None or module.trainer.world_size == 1:
+            return
+        per_rank = max(1, self.max_tokens // module.trainer.world_size)
+        local = min(per_rank, sum(len(x) for x in self.parts[self.hooks[0]]))
+        m = int(min(_gather(module, torch.tensor([local], device=module.device))))  # equal shapes for all_gather
+        for h in self.hooks:
+            x = torch.cat(self.parts[h])[:m].to(module.device)
+            self.parts[h] = [torch.cat(_gather(module, x)).cpu()]
+
+    def results(self) -> dict[str, Tensor]:
+        return {h: torch.cat(v) for h, v in self.parts.items()}
+
+
+class CorrelationConsumer(Consumer):
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        from saeot.matching.correlation import CorrelationAccumulator
+
+        self.pairs = pairs
+        self.acc = {p: CorrelationAccumulator() for p in pairs}
+
+    def update(self, batch: dict, saes: dict[str, Any], cache: dict) -> None:
+        for a, b in self.pairs:
+            for h in (a, b):
+                if h not in cache:
+                    x, _, _ = flatten_batch(batch, h)
+                    cache[h] = encode(saes[h], x)
+            self.acc[(a, b)].update(cache[a], cache[b])
+
+    def sync(self, module: L.LightningModule) -> None:
+        if module.trainer is None or module.trainer.world_size == 1:
+            return
+        from saeot.matching.correlation import CorrelationAccumulator
+
+        for p, acc in self.acc.items():
+            state = acc.state_dict()
+            gathered = {k: _gather(module, torch.as_tensor(v, device=module.device)) for k, v in state.items()}
+            merged = CorrelationAccumulator()
+            for r in range(module.trainer.world_size):
+                other = CorrelationAccumulator()
+                other.load_state_dict({k: v[r].cpu() for k, v in gathered.items()})
+                merged.merge(other)
+            self.acc[p] = merged
+
+    def results(self) -> dict[tuple[str, str], Tensor]:
+        return {p: acc.correlation() for p, acc in self.acc.items()}
+
+
+class StreamPass(L.LightningModule):
+    """Runs consumers over ``trainer.predict`` batches; merges them across ranks at the end."""
+
+    def __init__(self, saes: dict[str, Any], consumers: list[Consumer]) -> None:
+        super().__init__()
+        self.saes = saes
+        # register SAEs as submodules so Lightning moves them to the device
+        self.sae_modules = torch.nn.ModuleList(list(saes.values()))
+        self.consumers = consumers
+
+    def on_predict_start(self) -> None:
+        for c in self.consumers:
+            if hasattr(c, "to"):
+                c.to(self.device)
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        cache: dict[str, Tensor] = {}
+        for c in self.consumers:
+            c.update(batch, self.saes, cache)
+        return None
+
+    def on_predict_end(self) -> None:
+        for c in self.consumers:
+            c.sync(self)

@@ -1,0 +1,83 @@
+import torch
+
+from saeot.profiling import StreamingProfiler
+
+
+def _stream(n=600, F=12, d=5, seed=0, density=0.3):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g)
+    acts = torch.rand(n, F, generator=g) * (torch.rand(n, F, generator=g) < density)
+    toks = torch.randint(100, (n,), generator=g)
+    locs = torch.stack([torch.arange(n) // 10, torch.arange(n) % 10], 1)
+    return h, acts, toks, locs
+
+
+def _run(h, acts, toks, locs, k=7, mode="topk", batch=64, seed=0):
+    p = StreamingProfiler("blocks.0.hook_resid_post", acts.shape[1], h.shape[1], k=k, mode=mode, seed=seed)
+    for i in range(0, len(h), batch):
+        p.update(h[i:i + batch], acts[i:i + batch], toks[i:i + batch], locs[i:i + batch])
+    return p
+
+
+def test_topk_streaming_equals_global_topk():
+    h, acts, toks, locs = _stream()
+    fs = _run(h, acts, toks, locs).finalize()
+    for f in range(acts.shape[1]):
+        a = acts[:, f]
+        n_valid = min(7, int((a > 0).sum()))
+        top = a.topk(n_valid).indices
+        kept_rows = fs.locations[f, :n_valid, 0] * 10 + fs.locations[f, :n_valid, 1]
+        assert set(kept_rows.tolist()) == set(top.tolist())
+        # kept points are the hidden states of those tokens and weights are proportional to activations
+        assert torch.allclose(fs.points[f, :n_valid], h[kept_rows])
+        w = a[kept_rows] / a[kept_rows].sum()
+        assert torch.allclose(fs.weights[f, :n_valid], w, atol=1e-6)
+        assert float(fs.weights[f, n_valid:].abs().sum()) == 0.0
+        assert int(fs.n_fire[f]) == int((a > 0).sum())
+        assert abs(float(fs.act_max[f]) - float(a.max())) < 1e-6
+
+
+def test_rescaling_activations_leaves_distribution_unchanged():
+    h, acts, toks, locs = _stream(seed=1)
+    scale = torch.rand(acts.shape[1]) * 10 + 0.1
+    for mode in ("topk", "reservoir"):
+        a = _run(h, acts, toks, locs, mode=mode, seed=3).finalize()
+        b = _run(h, acts * scale, toks, locs, mode=mode, seed=3).finalize()
+        assert torch.equal(a.locations, b.locations)
+        assert torch.allclose(a.points, b.points)
+        assert torch.allclose(a.weights, b.weights, atol=1e-6)
+
+
+def test_merge_of_shards_equals_one_pass_topk():
+    h, acts, toks, locs = _stream(seed=2)
+    whole = _run(h, acts, toks, locs).finalize()
+    p0 = _run(h[0::2], acts[0::2], toks[0::2], locs[0::2])
+    p1 = _run(h[1::2], acts[1::2], toks[1::2], locs[1::2])
+    p0.merge(p1)
+    merged = p0.finalize()
+    assert merged.n_tokens == whole.n_tokens
+    assert torch.equal(merged.n_fire, whole.n_fire)
+    assert torch.equal(merged.locations, whole.locations)
+    assert torch.allclose(merged.weights, whole.weights)
+
+
+def test_reservoir_samples_proportionally_to_activation():
+    # K = 1: A-Res keeps token t with probability a_t / sum(a)
+    a = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    h = torch.eye(4)
+    counts = torch.zeros(4)
+    for s in range(2000):
+        p = StreamingProfiler("x", 1, 4, k=1, mode="reservoir", seed=s)
+        p.update(h, a, torch.arange(4), torch.zeros(4, 2, dtype=torch.long))
+        counts[int(p.finalize().points[0, 0].argmax())] += 1
+    freq = counts / counts.sum()
+    assert torch.allclose(freq, a.flatten() / a.sum(), atol=0.04)
+
+
+def test_dead_feature_has_zero_weights():
+    h, acts, toks, locs = _stream(seed=4)
+    acts[:, 3] = 0
+    fs = _run(h, acts, toks, locs).finalize()
+    assert not bool(fs.alive[3]) and bool(fs.alive[0])
+    assert float(fs.weights[3].sum()) == 0.0
+    assert torch.all(fs.token_ids[3] == -1)
