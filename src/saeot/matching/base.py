@@ -57,8 +57,14 @@ class Matcher(ABC):
         assignment: ``nearest`` (each feature of A takes its cheapest partner; many-to-one)
             or ``hungarian`` (one-to-one linear assignment over the candidates).
         n_candidates: partners kept per feature for the one-to-one assignment.
-        null_quantile: a pair is a match only if its cost is below this quantile of
-            the costs of random pairs (the null). ``1.0`` disables the decision.
+        null_alpha: the chance that a feature of A with no true partner in B is still
+            called a match. Its best cost is the minimum over the ``F_b`` features of B,
+            so the threshold is the ``q = 1 - (1 - null_alpha)^(1 / F_b)`` quantile (Sidak)
+            of the costs of random pairs, estimated from ``n_null`` random pairs that
+            exclude each feature's own candidates (so true partners do not enter the
+            null); where ``n_null * q < 20`` the quantile is extrapolated from a normal
+            fit of the lower half of the null. ``1.0`` disables the decision.
+        null_quantile: if set, use this raw quantile of the random-pair costs instead.
         n_null: number of random pairs drawn for the null.
         min_margin: a pair is a match only if the second-best candidate costs at
             least this much more (relative to the best: ``margin / best``).
@@ -73,20 +79,24 @@ class Matcher(ABC):
         self,
         assignment: str = "nearest",
         n_candidates: int = 8,
-        null_quantile: float = 0.01,
-        n_null: int = 4096,
+        null_quantile: float | None = None,
+        null_alpha: float = 0.05,
+        n_null: int = 8192,
         min_margin: float = 0.0,
         seed: int = 0,
     ) -> None:
         if assignment not in ("nearest", "hungarian"):
             raise ValueError(f"matcher.assignment must be 'nearest' or 'hungarian', got {assignment!r}")
-        if not 0.0 < null_quantile <= 1.0:
+        if null_quantile is not None and not 0.0 < null_quantile <= 1.0:
             raise ValueError(f"matcher.null_quantile must be in (0, 1], got {null_quantile}")
+        if not 0.0 < null_alpha <= 1.0:
+            raise ValueError(f"matcher.null_alpha must be in (0, 1], got {null_alpha}")
         if n_candidates < 2:
             raise ValueError(f"matcher.n_candidates must be >= 2, got {n_candidates}")
         self.assignment = assignment
         self.n_candidates = n_candidates
         self.null_quantile = null_quantile
+        self.null_alpha = null_alpha
         self.n_null = n_null
         self.min_margin = min_margin
         self.seed = seed
@@ -124,9 +134,16 @@ class Matcher(ABC):
             elif hook_a not in value or hook_b not in value:
                 raise MatcherNotApplicable(f"matcher {self.name} needs {need} for {hook_a} and {hook_b}")
 
-    def null_threshold(self, ctx: MatchContext, hook_a: str, hook_b: str) -> float:
-        """The ``null_quantile`` quantile of the costs of random (alive, alive) pairs."""
-        if self.null_quantile >= 1.0:
+    def null_threshold(
+        self, ctx: MatchContext, hook_a: str, hook_b: str, exclude: Tensor | None = None
+    ) -> float:
+        """Cost below which a best match is unlikely to be chance (see ``null_alpha``).
+
+        Args:
+            exclude: ``[F_a, k]`` candidate indices into B per feature of A; random pairs
+                that hit them are dropped from the null (they may be true partners).
+        """
+        if (self.null_quantile or self.null_alpha) >= 1.0:
             return float("inf")
         alive_a = self.alive(ctx, hook_a).nonzero().flatten()
         alive_b = self.alive(ctx, hook_b).nonzero().flatten()
@@ -135,11 +152,17 @@ class Matcher(ABC):
         g = torch.Generator().manual_seed(self.seed)
         ia = alive_a[torch.randint(len(alive_a), (self.n_null,), generator=g)]
         ib = alive_b[torch.randint(len(alive_b), (self.n_null,), generator=g)]
+        if exclude is not None:
+            keep = ~(exclude[ia] == ib[:, None]).any(1)
+            ia, ib = ia[keep], ib[keep]
         costs = self.pair_costs(ctx, hook_a, hook_b, ia, ib).double()
         costs = costs[torch.isfinite(costs)]
-        if costs.numel() == 0:
+        if costs.numel() < 10:
             return float("nan")
-        return float(torch.quantile(costs, self.null_quantile))
+        if self.null_quantile is not None:
+            return float(torch.quantile(costs, self.null_quantile))
+        q = null_level(self.null_alpha, len(alive_b))
+        return float(tail_quantile(costs, q))
 
     def match(self, ctx: MatchContext, hook_a: str, hook_b: str) -> MatchResult:
         """Match every feature of A to B; see the class docstring for the decision rule."""
@@ -166,7 +189,7 @@ class Matcher(ABC):
             col = (index == feature_b[:, None]) & assigned[:, None]
             distance[assigned] = cost[col]
 
-        threshold = self.null_threshold(ctx, hook_a, hook_b)
+        threshold = self.null_threshold(ctx, hook_a, hook_b, exclude=index)
         matched = torch.isfinite(distance) & (feature_b >= 0)
         if threshold == threshold:  # not nan
             matched &= distance <= threshold
@@ -183,6 +206,30 @@ class Matcher(ABC):
             matched=matched,
             null_threshold=threshold,
         )
+
+
+def null_level(alpha: float, n_b: int) -> float:
+    """Per-pair level ``q`` such that the best of ``n_b`` null pairs falls below it with
+    probability ``alpha``: ``1 - (1 - alpha)^(1 / n_b)`` (Sidak)."""
+    return float(-torch.expm1(torch.log1p(torch.tensor(-alpha, dtype=torch.float64)) / max(n_b, 1)))
+
+
+def tail_quantile(costs: Tensor, q: float, min_count: int = 20) -> Tensor:
+    """The ``q`` quantile of ``costs``: empirical where at least ``min_count`` samples lie
+    below it, else extrapolated from a normal fitted to the lower half of ``log(costs)``
+    (costs of all matchers here are positive; of ``costs`` itself otherwise), using the
+    median and the 2.5% quantile."""
+    costs = costs.double()
+    if q * costs.numel() >= min_count:
+        return torch.quantile(costs, q)
+    positive = bool((costs > 0).all())
+    x = costs.log() if positive else costs
+    med = torch.quantile(x, 0.5)
+    lo = torch.quantile(x, 0.025)
+    sigma = (med - lo) / 1.959963984540054
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(q, dtype=torch.float64))
+    t = med + z * sigma
+    return t.exp() if positive else t
 
 
 def topk_from_dense(cost: Tensor, k: int, alive_b: Tensor | None = None) -> tuple[Tensor, Tensor]:
