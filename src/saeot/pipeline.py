@@ -39,6 +39,24 @@ class ConfigError(ValueError):
     """A setting is wrong; the message names it."""
 
 
+def build(node: Any, *, partial: bool = False, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that re-raises the error of the target itself (Hydra wraps
+    it in an InstantiationException, hiding the one line that names the setting)."""
+    from hydra.errors import InstantiationException
+
+    try:
+        if partial:
+            return instantiate(node, _partial_=True)
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 # ---------------------------------------------------------------------------- layers
 def layer_ids(cfg: DictConfig) -> list[int]:
     ids = list(cfg.layers.ids)
@@ -110,14 +128,14 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     run = Run(cfg=cfg, run_dir=run_dir)
     ids = layer_ids(cfg)
     pairs = layer_pairs(cfg, ids)
-    run.matcher = instantiate(cfg.matcher)
-    sae_provider = instantiate(cfg.sae)
-    run.lm = instantiate(cfg.model)
+    run.matcher = build(cfg.matcher)
+    sae_provider = build(cfg.sae)
+    run.lm = build(cfg.model)
     check_layers(ids, run.lm.model.cfg.n_layers)
     run.hooks = [hook_for(i, cfg.layers.site) for i in ids]
     run.pairs = [(hook_for(a, cfg.layers.site), hook_for(b, cfg.layers.site)) for a, b in pairs]
     sae_provider.validate(run.hooks)
-    run.datamodule = instantiate(cfg.data, lm=run.lm, hooks=run.hooks)
+    run.datamodule = build(cfg.data, partial=True)(lm=run.lm, hooks=run.hooks)
     run.datamodule.setup()
     log.info("corpus: %d profile + %d held-out contexts of %d tokens",
              run.datamodule.n_contexts("profile"), run.datamodule.n_contexts("heldout"), run.datamodule.context_len)
@@ -144,7 +162,7 @@ def stream(run: Run) -> None:
 
     consumers: list = [AlignedStatesConsumer(run.hooks, cfg.profiling.reference_tokens)]
     if "correlations" in run.matcher.requires:
-        consumers.append(CorrelationConsumer(run.pairs))
+        consumers.append(CorrelationConsumer(run.pairs, run.saes))
     run.datamodule.predict_split = "heldout"
     run.trainer.predict(StreamPass(run.saes, consumers), datamodule=run.datamodule, return_predictions=False)
     run.aligned = consumers[0].results()
@@ -156,7 +174,7 @@ def fit_reference(run: Run) -> None:
     from saeot.reference import project_samples
 
     t0 = time.perf_counter()
-    space = instantiate(run.cfg.reference)
+    space = build(run.cfg.reference)
     if hasattr(space, "logger"):
         space.logger = run.logger
     space.fit(run.aligned)
@@ -253,9 +271,9 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> Run:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     run = setup(cfg, run_dir)
-    run.logger = instantiate(cfg.logger) if cfg.get("logger") else None
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    run.trainer = instantiate(cfg.trainer, logger=run.logger or False, callbacks=[c for c in callbacks if _is_pl_callback(c)])
+    run.logger = build(cfg.logger) if cfg.get("logger") else None
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    run.trainer = build(cfg.trainer, logger=run.logger or False, callbacks=[c for c in callbacks if _is_pl_callback(c)])
     t0 = time.perf_counter()
     stream(run)
     run.metrics["profiling"] = {

@@ -116,11 +116,11 @@ class AlignedStatesConsumer(Consumer):
 
 
 class CorrelationConsumer(Consumer):
-    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+    def __init__(self, pairs: list[tuple[str, str]], saes: dict[str, Any]) -> None:
         from saeot.matching.correlation import CorrelationAccumulator
 
         self.pairs = pairs
-        self.acc = {p: CorrelationAccumulator() for p in pairs}
+        self.acc = {(a, b): CorrelationAccumulator(saes[a].cfg.d_sae, saes[b].cfg.d_sae) for a, b in pairs}
 
     def update(self, batch: dict, saes: dict[str, Any], cache: dict) -> None:
         for a, b in self.pairs:
@@ -128,7 +128,7 @@ class CorrelationConsumer(Consumer):
                 if h not in cache:
                     x, _, _ = flatten_batch(batch, h)
                     cache[h] = encode(saes[h], x)
-            self.acc[(a, b)].update(cache[a], cache[b])
+            self.acc[(a, b)].update(cache[a].cpu(), cache[b].cpu())
 
     def sync(self, module: L.LightningModule) -> None:
         if module.trainer is None or module.trainer.world_size == 1:
@@ -137,16 +137,16 @@ class CorrelationConsumer(Consumer):
 
         for p, acc in self.acc.items():
             state = acc.state_dict()
-            gathered = {k: _gather(module, torch.as_tensor(v, device=module.device)) for k, v in state.items()}
-            merged = CorrelationAccumulator()
+            gathered = {k: _gather(module, torch.as_tensor(v).to(module.device)) for k, v in state.items()}
+            merged = None
             for r in range(module.trainer.world_size):
-                other = CorrelationAccumulator()
-                other.load_state_dict({k: v[r].cpu() for k, v in gathered.items()})
-                merged.merge(other)
+                other = CorrelationAccumulator.from_state_dict({k: v[r].cpu() for k, v in gathered.items()})
+                merged = other if merged is None else merged.merge(other)
             self.acc[p] = merged
 
-    def results(self) -> dict[tuple[str, str], Tensor]:
-        return {p: acc.correlation() for p, acc in self.acc.items()}
+    def results(self) -> dict[tuple[str, str], Any]:
+        """The accumulators themselves (the matcher reads correlations and firing masks)."""
+        return dict(self.acc)
 
 
 class StreamPass(L.LightningModule):

@@ -1,0 +1,133 @@
+"""End to end: the real Hydra configs, composed as train.py composes them, on tiny data."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from saeot.cli import CONF_DIR
+from saeot.pipeline import MATCH_COLUMNS, ConfigError, run_train, setup
+
+ROOT = Path(__file__).resolve().parents[1]
+MATCHERS = ["semantic_ot", "sae_match", "feature_flow", "activation_correlation", "mean_embedding"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("saeot-cache")
+
+
+def _cfg(run_dir, cache_dir, *overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=smoke", "logger=none", f"paths.cache_dir={cache_dir}",
+                                          *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    cfg.trainer.enable_progress_bar = False
+    return cfg
+
+
+@pytest.mark.parametrize("matcher", MATCHERS)
+def test_every_matcher_writes_matches_csv(tmp_path, cache_dir, matcher):
+    run = run_train(_cfg(tmp_path, cache_dir, f"matcher={matcher}"), tmp_path)
+    with open(tmp_path / "matches.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == MATCH_COLUMNS
+    n_a = run.saes["blocks.1.hook_resid_post"].cfg.d_sae
+    assert len(rows) == n_a  # one row per feature of layer A (one pair)
+    assert {r["layer_a"] for r in rows} == {"1"} and {r["layer_b"] for r in rows} == {"2"}
+    matched = [r for r in rows if r["matched"] == "1"]
+    assert all(0 <= int(r["feature_b"]) < n_a for r in matched)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["matching"]["matcher"] == matcher
+    assert (tmp_path / "feature_stats.csv").is_file()
+    assert (tmp_path / "plots" / "flow.png").stat().st_size > 1000
+
+
+def test_semantic_ot_matches_a_layer_to_itself(tmp_path, cache_dir):
+    """Layer 1 against a copy of itself: every live feature finds itself at distance 0."""
+    cfg = _cfg(tmp_path, cache_dir, "layers.ids=[1,2]")
+    run = setup(cfg, tmp_path)
+    from saeot.pipeline import fit_reference, match, stream
+
+    run.trainer = __import__("hydra.utils", fromlist=["instantiate"]).instantiate(cfg.trainer, logger=False)
+    stream(run)
+    fit_reference(run)
+    a = "blocks.1.hook_resid_post"
+    run.pairs = [(a, a)]
+    match(run)
+    res = run.results[0]
+    alive = run.samples[a].alive
+    assert torch.equal(res.feature_b[alive], torch.arange(len(alive))[alive])
+    assert float(res.distance[alive].max()) < 1e-6
+
+
+def test_feature_stats_match_a_direct_count(tmp_path, cache_dir):
+    run = run_train(_cfg(tmp_path, cache_dir), tmp_path)
+    hook = "blocks.2.hook_resid_post"
+    sae, dm = run.saes[hook], run.datamodule
+    n_fire = torch.zeros(sae.cfg.d_sae)
+    n_tok = 0
+    for batch in dm.iter_batches("profile"):
+        acts = sae.encode(batch["hidden"][hook][batch["mask"]])
+        n_fire += (acts > 0).sum(0)
+        n_tok += acts.shape[0]
+    with open(tmp_path / "feature_stats.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["hook"] == hook]
+    freq = torch.tensor([float(r["firing_frequency"]) for r in rows])
+    assert torch.allclose(freq, n_fire / n_tok, atol=1e-5)
+
+
+@pytest.mark.parametrize("override,setting", [
+    ("layers.ids=[1,9]", "layers.ids"),
+    ("layers.pairs=[[1,3]]", "layers.pairs"),
+    ("layers.pairs=sideways", "layers.pairs"),
+    ("model=gpt2_small model.name=gpt9-nonexistent", "model.name"),
+    ("data.max_contexts=1", "data"),
+])
+def test_bad_settings_fail_before_any_forward_pass(tmp_path, cache_dir, override, setting, monkeypatch):
+    from transformer_lens import HookedTransformer
+
+    def no_forward(*a, **k):
+        raise AssertionError("forward pass before the settings were checked")
+
+    monkeypatch.setattr(HookedTransformer, "forward", no_forward)
+    cfg = _cfg(tmp_path, cache_dir, *override.split())
+    with pytest.raises((ConfigError, ValueError)) as e:
+        setup(cfg, tmp_path)
+    assert setting in str(e.value)
+
+
+def test_sae_width_mismatch_fails_at_startup(tmp_path, cache_dir):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    for layer in (1, 2):
+        StandardSAE(StandardSAEConfig(d_in=48, d_sae=16)).save_model(tmp_path / f"sae_{layer}")
+    cfg = _cfg(tmp_path, cache_dir, "sae=from_disk", f"sae.path='{tmp_path}/sae_{{layer}}'")
+    with pytest.raises(ValueError, match="d_in=48"):
+        setup(cfg, tmp_path)
+
+
+def test_cli_prints_one_line_error(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "SAEOT_CACHE": str(tmp_path / "c")}
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "logger=none",
+                        "layers.ids=[1,99]", f"hydra.run.dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert p.returncode == 2
+    err = [line for line in p.stderr.splitlines() if line.startswith("saeot: error:")]
+    assert len(err) == 1 and "layers.ids" in err[0], p.stderr[-2000:]
+    assert not (tmp_path / "run" / "matches.csv").exists()
