@@ -1,0 +1,45 @@
+"""Feature circuits and their compression into supernodes.
+
+Data flows top to bottom:
+
+    tasks.py       prompt pairs (IOI, subject-verb agreement, digit addition, JSONL) and the
+                   logit-difference metric
+    attribution.py attribution patching over SAE features and error terms: node effects,
+                   edges, exact patching checks
+    evaluate.py    mean-ablation faithfulness, supernode-level compressed circuits, coherence
+    graph.py       Neuronpedia / circuit-tracer graph JSON (read and write) and the picture
+    supernodes.py  agglomerative clustering by the semantic W2 distance (and the
+                   decoder-cosine baseline), labels, graph compression
+    callback.py    CircuitCompression: all of it at the end of a train.py run
+"""
+
+from saeot.circuits.attribution import (
+    ERROR,
+    Attribution,
+    Edges,
+    NodeRef,
+    attribute_edges,
+    attribute_nodes,
+    exact_node_effects,
+    select_nodes,
+)
+from saeot.circuits.graph import CircuitGraph, GraphLink, GraphNode, Supernode, load_graph, save_graph
+from saeot.circuits.supernodes import compress_graph, decoder_cosine_distances, semantic_distances
+from saeot.circuits.tasks import (
+    DigitAdditionTask,
+    IOITask,
+    JsonlTask,
+    PromptPair,
+    PromptsTask,
+    SVATask,
+    Task,
+    TaskData,
+    clean_accuracy,
+)
+
+__all__ = [
+    "ERROR", "Attribution", "Edges", "NodeRef", "attribute_edges", "attribute_nodes", "exact_node_effects",
+    "select_nodes", "CircuitGraph", "GraphLink", "GraphNode", "Supernode", "load_graph", "save_graph",
+    "compress_graph", "decoder_cosine_distances", "semantic_distances", "DigitAdditionTask", "IOITask",
+    "JsonlTask", "PromptPair", "PromptsTask", "SVATask", "Task", "TaskData", "clean_accuracy",
+]

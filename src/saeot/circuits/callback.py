@@ -1,0 +1,312 @@
+"""``CircuitCompression``: find a task's feature circuit after matching and compress it.
+
+Wired by ``conf/callbacks/circuit.yaml``; ``python train.py circuit=ioi callbacks=circuit``.
+After the pipeline has profiled the features and projected them into the reference
+space it calls :meth:`CircuitCompression.on_matching_end` with the run, which
+
+1. builds the task with the model's codec and measures clean accuracy (a task the
+   model cannot do is reported loudly: warning + ``metrics.json``; see
+   ``on_low_accuracy``);
+2. attribution patching over the SAE features and error terms at the run's hooks,
+   node selection, edges; exact patching of the top nodes to check the linear
+   approximation (Pearson correlation);
+3. mean-ablation faithfulness of the circuit;
+4. supernodes by the semantic OT distance, and by decoder cosine at the same
+   number of supernodes (baseline); faithfulness and accuracy of each compressed
+   circuit under the same supernode budget, coherence, compression ratio;
+5. writes ``circuit.json`` (Neuronpedia / circuit-tracer format, semantic
+   supernodes), ``circuit_decoder_cosine.json``, ``circuit.png`` and the
+   ``"circuit"`` entry of ``metrics.json``.
+
+:meth:`CircuitCompression.compress` does steps 1-5 without a pipeline run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from saeot.circuits.attribution import (
+    NodeRef,
+    attribute_edges,
+    attribute_nodes,
+    exact_node_effects,
+    select_nodes,
+)
+from saeot.circuits.evaluate import (
+    coherence,
+    compressed_circuit,
+    feature_means,
+    pearson,
+    score_circuit,
+)
+from saeot.circuits.graph import circuit_graph, plot_supernode_graph, save_graph
+from saeot.circuits.supernodes import Clustering, compress_graph, decoder_cosine_distances, token_label
+from saeot.data.datamodule import hook_layer
+from saeot.circuits.tasks import Task, TaskData, clean_accuracy
+from saeot.io import update_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CircuitCompression", "LowAccuracyError"]
+
+
+class LowAccuracyError(RuntimeError):
+    """The model does the task too badly to study its circuit (``on_low_accuracy=raise``)."""
+
+
+def _clean(x: Any) -> Any:
+    """Metrics for JSON: floats rounded to 6 significant digits, NaN/inf -> None."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _clean(x.tolist())
+    if isinstance(x, float):
+        return float(f"{x:.6g}") if math.isfinite(x) else None
+    return x
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3f}" if math.isfinite(x) else "n/a"
+
+
+class CircuitCompression(L.Callback):
+    """Feature circuit of ``task`` at the run's SAE hooks, compressed into supernodes.
+
+    Args:
+        task: a :class:`~saeot.circuits.tasks.Task` (Hydra: ``${circuit}``).
+        hooks: hooks whose SAEs enter the circuit (default: all of the run's).
+        batch_size: prompts per forward pass.
+        selection, n_nodes, fraction, max_nodes, include_errors: node selection, see
+            :func:`~saeot.circuits.attribution.select_nodes`.
+        edges: compute edges (one backward per downstream node and batch).
+        n_supernodes, compression, distance_threshold, linkage: how the supernodes are
+            cut (a count, ``ceil(nodes / compression)``, or a W2^2 threshold).
+        solver, solver_kwargs: transport solver for the semantic distances.
+        keep_fraction: supernode budget of the compressed circuit, as a fraction of the
+            number of supernodes (at least 1); the decoder-cosine baseline gets the same.
+        n_exact: nodes (largest |effect|) checked by exact activation patching.
+        min_clean_accuracy: below this clean accuracy the task is reported as too hard.
+        on_low_accuracy: ``warn`` (record it and go on), ``skip`` (record it and stop)
+            or ``raise``.
+        progress: progress bars.
+        plot: write ``circuit.png``.
+    """
+
+    def __init__(self, task: Task | None = None, hooks: list[str] | None = None, batch_size: int = 16,
+                 selection: str = "cumulative", n_nodes: int = 32, fraction: float = 0.8, max_nodes: int = 64,
+                 include_errors: bool = True, edges: bool = True, n_supernodes: int | None = None,
+                 compression: float | None = 3.0, distance_threshold: float | None = None, linkage: str = "average",
+                 solver: str = "exact", solver_kwargs: dict | None = None, keep_fraction: float = 0.5,
+                 n_exact: int = 16, min_clean_accuracy: float = 0.6, on_low_accuracy: str = "warn",
+                 progress: bool = True, plot: bool = True) -> None:
+        super().__init__()
+        if task is None:
+            raise ValueError("callbacks=circuit needs a task: add circuit=ioi (or circuit=sva, circuit=digit_addition, "
+                             "circuit=jsonl circuit.path=<file>)")
+        if not isinstance(task, Task):
+            raise TypeError(f"circuit= must build a saeot.circuits.tasks.Task, got {type(task).__name__}")
+        if on_low_accuracy not in ("warn", "skip", "raise"):
+            raise ValueError(f"callbacks.circuit.on_low_accuracy={on_low_accuracy!r}; use warn, skip or raise")
+        if not 0 < keep_fraction <= 1:
+            raise ValueError(f"callbacks.circuit.keep_fraction={keep_fraction} must be in (0, 1]")
+        if distance_threshold is None and n_supernodes is None and compression is None:
+            raise ValueError("set one of callbacks.circuit.n_supernodes, compression or distance_threshold")
+        self.task, self.hooks = task, list(hooks) if hooks else None
+        self.batch_size = batch_size
+        self.selection, self.n_nodes, self.fraction, self.max_nodes = selection, n_nodes, fraction, max_nodes
+        self.include_errors, self.edges = include_errors, edges
+        self.n_supernodes, self.compression, self.distance_threshold = n_supernodes, compression, distance_threshold
+        self.linkage, self.solver, self.solver_kwargs = linkage, solver, dict(solver_kwargs or {})
+        self.keep_fraction, self.n_exact = keep_fraction, n_exact
+        self.min_clean_accuracy, self.on_low_accuracy = min_clean_accuracy, on_low_accuracy
+        self.progress, self.plot = progress, plot
+
+    # ------------------------------------------------------------------ pipeline hook
+    def on_matching_end(self, run: Any) -> None:
+        """Called by :func:`saeot.pipeline.run_train` with the finished :class:`~saeot.pipeline.Run`."""
+        trainer = getattr(run, "trainer", None)
+        if trainer is not None and not trainer.is_global_zero:
+            return
+        metrics = self.compress(run.lm, run.saes, run.projected, run.run_dir, hooks=self.hooks or run.hooks)
+        run.metrics["circuit"] = metrics
+        update_json(Path(run.run_dir) / "metrics.json", "circuit", metrics)
+        self._log(run.logger, metrics)
+
+    @staticmethod
+    def _log(logger: Any, metrics: dict) -> None:
+        if logger is None:
+            return
+        flat = {}
+
+        def walk(prefix: str, d: dict) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(f"{prefix}/{k}", v)
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    flat[f"{prefix}/{k}"] = v
+
+        walk("circuit", metrics)
+        try:
+            logger.log_metrics(flat)
+        except Exception as e:  # logging must never lose a finished circuit
+            log.warning("logging circuit metrics to %s failed: %s", type(logger).__name__, e)
+
+    # ------------------------------------------------------------------ the work
+    def compress(self, lm: Any, saes: dict[str, Any], samples: dict[str, Any], out_dir: str | Path,
+                 hooks: list[str] | None = None) -> dict:
+        """Steps 1-5 of the module docstring; returns the ``"circuit"`` metrics.
+
+        Args:
+            lm: :class:`saeot.lm.LanguageModel`.
+            saes: ``hook -> SAE``.
+            samples: ``hook -> FeatureSamples`` in the shared reference space.
+            out_dir: where ``circuit.json`` etc. go.
+            hooks: circuit hooks (default ``self.hooks`` or all of ``saes``).
+        """
+        t0 = time.perf_counter()
+        out_dir = Path(out_dir)
+        hooks = list(hooks or self.hooks or saes)
+        missing = [h for h in hooks if h not in samples]
+        if missing:
+            raise ValueError(f"no feature samples for circuit hook(s) {missing}: the supernodes need them")
+        bs = self.batch_size
+        data = self.task.build(lm)
+        acc = clean_accuracy(lm, data, bs)
+        m: dict[str, Any] = {
+            "task": data.name, "model": getattr(lm, "name", "?"), "hooks": hooks, "n_prompts": data.n,
+            "n_dropped": len(data.dropped), "clean_accuracy": acc["accuracy"],
+            "corrupted_accuracy": acc["corrupted_accuracy"], "logit_diff_clean": acc["logit_diff_clean"],
+            "logit_diff_corrupted": acc["logit_diff_corrupted"],
+        }
+        log.info("circuit=%s on %s: %d prompt pairs (%d dropped), clean accuracy %.3f", data.name, m["model"],
+                 data.n, len(data.dropped), acc["accuracy"])
+        if acc["accuracy"] < self.min_clean_accuracy:
+            msg = (f"circuit={data.name}: clean accuracy {acc['accuracy']:.3f} of model {m['model']!r} is below "
+                   f"callbacks.circuit.min_clean_accuracy={self.min_clean_accuracy}: the model does not do this task "
+                   "well enough for its circuit to mean much")
+            m["warning"] = msg
+            if self.on_low_accuracy == "raise":
+                raise LowAccuracyError(msg)
+            log.warning(msg)
+            if self.on_low_accuracy == "skip":
+                m["skipped"] = True
+                return _clean(m)
+
+        # attribution and the circuit
+        attr = attribute_nodes(lm, saes, hooks, data, bs, self.progress)
+        hooks = attr.hooks
+        nodes = select_nodes(attr, self.selection, self.n_nodes, self.fraction, self.max_nodes, self.include_errors)
+        total_abs = sum(abs(attr.effect(n)) for n in attr.all_nodes())
+        m.update({
+            "nodes": len(nodes), "feature_nodes": sum(not n.is_error for n in nodes),
+            "error_nodes": sum(n.is_error for n in nodes),
+            "effect_fraction_covered": sum(abs(attr.effect(n)) for n in nodes) / total_abs if total_abs else float("nan"),
+            "error_effect_share": (sum(abs(attr.effect(n)) for n in nodes if n.is_error)
+                                   / max(sum(abs(attr.effect(n)) for n in nodes), 1e-30)),
+        })
+        edges = attribute_edges(lm, saes, nodes, data, bs, self.progress) if self.edges else None
+        m["edges"] = len(edges) if edges is not None else 0
+        if self.n_exact > 0:
+            ranked = sorted(attr.all_nodes(), key=lambda n: (-abs(attr.effect(n)), n))
+            check = ranked[: self.n_exact]  # the largest effects, in or out of the circuit
+            exact = exact_node_effects(lm, saes, check, data, bs, self.progress)
+            approx = torch.tensor([attr.effect(n) for n in check])
+            m["attribution_check"] = {
+                "n_nodes": len(check), "pearson": pearson(approx, exact),
+                "mean_abs_error": float((approx - exact).abs().mean()),
+                "mean_abs_exact": float(exact.abs().mean()),
+            }
+            log.info("attribution vs exact patching on %d nodes: pearson %.3f", len(check), m["attribution_check"]["pearson"])
+
+        # faithfulness of the circuit
+        means = feature_means(lm, saes, hooks, data, bs, self.progress)
+        m_full = acc["logit_diff_clean"]
+        empty = score_circuit(lm, saes, hooks, data, [], means, m_full, float("nan"), bs)
+        m_empty = empty.metric
+        full = score_circuit(lm, saes, hooks, data, nodes, means, m_full, m_empty, bs)
+        m.update({"metric_full_model": m_full, "metric_empty": m_empty, "metric_circuit": full.metric,
+                  "faithfulness_full": full.faithfulness, "task_accuracy_full": full.accuracy,
+                  "task_accuracy_empty": empty.accuracy})
+
+        # supernodes: semantic OT, then decoder cosine at the same count
+        decode = lm.codec.decode
+        clerps = {n: (f"L{hook_layer(n.hook)} SAE error" if n.is_error else
+                      f"L{hook_layer(n.hook)} #{n.feature}: {token_label(samples, [(n.hook, n.feature)], decode)}")
+                  for n in nodes}
+        graph, ids = circuit_graph(lm, data, attr, nodes, edges if edges is not None else {}, clerps=clerps,
+                                   slug=f"saeot-{data.name}-{m['model']}".lower().replace("_", "-"))
+        ref_of = {ids[n]: n for n in nodes}
+        effect = {n: attr.effect(n) for n in nodes}
+        cut = {"n_supernodes": self.n_supernodes, "compression": self.compression}
+        if self.distance_threshold is not None:
+            cut = {"distance_threshold": self.distance_threshold}
+        g_sem, c_sem = compress_graph(graph, samples=samples, method=self.linkage, solver=self.solver,
+                                      solver_kwargs=self.solver_kwargs, decode=decode, **cut)
+        keys = [(ref_of[i].hook, ref_of[i].feature) for i in c_sem.node_ids]
+        d_cos = decoder_cosine_distances(saes, keys) if keys else torch.zeros(0, 0, dtype=torch.float64)
+        g_cos, c_cos = compress_graph(graph, samples=samples, distances=d_cos, n_supernodes=c_sem.n_supernodes,
+                                      method=self.linkage, decode=decode)
+        sem = self._score_clustering(c_sem, c_sem.distances, d_cos, ref_of, effect, nodes, lm, saes, hooks, data,
+                                     means, m_full, m_empty)
+        cos = self._score_clustering(c_cos, c_sem.distances, d_cos, ref_of, effect, nodes, lm, saes, hooks, data,
+                                     means, m_full, m_empty)
+        m.update(sem)
+        m["baseline_decoder_cosine"] = cos
+        m["seconds"] = time.perf_counter() - t0
+        metrics = _clean(m)
+
+        # outputs
+        meta = {"saeot": {"task": data.name, "n_prompts": data.n, "hooks": hooks, "supernode_distance": "semantic_w2",
+                          "metrics": metrics}}
+        g_sem.metadata.update(meta)
+        g_cos.metadata.update({"saeot": {**meta["saeot"], "supernode_distance": "decoder_cosine"}})
+        save_graph(g_sem, out_dir / "circuit.json")
+        save_graph(g_cos, out_dir / "circuit_decoder_cosine.json")
+        if self.plot:
+            title = (f"{data.name} on {m['model']}: {len(nodes)} nodes -> {c_sem.n_supernodes} supernodes "
+                     f"(semantic OT); faithfulness {_fmt(full.faithfulness)} (circuit), "
+                     f"{_fmt(sem['faithfulness_compressed'])} (top {sem['supernodes_kept']} supernodes)")
+            plot_supernode_graph(g_sem, out_dir / "circuit.png", title=title)
+            plot_supernode_graph(g_cos, out_dir / "circuit_decoder_cosine.png",
+                                 title=f"{data.name}: decoder-cosine supernodes (baseline)")
+        log.info("circuit: %d nodes -> %d supernodes; faithfulness full %.3f, compressed %.3f (cosine baseline %.3f)",
+                 len(nodes), c_sem.n_supernodes, full.faithfulness, sem["faithfulness_compressed"],
+                 cos["faithfulness_compressed"])
+        return metrics
+
+    def _score_clustering(self, c: Clustering, d_sem: torch.Tensor, d_cos: torch.Tensor, ref_of: dict[str, NodeRef],
+                          effect: dict[NodeRef, float], nodes: list[NodeRef], lm: Any, saes: dict, hooks: list[str],
+                          data: TaskData, means: Any, m_full: float, m_empty: float) -> dict:
+        """Compression ratio, coherence, and the compressed circuit's faithfulness / accuracy
+        (top ``keep_fraction`` of supernodes by |aggregated effect|; the rest ablated as
+        units), with the node circuit of the same node count for reference."""
+        groups = [[ref_of[i] for i in g] for g in c.groups()]
+        M = len(groups)
+        budget = max(1, min(M, round(self.keep_fraction * M)))
+        kept, kept_nodes = compressed_circuit(groups, effect, budget)
+        comp = score_circuit(lm, saes, hooks, data, kept_nodes, means, m_full, m_empty, self.batch_size)
+        same = score_circuit(lm, saes, hooks, data, nodes[: len(kept_nodes)], means, m_full, m_empty, self.batch_size)
+        sizes = [len(g) for g in groups]
+        return {
+            "supernodes": M,
+            "compression_ratio": len(nodes) / M if M else float("nan"),
+            "multi_member_supernodes": sum(s > 1 for s in sizes),
+            "largest_supernode": max(sizes, default=0),
+            "supernodes_kept": budget,
+            "nodes_kept": len(kept_nodes),
+            "metric_compressed": comp.metric,
+            "faithfulness_compressed": comp.faithfulness,
+            "task_accuracy_compressed": comp.accuracy,
+            "faithfulness_top_nodes_same_count": same.faithfulness,
+            "coherence_w2": coherence(d_sem, c.labels),
+            "coherence_decoder_cosine": coherence(d_cos, c.labels),
+        }
