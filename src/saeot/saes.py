@@ -305,7 +305,7 @@ class LocalTrainedSAEs(SAEProvider):
         coeff_cfg = sae.get_coefficients()
         g = torch.Generator(device="cpu").manual_seed(self.seed)
         fired_recently = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
-        bar = tqdm(range(self.steps), desc=f"train SAE {hook}", disable=not self.progress, leave=False)
+        bar = tqdm(range(self.steps), desc=f"train SAE {hook}", disable=not self.progress, leave=False, mininterval=2)
         for step in bar:
             idx = torch.randint(n, (min(self.batch_size, n),), generator=g)
             coefficients = {}
@@ -328,7 +328,7 @@ class LocalTrainedSAEs(SAEProvider):
                 fired = (out.feature_acts > 0).any(0)
                 fired_recently = torch.where(fired, torch.zeros_like(fired_recently), fired_recently + 1)
             if step % 50 == 0:
-                bar.set_postfix(loss=float(out.loss))
+                bar.set_postfix(loss=out.loss.item())
         sae.fold_activation_norm_scaling_factor(scale)
         return sae
 
@@ -340,9 +340,13 @@ def _save_atomic(sae: Any, path: Path) -> None:
     try:
         sae.save_inference_model(tmp)
         (tmp / _COMPLETE).write_text("ok\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if path.exists() and not (path / _COMPLETE).is_file():
+            shutil.rmtree(path)  # an unfinished entry: never trusted, replaced
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (path / _COMPLETE).is_file():  # another process (e.g. a DDP rank) finished first: keep its copy
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
