@@ -388,6 +388,10 @@ def test_callback_reports_a_task_the_model_cannot_do(tmp_path):
             lm, saes, _planted_samples(), tmp_path, hooks=[H0, H1])
     with pytest.raises(ValueError, match="circuit=ioi"):
         CircuitCompression(task=None)
+    # an unusable task fails when the trainer sets up, before any streaming pass
+    cb = CircuitCompression(task=IOITask(n_prompts=4), progress=False)
+    with pytest.raises(TaskError, match="circuit=ioi: all 4 prompt pairs were dropped"):
+        cb.setup(SimpleNamespace(datamodule=SimpleNamespace(lm=lm)), None, "predict")
 
 
 def test_hydra_wiring_builds_the_callback_with_its_task():
@@ -407,6 +411,44 @@ def test_hydra_wiring_builds_the_callback_with_its_task():
         bare = compose("train", overrides=["callbacks=circuit"])
         with pytest.raises(Exception, match="circuit=ioi"):
             instantiate(bare.callbacks.circuit)
+    GlobalHydra.instance().clear()
+
+
+def test_train_pipeline_with_the_circuit_callback(tmp_path):
+    """``train.py experiment=smoke circuit=digit_addition callbacks=circuit`` (one-digit sums are
+    single byte tokens, so the task fits the tiny byte-level model)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from saeot.cli import CONF_DIR
+    from saeot.pipeline import run_train
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True, overrides=[
+            "experiment=smoke", "logger=none", f"paths.cache_dir={tmp_path / 'cache'}", "circuit=digit_addition",
+            "circuit.n_prompts=12", "callbacks=circuit", "callbacks.circuit.n_exact=3",
+            "callbacks.circuit.max_nodes=8", "callbacks.circuit.progress=false"])
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    cfg.trainer.enable_progress_bar = False
+    run_train(cfg, tmp_path)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    c = m["circuit"]
+    assert c["task"] == "digit_addition" and c["n_prompts"] == 12 and 1 <= c["nodes"] <= 8
+    assert c["hooks"] == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert c["supernodes"] == c["baseline_decoder_cosine"]["supernodes"] >= 1
+    assert c["compression_ratio"] == pytest.approx(c["nodes"] / c["supernodes"], rel=1e-5)
+    assert (c["clean_accuracy"] < 0.6) == ("warning" in c)  # a random model is reported, not hidden
+    assert "matching" in m  # the rest of the run is unaffected
+    g = load_graph(tmp_path / "circuit.json")
+    assert len(g.circuit_nodes()) == c["nodes"] and (tmp_path / "circuit.png").is_file()
     GlobalHydra.instance().clear()
 
 

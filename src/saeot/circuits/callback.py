@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CircuitCompression", "LowAccuracyError"]
 
 
-class LowAccuracyError(RuntimeError):
+class LowAccuracyError(ValueError):
     """The model does the task too badly to study its circuit (``on_low_accuracy=raise``)."""
 
 
@@ -130,7 +130,16 @@ class CircuitCompression(L.Callback):
         self.min_clean_accuracy, self.on_low_accuracy = min_clean_accuracy, on_low_accuracy
         self.progress, self.plot = progress, plot
 
-    # ------------------------------------------------------------------ pipeline hook
+    # ------------------------------------------------------------------ pipeline hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Lightning hook, before the first streaming pass: build the task with the
+        model's codec so that an unusable task (no single-token answers, bad JSONL)
+        fails now, not after profiling."""
+        lm = getattr(getattr(trainer, "datamodule", None), "lm", None)
+        if lm is not None and getattr(self, "_checked", None) is not lm:
+            self.task.build(lm)
+            self._checked = lm
+
     def on_matching_end(self, run: Any) -> None:
         """Called by :func:`saeot.pipeline.run_train` with the finished :class:`~saeot.pipeline.Run`."""
         trainer = getattr(run, "trainer", None)

@@ -433,14 +433,14 @@ def circuit_graph(lm: Any, data: Any, attr: Any, nodes: Sequence[Any], edges: An
     ids: dict[Any, str] = {}
     out_nodes: list[GraphNode] = []
     clerps = clerps or {}
+    feature_ids = {f"{hook_layer(n.hook)}_{n.feature}_{max(0, T0 - 1 - attr.peak_rpos(n))}"
+                   for n in nodes if not n.is_error}
     for node in nodes:
         layer = hook_layer(node.hook)
         rpos = attr.peak_rpos(node)
         ctx = max(0, T0 - 1 - rpos)
-        if node.is_error:
-            nid = f"0_{layer}_{ctx}"
-            if nid in used:
-                nid = f"err_{layer}_{ctx}"
+        if node.is_error:  # circuit-tracer's id, unless a layer-0 feature already has it
+            nid = f"0_{layer}_{ctx}" if f"0_{layer}_{ctx}" not in feature_ids else f"err_{layer}_{ctx}"
             kind, ftype, feat = "sae_error", ERROR_TYPE, -1
         else:
             nid, kind, ftype, feat = f"{layer}_{node.feature}_{ctx}", "sae_feature", FEATURE_TYPE, node.feature
