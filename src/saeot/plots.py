@@ -36,28 +36,84 @@ def plot_distances(results: list, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_flow(results: list, path: Path, max_features: int = 40) -> Path:
-    """Matched edges between layers for the first ``max_features`` features of each layer."""
+def _top_token(samples: Any, codec: Any, i: int) -> str:
+    if samples is None or codec is None:
+        return ""
+    toks = samples.token_ids[i]
+    toks = toks[toks >= 0]
+    if len(toks) == 0:
+        return ""
+    vals, counts = toks.unique(return_counts=True)
+    text = codec.decode([int(vals[counts.argmax()])]).replace("\n", "\\n")
+    return repr(text[:12])
+
+
+def plot_flow(results: list, path: Path, samples: dict | None = None, codec: Any = None, n_start: int = 24) -> Path:
+    """Follow the ``n_start`` most frequent features of the first layer through every layer pair.
+
+    Nodes are (layer, feature), labelled with the feature's most common top token; an edge is
+    the match of its left end, coloured by distance (matched) or dashed grey (below the null).
+    """
     from saeot.data.datamodule import hook_layer
 
-    fig, ax = plt.subplots(figsize=(6, 5))
-    layers = sorted({hook_layer(r.hook_a) for r in results} | {hook_layer(r.hook_b) for r in results})
+    by_a: dict[str, list] = {}
     for r in results:
-        la, lb = hook_layer(r.hook_a), hook_layer(r.hook_b)
-        n = min(max_features, r.n_features)
-        for i in range(n):
-            j = int(r.feature_b[i])
-            if j < 0 or j >= max_features:
-                continue
-            ok = bool(r.matched[i])
-            ax.plot([la, lb], [i, j], color="#55a868" if ok else "#cccccc", lw=1.2 if ok else 0.5, alpha=0.9 if ok else 0.6)
-    for layer in layers:
-        ax.scatter([layer] * max_features, range(max_features), s=6, color="k")
+        by_a.setdefault(r.hook_a, []).append(r)
+    first = min((r.hook_a for r in results), key=hook_layer)
+    s0 = samples.get(first) if samples else None
+    if s0 is not None:
+        order = s0.n_fire.argsort(descending=True)
+    else:
+        order = torch.arange(results[0].n_features)
+    frontier = {first: [int(i) for i in order[:n_start]]}
+    ypos: dict[tuple[str, int], float] = {}
+    for j, i in enumerate(frontier[first]):
+        ypos[(first, i)] = float(j)
+    edges = []
+    dists = [float(d) for r in results for d in r.distance[r.matched]]
+    vmax = max(dists) if dists else 1.0
+    seen = set()
+    queue = [first]
+    while queue:
+        h = queue.pop(0)
+        if h in seen:
+            continue
+        seen.add(h)
+        for r in sorted(by_a.get(h, []), key=lambda r: hook_layer(r.hook_b)):
+            nxt = []
+            for i in frontier.get(h, []):
+                j = int(r.feature_b[i])
+                if j < 0:
+                    continue
+                if (r.hook_b, j) not in ypos:
+                    ypos[(r.hook_b, j)] = ypos[(h, i)]
+                    nxt.append(j)
+                edges.append((h, i, r.hook_b, j, bool(r.matched[i]), float(r.distance[i])))
+            frontier.setdefault(r.hook_b, []).extend(nxt)
+            queue.append(r.hook_b)
+    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(seen), 0.32 * n_start + 1.5))
+    cmap = plt.get_cmap("viridis")
+    for ha, i, hb, j, ok, d in edges:
+        xa, xb = hook_layer(ha), hook_layer(hb)
+        ya, yb = ypos[(ha, i)], ypos[(hb, j)]
+        if ok:
+            ax.plot([xa, xb], [ya, yb], color=cmap(min(d / vmax, 1.0)), lw=1.6, alpha=0.9)
+        else:
+            ax.plot([xa, xb], [ya, yb], color="#bbbbbb", lw=0.8, ls="--")
+    for (h, i), y in ypos.items():
+        x = hook_layer(h)
+        ax.scatter([x], [y], s=14, color="k", zorder=3)
+        label = f"{i} {_top_token(samples.get(h) if samples else None, codec, i)}"
+        ax.annotate(label, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=6)
+    layers = sorted({hook_layer(h) for h, _ in ypos})
     ax.set_xticks(layers)
     ax.set_xlabel("layer")
-    ax.set_ylabel("feature index")
-    ax.set_title("feature flow (green: matched, grey: below the null)")
+    ax.set_yticks([])
     ax.invert_yaxis()
+    ax.set_title(f"flow of the {n_start} most frequent features of layer {hook_layer(first)}\n"
+                 "(colour: distance, dashed: no match)", fontsize=9)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, vmax))
+    fig.colorbar(sm, ax=ax, fraction=0.04, label=f"{results[0].matcher} distance")
     return _save(fig, path)
 
 
@@ -65,5 +121,6 @@ def plot_run(run: Any) -> dict[str, Path]:
     out: dict[str, Path] = {}
     if run.results:
         out["distances"] = plot_distances(run.results, run.run_dir / "plots" / "distances.png")
-        out["flow"] = plot_flow(run.results, run.run_dir / "plots" / "flow.png")
+        codec = getattr(run.lm, "codec", None)
+        out["flow"] = plot_flow(run.results, run.run_dir / "plots" / "flow.png", samples=run.samples, codec=codec)
     return out
