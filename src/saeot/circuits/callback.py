@@ -242,6 +242,12 @@ class CircuitCompression(L.Callback):
         empty = score_circuit(lm, saes, hooks, data, [], means, m_full, float("nan"), bs)
         m_empty = empty.metric
         full = score_circuit(lm, saes, hooks, data, nodes, means, m_full, m_empty, bs)
+        denom, spread = m_full - m_empty, abs(acc["logit_diff_clean"] - acc["logit_diff_corrupted"])
+        if not abs(denom) >= 0.1 * spread:
+            msg = (f"faithfulness is ill-conditioned: ablating every node moves the metric by only {denom:.4g} "
+                   f"(clean - corrupted: {spread:.4g}); faithfulness ratios are not meaningful for this circuit")
+            m["faithfulness_warning"] = msg
+            log.warning(msg)
         m.update({"metric_full_model": m_full, "metric_empty": m_empty, "metric_circuit": full.metric,
                   "faithfulness_full": full.faithfulness, "task_accuracy_full": full.accuracy,
                   "task_accuracy_empty": empty.accuracy})
