@@ -81,7 +81,7 @@ class Matcher(ABC):
         n_candidates: int = 8,
         null_quantile: float | None = None,
         null_alpha: float = 0.05,
-        n_null: int = 8192,
+        n_null: int = 2048,
         min_margin: float = 0.0,
         seed: int = 0,
     ) -> None:
@@ -166,10 +166,20 @@ class Matcher(ABC):
 
     def match(self, ctx: MatchContext, hook_a: str, hook_b: str) -> MatchResult:
         """Match every feature of A to B; see the class docstring for the decision rule."""
+        return self.match_assignments(ctx, hook_a, hook_b, (self.assignment,))[self.assignment]
+
+    def match_assignments(
+        self, ctx: MatchContext, hook_a: str, hook_b: str, assignments: tuple[str, ...] = ("nearest", "hungarian")
+    ) -> dict[str, MatchResult]:
+        """Direct matches of A to B under several assignments, sharing one candidate search
+        and one null (the expensive parts)."""
         from saeot.matching.assignment import linear_assignment_sparse
 
+        for a in assignments:
+            if a not in ("nearest", "hungarian"):
+                raise ValueError(f"matcher.assignment must be 'nearest' or 'hungarian', got {a!r}")
         self.check(ctx, hook_a, hook_b)
-        k = self.n_candidates if self.assignment == "hungarian" else 2
+        k = self.n_candidates if "hungarian" in assignments else 2
         cost, index = self.candidates(ctx, hook_a, hook_b, k)
         cost = cost.double().cpu()
         index = index.long().cpu()
@@ -179,33 +189,36 @@ class Matcher(ABC):
         best, second = cost[:, 0], cost[:, 1]
         margin = second - best
         margin[~torch.isfinite(best)] = float("nan")
-
-        if self.assignment == "nearest":
-            feature_b, distance = index[:, 0].clone(), best.clone()
-        else:
-            feature_b = linear_assignment_sparse(cost, index, n_b=_n_features(ctx, hook_b))
-            distance = torch.full_like(best, float("inf"))
-            assigned = feature_b >= 0
-            col = (index == feature_b[:, None]) & assigned[:, None]
-            distance[assigned] = cost[col]
-
         threshold = self.null_threshold(ctx, hook_a, hook_b, exclude=index)
-        matched = torch.isfinite(distance) & (feature_b >= 0)
-        if threshold == threshold:  # not nan
-            matched &= distance <= threshold
-        if self.min_margin > 0:
-            rel = margin / best.abs().clamp_min(1e-12)
-            matched &= rel >= self.min_margin
-        return MatchResult(
-            hook_a=hook_a,
-            hook_b=hook_b,
-            matcher=self.name,
-            feature_b=feature_b,
-            distance=distance,
-            margin=margin,
-            matched=matched,
-            null_threshold=threshold,
-        )
+
+        out = {}
+        for assignment in assignments:
+            if assignment == "nearest":
+                feature_b, distance = index[:, 0].clone(), best.clone()
+            else:
+                feature_b = linear_assignment_sparse(cost, index, n_b=_n_features(ctx, hook_b))
+                distance = torch.full_like(best, float("inf"))
+                assigned = feature_b >= 0
+                col = (index == feature_b[:, None]) & assigned[:, None]
+                distance[assigned] = cost[col]
+            matched = torch.isfinite(distance) & (feature_b >= 0)
+            if threshold == threshold:  # not nan
+                matched &= distance <= threshold
+            if self.min_margin > 0:
+                rel = margin / best.abs().clamp_min(1e-12)
+                matched &= rel >= self.min_margin
+            out[assignment] = MatchResult(
+                hook_a=hook_a,
+                hook_b=hook_b,
+                matcher=self.name,
+                feature_b=feature_b,
+                distance=distance,
+                margin=margin.clone(),
+                matched=matched,
+                null_threshold=threshold,
+                extras={"assignment": assignment},
+            )
+        return out
 
 
 def null_level(alpha: float, n_b: int) -> float:

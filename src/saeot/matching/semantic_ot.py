@@ -65,10 +65,11 @@ class SemanticOT(Matcher):
                     ia.to(dev), ib.to(dev), solver=self.solver, **self.solver_kwargs)
         return c.double().clamp_min(0).sqrt().cpu()
 
-    def match(self, ctx: MatchContext, hook_a: str, hook_b: str):
-        result = super().match(ctx, hook_a, hook_b)
-        result.extras.update(self.last_stats)
-        return result
+    def match_assignments(self, ctx: MatchContext, hook_a: str, hook_b: str, assignments=("nearest", "hungarian")):
+        results = super().match_assignments(ctx, hook_a, hook_b, assignments)
+        for r in results.values():
+            r.extras.update(self.last_stats)
+        return results
 
 
 class MeanEmbedding(Matcher):
