@@ -494,3 +494,16 @@ def test_markdown_table_has_one_row_per_run_and_pair():
     lines = [x for x in md.splitlines() if x.startswith("| ")]
     assert len(lines) == 3 and "| m | 3→4 | 0.500 | 0.100 |" in lines[1] and "judge" not in lines[0]
 
+
+
+def test_judge_table_is_appended_with_its_control(tmp_path):
+    from saeot.evaluation.functional import judge_row, write_table
+
+    j = _CountingJudge(answer="maybe", n_pairs=3, n_control=2, cache_dir=str(tmp_path / "c"))
+    from saeot.lm import ByteCodec
+
+    run, pms, base = _fake_run(tmp_path / "run", ByteCodec(), ["the cat sat on the mat"] * 4, ["a dog ran far"] * 4)
+    row = judge_row(run, judge_run(j, run, pms, base))
+    md = write_table([], tmp_path / "out", [row]).read_text()
+    assert "| fake | counting | 3 | 2.00 | [2.00, 2.00] | 0 / 3 / 0 | 2.00 [2.00, 2.00] (n=2) |" in md
+    assert (tmp_path / "out" / "judge_table.csv").read_text().startswith("matcher,")

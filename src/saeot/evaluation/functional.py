@@ -687,7 +687,8 @@ def evaluate_runs(cfg: DictConfig, run_dirs: Sequence[str | Path], out_dir: str 
     for r in runs:
         groups.setdefault(r.setup_key(), []).append(r)
     all_rows: list[dict] = []
-    for gi, group in enumerate(groups.values()):
+    judge_rows: list[dict] = []
+    for group in groups.values():
         lead = group[0]
         log.info("evaluating %s (%d run(s) sharing model / data / SAEs)", [r.label for r in group], len(group))
         t_setup = time.time()
@@ -717,10 +718,12 @@ def evaluate_runs(cfg: DictConfig, run_dirs: Sequence[str | Path], out_dir: str 
 
                 write_run_report(r.path / "report.html", r, matchings[r.label], base, settings, func, judged)
             all_rows.extend(table_rows(r, func, judged))
+            if judged is not None:
+                judge_rows.append(judge_row(r, judged))
         del base
-    table = write_table(all_rows, out_dir)
+    table = write_table(all_rows, out_dir, judge_rows)
     log.info("functional table: %s", table)
-    return {"rows": all_rows, "table": str(table)}
+    return {"rows": all_rows, "judge": judge_rows, "table": str(table)}
 
 
 def _build_judge(cfg: DictConfig) -> Any:
@@ -780,6 +783,33 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def judge_row(run: RunDir, judged: dict) -> dict:
+    """Per-run (matcher) judge summary, all layer pairs pooled, with the random-pair control."""
+    o, c = judged["overall"], judged.get("control_overall") or {}
+    return {"matcher": run.label, "n": o["n"], "n_invalid": o["n_invalid"], "mean": o["mean"],
+            "ci_low": o["ci"][0], "ci_high": o["ci"][1], **{f"n_{k}": v for k, v in o["counts"].items()},
+            "control_n": c.get("n", 0), "control_mean": c.get("mean", float("nan")),
+            "control_ci_low": (c.get("ci") or [float("nan")] * 2)[0],
+            "control_ci_high": (c.get("ci") or [float("nan")] * 2)[1],
+            "expected_mean": (o.get("expected_score") or {}).get("mean", float("nan")),
+            "control_expected_mean": (c.get("expected_score") or {}).get("mean", float("nan")),
+            "backend": judged["backend"].get("model", judged["backend"].get("backend"))}
+
+
+def format_judge_markdown(rows: list[dict]) -> str:
+    """Per-matcher judge table: mean score (3 same / 2 maybe / 1 different) with its CI and the control."""
+    lines = ["| matcher | judge | n | mean score | 95% CI | same / maybe / different | random pairs: mean [CI] "
+             "| expected score: matched / random |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['matcher']} | {r['backend']} | {r['n']} | {_fmt(r['mean'], 2)} | "
+                     f"[{_fmt(r['ci_low'], 2)}, {_fmt(r['ci_high'], 2)}] | "
+                     f"{r.get('n_same', 0)} / {r.get('n_maybe', 0)} / {r.get('n_different', 0)} | "
+                     f"{_fmt(r['control_mean'], 2)} [{_fmt(r['control_ci_low'], 2)}, {_fmt(r['control_ci_high'], 2)}] "
+                     f"(n={r['control_n']}) | {_fmt(r['expected_mean'], 3)} / {_fmt(r['control_expected_mean'], 3)} |")
+    return "\n".join(lines) + "\n"
+
+
 def format_markdown(rows: list[dict]) -> str:
     """The markdown table (rows sorted by layer pair, then matcher)."""
     rows = sorted(rows, key=lambda r: (r["layer_b"] - r["layer_a"], r["layer_a"], r["layer_b"], r["matcher"]))
@@ -810,11 +840,20 @@ def format_markdown(rows: list[dict]) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def write_table(rows: list[dict], out_dir: str | Path) -> Path:
-    """``out_dir/functional_table.md`` and ``.csv`` (atomic)."""
+def write_table(rows: list[dict], out_dir: str | Path, judge_rows: list[dict] | None = None) -> Path:
+    """``out_dir/functional_table.md`` and ``.csv`` (atomic); with a judge, its per-matcher
+    table is appended to the markdown and written to ``judge_table.csv``."""
     out_dir = Path(out_dir)
     md = out_dir / "functional_table.md"
-    atomic_write_text(md, format_markdown(rows))
+    text = format_markdown(rows)
+    if judge_rows:
+        text += "\nLLM judge, all layer pairs pooled (mean of 3 = same, 2 = maybe, 1 = different):\n\n"
+        text += format_judge_markdown(judge_rows)
+        with atomic_path(out_dir / "judge_table.csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(judge_rows[0]))
+            w.writeheader()
+            w.writerows(judge_rows)
+    atomic_write_text(md, text)
     with atomic_path(out_dir / "functional_table.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -827,5 +866,5 @@ __all__ = [
     "FunctionalSettings", "PairMatching", "one_to_one", "pair_matching", "identity_matching",
     "matchings_from_rows", "substitute_codes", "code_ratio", "run_from_hook", "next_token_ce",
     "SubstitutionAccumulator", "CoactivationAccumulator", "evaluate_functional", "RunDir",
-    "evaluate_runs", "table_rows", "format_markdown", "write_table",
+    "evaluate_runs", "table_rows", "judge_row", "format_markdown", "format_judge_markdown", "write_table",
 ]

@@ -548,6 +548,10 @@ def _summary(items: list[dict], judge: Judge) -> dict:
     scores = [float(i["score"]) for i in items]
     out = mean_ci(scores, judge.confidence, judge.n_boot, judge.seed)
     out["counts"] = {lab: sum(1 for i in items if i["label"] == lab) for lab in LABELS}
+    expected = [sum(SCORES[k] * v for k, v in i["probs"].items()) for i in items if i.get("probs")]
+    if expected:  # backends with label probabilities: the mean expected score, a finer-grained reading
+        e = mean_ci(expected, judge.confidence, judge.n_boot, judge.seed)
+        out["expected_score"] = {"mean": e["mean"], "ci": e["ci"], "n": e["n"]}
     return out
 
 
