@@ -507,3 +507,17 @@ def test_judge_table_is_appended_with_its_control(tmp_path):
     md = write_table([], tmp_path / "out", [row]).read_text()
     assert "| fake | counting | 3 | 2.00 | [2.00, 2.00] | 0 / 3 / 0 | 2.00 [2.00, 2.00] (n=2) |" in md
     assert (tmp_path / "out" / "judge_table.csv").read_text().startswith("matcher,")
+
+
+def test_run_dirs_accept_glob_patterns(tmp_path):
+    from saeot.evaluation.runner import _expand
+
+    for name in ("0_m=a,l=[3,4]", "1_m=b", "2_unfinished"):
+        (tmp_path / name).mkdir()
+    for name in ("0_m=a,l=[3,4]", "1_m=b"):
+        (tmp_path / name / "matches.csv").write_text("x\n")
+    literal = str(tmp_path / "0_m=a,l=[3,4]")
+    assert _expand([f"{tmp_path}/*"]) == [literal, str(tmp_path / "1_m=b")]
+    assert _expand([literal]) == [literal]  # brackets of a real path are not a pattern
+    with pytest.raises(FileNotFoundError, match="matches no"):
+        _expand([f"{tmp_path}/nothing*"])

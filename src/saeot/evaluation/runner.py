@@ -20,7 +20,7 @@ def run_evaluate(cfg: DictConfig, out_dir: str | Path) -> Any:
     if cfg.get("run_dir") or cfg.get("run_dirs"):
         from saeot.evaluation.functional import evaluate_runs
 
-        dirs = [cfg.run_dir] if cfg.get("run_dir") else list(cfg.run_dirs)
+        dirs = _expand([cfg.run_dir] if cfg.get("run_dir") else list(cfg.run_dirs))
         for d in dirs:
             if not (Path(d) / "matches.csv").is_file():
                 raise FileNotFoundError(f"run_dir={d} has no matches.csv: point it at a finished train.py run")
@@ -30,3 +30,20 @@ def run_evaluate(cfg: DictConfig, out_dir: str | Path) -> Any:
 
         return run_benchmark(cfg, out_dir)
     raise ValueError("nothing to evaluate: set run_dir=<train.py run dir>, run_dirs=[...] or experiment=synthetic_benchmark")
+
+
+def _expand(patterns: list) -> list[str]:
+    """Glob patterns (``'run_dirs=[multirun/sweep/*]'``) -> the matching run dirs, sorted; a pattern
+    keeps only the directories with a ``matches.csv``; plain paths pass through unchanged."""
+    import glob
+
+    out: list[str] = []
+    for p in map(str, patterns):
+        if glob.has_magic(p) and not Path(p).exists():  # Hydra sweep dirs may contain [ ]
+            hits = sorted(d for d in glob.glob(p) if (Path(d) / "matches.csv").is_file())
+            if not hits:
+                raise FileNotFoundError(f"run_dirs pattern {p!r} matches no train.py run dir (none has matches.csv)")
+            out += hits
+        else:
+            out.append(p)
+    return out
