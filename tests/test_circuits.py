@@ -70,7 +70,7 @@ class WordCodec:
         return "".join(inv.get(int(i), "") for i in ids)
 
 
-def _sae(W_enc: torch.Tensor, W_dec: torch.Tensor):
+def _sae(W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: float = 0.0):
     from sae_lens import StandardSAE, StandardSAEConfig
 
     d, F = W_enc.shape
@@ -78,7 +78,7 @@ def _sae(W_enc: torch.Tensor, W_dec: torch.Tensor):
     with torch.no_grad():
         sae.W_enc.copy_(W_enc)
         sae.W_dec.copy_(W_dec)
-        sae.b_enc.zero_()
+        sae.b_enc.fill_(b_enc)
         sae.b_dec.zero_()
     sae.requires_grad_(False)
     return sae.eval()
@@ -133,12 +133,13 @@ def _planted():
         model.W_U[:, ord("y")] = 2 * Q[:, 1]
     model.eval().requires_grad_(False)
     lm = LanguageModel(model=model, codec=ByteCodec(), name="planted")
-    saes = {h: _sae(Q[:, :F_PLANT].clone(), Q[:, :F_PLANT].T.clone()) for h in (H0, H1)}
+    # a small negative encoder bias keeps inactive features strictly below the ReLU kink
+    saes = {h: _sae(Q[:, :F_PLANT].clone(), Q[:, :F_PLANT].T.clone(), b_enc=-1e-3) for h in (H0, H1)}
     rng = random.Random(1)
     pairs = []
-    for _ in range(12):
+    for i in range(12):  # half the prompts end in A (answer x), half in B (answer y)
         s = "".join(rng.choice("cdefgh") for _ in range(rng.choice([4, 5, 6])))
-        pairs.append(PromptPair(s + "A", s + "B", "x", "y"))
+        pairs.append(PromptPair(s + "A", s + "B", "x", "y") if i % 2 == 0 else PromptPair(s + "B", s + "A", "y", "x"))
     return lm, saes, PromptsTask(pairs, name="planted")
 
 
@@ -243,17 +244,22 @@ def test_planted_circuit_is_recovered_with_its_edges_and_is_faithful():
     circuit = select_nodes(attr, "cumulative", fraction=0.95)
     assert set(circuit) == planted
     for n in planted:  # 3 * 2.5 for feature 0, (0 - 3) * (-2) for feature 1
-        assert math.isclose(attr.effect(n), 7.5 if n.feature == 0 else 6.0, rel_tol=1e-4)
-    assert math.isclose(attr.effect(NodeRef(H1, 4)), 0.15, rel_tol=1e-3)
+        assert math.isclose(attr.effect(n), 7.5 if n.feature == 0 else 6.0, rel_tol=1e-3)
+    assert math.isclose(attr.effect(NodeRef(H1, 4)), 0.15, rel_tol=1e-2)
     assert attr.effect(NodeRef(H1, 2)) == pytest.approx(0.0, abs=1e-6)  # changes, but nothing reads it
     assert attr.peak_rpos(NodeRef(H1, 0)) == 0  # it acts at the last token
     edges = attribute_edges(lm, saes, circuit, data, batch_size=5, progress=False)
     w = edges.weights
-    assert w[(NodeRef(H0, 0), NodeRef(H1, 0))] == pytest.approx(7.5, rel=1e-4)
+    # f0 -> f0 carries 3 * 1 * 2.5 on the prompts where f0 is active in the clean run (half of them)
+    assert w[(NodeRef(H0, 0), NodeRef(H1, 0))] == pytest.approx(7.5 / 2, rel=1e-3)
+    assert w[(NodeRef(H0, 1), NodeRef(H1, 1))] == pytest.approx(6.0 / 2, rel=1e-3)
     assert w[(NodeRef(H0, 0), NodeRef(H1, 1))] == pytest.approx(0.0, abs=1e-6)
     assert w[(NodeRef(H0, 1), NodeRef(H1, 0))] == pytest.approx(0.0, abs=1e-6)
     assert not any(a.hook == H1 for a, _ in w)  # edges go forward only
-    means = feature_means(lm, saes, [H0, H1], data, 5, False)
+    means = feature_means(lm, saes, [H0, H1], data, 5, False, min_prompts=2)
+    assert means.at(H1, 7)[0].shape == (7, F_PLANT) and means.at(H1, 99)[0].shape == (F_PLANT,)
+    assert float(means.at(H1, 7)[0][-1, 0]) == pytest.approx(2.999 * sum(
+        p.clean.endswith("A") for p, c in zip(data.pairs, data.clean) if len(c) == 7) / int((data.lengths() == 7).sum()))
     m_full = attr.metric_clean
     empty = score_circuit(lm, saes, [H0, H1], data, [], means, m_full, float("nan"), 5)
     good = score_circuit(lm, saes, [H0, H1], data, circuit, means, m_full, empty.metric, 5)
@@ -264,6 +270,11 @@ def test_planted_circuit_is_recovered_with_its_edges_and_is_faithful():
     assert full.faithfulness == pytest.approx(1.0, abs=1e-4) and full.metric == pytest.approx(m_full, abs=1e-4)
     assert good.faithfulness > 0.9 and good.accuracy == 1.0
     assert abs(decoy.faithfulness) < 0.1
+    # the same with global (position-free) means
+    gmeans = feature_means(lm, saes, [H0, H1], data, 5, False, mode="global")
+    assert gmeans.at(H1, 7)[0].shape == (F_PLANT,)
+    g_empty = score_circuit(lm, saes, [H0, H1], data, [], gmeans, m_full, float("nan"), 5)
+    assert score_circuit(lm, saes, [H0, H1], data, circuit, gmeans, m_full, g_empty.metric, 5).faithfulness > 0.9
 
 
 # ----------------------------------------------------------------------------- supernodes

@@ -40,6 +40,7 @@ from saeot.circuits.attribution import (
     select_nodes,
 )
 from saeot.circuits.evaluate import (
+    ABLATIONS,
     coherence,
     compressed_circuit,
     feature_means,
@@ -94,6 +95,9 @@ class CircuitCompression(L.Callback):
         keep_fraction: supernode budget of the compressed circuit, as a fraction of the
             number of supernodes (at least 1); the decoder-cosine baseline gets the same.
         n_exact: nodes (largest |effect|) checked by exact activation patching.
+        ablation: the means everything outside a circuit is set to: ``position`` (per
+            position, over the clean prompts of the same length) or ``global`` (see
+            :mod:`saeot.circuits.evaluate`).
         min_clean_accuracy: below this clean accuracy the task is reported as too hard.
         on_low_accuracy: ``warn`` (record it and go on), ``skip`` (record it and stop)
             or ``raise``.
@@ -106,8 +110,8 @@ class CircuitCompression(L.Callback):
                  include_errors: bool = True, edges: bool = True, n_supernodes: int | None = None,
                  compression: float | None = 3.0, distance_threshold: float | None = None, linkage: str = "average",
                  solver: str = "exact", solver_kwargs: dict | None = None, keep_fraction: float = 0.5,
-                 n_exact: int = 16, min_clean_accuracy: float = 0.6, on_low_accuracy: str = "warn",
-                 progress: bool = True, plot: bool = True) -> None:
+                 n_exact: int = 16, ablation: str = "position", min_clean_accuracy: float = 0.6,
+                 on_low_accuracy: str = "warn", progress: bool = True, plot: bool = True) -> None:
         super().__init__()
         if task is None:
             raise ValueError("callbacks=circuit needs a task: add circuit=ioi (or circuit=sva, circuit=digit_addition, "
@@ -116,6 +120,8 @@ class CircuitCompression(L.Callback):
             raise TypeError(f"circuit= must build a saeot.circuits.tasks.Task, got {type(task).__name__}")
         if on_low_accuracy not in ("warn", "skip", "raise"):
             raise ValueError(f"callbacks.circuit.on_low_accuracy={on_low_accuracy!r}; use warn, skip or raise")
+        if ablation not in ABLATIONS:
+            raise ValueError(f"callbacks.circuit.ablation={ablation!r}; use one of {ABLATIONS}")
         if not 0 < keep_fraction <= 1:
             raise ValueError(f"callbacks.circuit.keep_fraction={keep_fraction} must be in (0, 1]")
         if distance_threshold is None and n_supernodes is None and compression is None:
@@ -126,7 +132,7 @@ class CircuitCompression(L.Callback):
         self.include_errors, self.edges = include_errors, edges
         self.n_supernodes, self.compression, self.distance_threshold = n_supernodes, compression, distance_threshold
         self.linkage, self.solver, self.solver_kwargs = linkage, solver, dict(solver_kwargs or {})
-        self.keep_fraction, self.n_exact = keep_fraction, n_exact
+        self.keep_fraction, self.n_exact, self.ablation = keep_fraction, n_exact, ablation
         self.min_clean_accuracy, self.on_low_accuracy = min_clean_accuracy, on_low_accuracy
         self.progress, self.plot = progress, plot
 
@@ -194,7 +200,7 @@ class CircuitCompression(L.Callback):
             "task": data.name, "model": getattr(lm, "name", "?"), "hooks": hooks, "n_prompts": data.n,
             "n_dropped": len(data.dropped), "clean_accuracy": acc["accuracy"],
             "corrupted_accuracy": acc["corrupted_accuracy"], "logit_diff_clean": acc["logit_diff_clean"],
-            "logit_diff_corrupted": acc["logit_diff_corrupted"],
+            "logit_diff_corrupted": acc["logit_diff_corrupted"], "ablation": self.ablation,
         }
         log.info("circuit=%s on %s: %d prompt pairs (%d dropped), clean accuracy %.3f", data.name, m["model"],
                  data.n, len(data.dropped), acc["accuracy"])
@@ -237,7 +243,7 @@ class CircuitCompression(L.Callback):
             log.info("attribution vs exact patching on %d nodes: pearson %.3f", len(check), m["attribution_check"]["pearson"])
 
         # faithfulness of the circuit
-        means = feature_means(lm, saes, hooks, data, bs, self.progress)
+        means = feature_means(lm, saes, hooks, data, bs, self.progress, mode=self.ablation)
         m_full = acc["logit_diff_clean"]
         empty = score_circuit(lm, saes, hooks, data, [], means, m_full, float("nan"), bs)
         m_empty = empty.metric

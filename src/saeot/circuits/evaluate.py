@@ -10,10 +10,18 @@ run on the clean prompts with, at every circuit hook in forward order,
     \text{ else } \mu_e\big), \qquad f = \mathrm{enc}(h),\ e = h - \mathrm{dec}(f),
 
 where ``h`` is the hidden state as it arrives (already changed by the ablations at
-earlier hooks), and :math:`\mu_f [F]`, :math:`\mu_e [d]` are the means of the features and
-of the error term over all non-BOS positions of the task's clean prompts. The BOS
-position is identical in every prompt and is never changed. Keeping every node
-reproduces the model exactly; keeping none gives the "empty circuit".
+earlier hooks) and :math:`\mu_f`, :math:`\mu_e` are means over the task's clean prompts:
+
+* ``position`` (default): per token position, over the clean prompts *of the same
+  length* (``[T, F]`` and ``[T, d]``; prompts of one length mostly share a template,
+  so the mean keeps the template and averages out what varies: names, numbers);
+  lengths with fewer than ``min_prompts`` prompts fall back to ``global``;
+* ``global``: over all non-BOS positions of all clean prompts (``[F]``, ``[d]``). This
+  also erases the template and is far more destructive when the circuit hooks are
+  early layers.
+
+The BOS position is identical in every prompt and is never changed. Keeping every
+node reproduces the model exactly; keeping none gives the "empty circuit".
 
 Faithfulness
 ------------
@@ -49,6 +57,7 @@ from saeot.circuits.attribution import NodeRef, _check_hooks, _split, sae_decode
 from saeot.circuits.tasks import TaskData, logit_diff
 
 __all__ = [
+    "ABLATIONS",
     "AblationMeans",
     "feature_means",
     "keep_masks",
@@ -65,35 +74,74 @@ __all__ = [
 
 @dataclass
 class AblationMeans:
-    """``features: hook -> [F]`` and ``errors: hook -> [d]`` mean values used for ablation."""
+    """Mean values used for ablation.
+
+    Attributes:
+        features: ``hook -> [F]`` global means (non-BOS positions of all clean prompts).
+        errors: ``hook -> [d]`` the same for the error term.
+        features_at: ``hook -> {T: [T, F]}`` per-position means over the clean prompts of
+            length T (only lengths with at least ``min_prompts`` prompts).
+        errors_at: ``hook -> {T: [T, d]}``.
+        mode: ``position`` or ``global`` (which :meth:`at` returns).
+    """
 
     features: dict[str, Tensor]
     errors: dict[str, Tensor]
+    features_at: dict[str, dict[int, Tensor]]
+    errors_at: dict[str, dict[int, Tensor]]
+    mode: str = "position"
+
+    def at(self, hook: str, T: int) -> tuple[Tensor, Tensor]:
+        """``(mu_f, mu_e)`` for a batch of length T: ``[T, F], [T, d]`` (position mode, if
+        that length has them) or ``[F], [d]`` (broadcast over positions)."""
+        if self.mode == "position" and T in self.features_at[hook]:
+            return self.features_at[hook][T], self.errors_at[hook][T]
+        return self.features[hook], self.errors[hook]
+
+
+ABLATIONS = ("position", "global")
 
 
 @torch.no_grad()
 def feature_means(lm: Any, saes: dict[str, Any], hooks: Sequence[str], data: TaskData, batch_size: int = 16,
-                  progress: bool = True) -> AblationMeans:
-    """Means of every feature and of the error vector over the non-BOS positions of the
-    clean prompts (plain forward passes, no intervention)."""
+                  progress: bool = True, mode: str = "position", min_prompts: int = 4) -> AblationMeans:
+    """Means of every feature and of the error vector over the clean prompts (plain
+    forward passes, no intervention): global (non-BOS positions) and per position for
+    every prompt length with at least ``min_prompts`` prompts (module docstring)."""
+    if mode not in ABLATIONS:
+        raise ValueError(f"callbacks.circuit.ablation={mode!r}; use one of {ABLATIONS}")
     model = lm.model
     hooks = _check_hooks(model, saes, hooks)
     device = next(model.parameters()).device
     sf = {h: torch.zeros(saes[h].cfg.d_sae, dtype=torch.float64) for h in hooks}
     se = {h: torch.zeros(model.cfg.d_model, dtype=torch.float64) for h in hooks}
+    pf: dict[str, dict[int, Tensor]] = {h: {} for h in hooks}
+    pe: dict[str, dict[int, Tensor]] = {h: {} for h in hooks}
+    n_len: dict[int, int] = {}
     count = 0
     bar = tqdm(total=data.n, desc="ablation means", disable=not progress, leave=False)
     for b in data.batches(batch_size, device):
-        logits, cache = model.run_with_cache(b.clean, names_filter=hooks)
-        start = 1 if b.bos and b.clean.shape[1] > 1 else 0
+        T = b.clean.shape[1]
+        _, cache = model.run_with_cache(b.clean, names_filter=hooks)
+        start = 1 if b.bos and T > 1 else 0
         for h in hooks:
-            f, e = _split(saes[h], cache[h][:, start:])
-            sf[h] += f.double().sum((0, 1)).cpu()
-            se[h] += e.double().sum((0, 1)).cpu()
-        count += b.n * (b.clean.shape[1] - start)
+            f, e = _split(saes[h], cache[h])
+            sf[h] += f[:, start:].double().sum((0, 1)).cpu()
+            se[h] += e[:, start:].double().sum((0, 1)).cpu()
+            pf[h][T] = pf[h].get(T, 0) + f.double().sum(0).cpu()
+            pe[h][T] = pe[h].get(T, 0) + e.double().sum(0).cpu()
+        count += b.n * (T - start)
+        n_len[T] = n_len.get(T, 0) + b.n
         bar.update(b.n)
     bar.close()
-    return AblationMeans({h: (v / count).float() for h, v in sf.items()}, {h: (v / count).float() for h, v in se.items()})
+    keep = {T for T, n in n_len.items() if n >= min_prompts}
+    return AblationMeans(
+        features={h: (v / count).float() for h, v in sf.items()},
+        errors={h: (v / count).float() for h, v in se.items()},
+        features_at={h: {T: (v / n_len[T]).float() for T, v in pf[h].items() if T in keep} for h in hooks},
+        errors_at={h: {T: (v / n_len[T]).float() for T, v in pe[h].items() if T in keep} for h in hooks},
+        mode=mode,
+    )
 
 
 def keep_masks(saes: dict[str, Any], hooks: Sequence[str], nodes: Sequence[NodeRef]) -> dict[str, tuple[Tensor, bool]]:
@@ -119,15 +167,14 @@ def ablated_logit_diffs(lm: Any, saes: dict[str, Any], data: TaskData, keep: dic
     hooks = _check_hooks(model, saes, list(keep))
     device = next(model.parameters()).device
     masks = {h: (keep[h][0].to(device), keep[h][1]) for h in hooks}
-    mu_f = {h: means.features[h].to(device) for h in hooks}
-    mu_e = {h: means.errors[h].to(device) for h in hooks}
 
     def ablate(h: Tensor, hook: Any, bos: bool) -> Tensor:
         name = hook.name
         keep_f, keep_e = masks[name]
         f, e = _split(saes[name], h)
-        f_new = torch.where(keep_f, f, mu_f[name])
-        e_new = e if keep_e else mu_e[name].to(e.dtype).expand_as(e)
+        mu_f, mu_e = means.at(name, h.shape[1])
+        f_new = torch.where(keep_f, f, mu_f.to(device=f.device, dtype=f.dtype))
+        e_new = e if keep_e else mu_e.to(device=e.device, dtype=e.dtype).expand_as(e)
         h_new = sae_decode(saes[name], f_new, h) + e_new
         if bos:
             h_new[:, 0] = h[:, 0]
