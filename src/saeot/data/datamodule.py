@@ -51,7 +51,7 @@ def shard_indices(n: int, rank: int, world_size: int) -> Tensor:
     """Indices of the contexts read by ``rank`` of ``world_size``: disjoint, covering, unpadded."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} out of range for world size {world_size}")
-    return torch.arange(rank, n, world_size)
+    return torch.arange(rank, max(n, rank), world_size)  # empty when rank >= n
 
 
 def pack_contexts(
