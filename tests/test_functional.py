@@ -215,6 +215,7 @@ def test_evaluate_runs_writes_metrics_table_and_report(tmp_path):
         assert metrics["matching"]["matcher"] == "sae_match"  # the train metrics survive
         f = metrics["functional"]
         assert f["saes"]["retrained"] == [] and f["n_runs_sharing_pass"] == 2
+        assert f["split"] == "fresh" and f["n_tokens"] > 0, f["split_note"]
         p = f["pairs"][k]
         assert 0 < p["reference"]["sae"]["explained_variance"] <= 1
         assert p["substitution"]["explained_variance"] < p["reference"]["sae"]["explained_variance"]
@@ -521,3 +522,26 @@ def test_run_dirs_accept_glob_patterns(tmp_path):
     assert _expand([literal]) == [literal]  # brackets of a real path are not a pattern
     with pytest.raises(FileNotFoundError, match="matches no"):
         _expand([f"{tmp_path}/nothing*"])
+
+
+def test_fresh_split_is_text_after_the_runs_contexts(tiny_lm, tiny_text):
+    from omegaconf import OmegaConf
+
+    from saeot.data.datamodule import HiddenStateDataModule
+    from saeot.evaluation.functional import add_fresh_split
+
+    data = OmegaConf.create({"_target_": "saeot.data.datamodule.HiddenStateDataModule",
+                             "text": {"_target_": "saeot.data.text.StdlibDocstrings", "max_docs": 60},
+                             "context_len": 32, "max_contexts": 12, "heldout_fraction": 0.25, "batch_size": 4})
+    dm = HiddenStateDataModule(tiny_lm, tiny_text, [H0], context_len=32, max_contexts=12, batch_size=4)
+    dm.setup()
+    before = dm.contexts.clone()
+    run = SimpleNamespace(datamodule=dm, lm=tiny_lm, hooks=[H0], cfg=OmegaConf.create({"data": data}))
+    n, note = add_fresh_split(run, 5)
+    assert n == 5 and torch.equal(dm.contexts[:12], before) and dm.splits["fresh"].tolist() == list(range(12, 17))
+    assert not any(torch.equal(dm.contexts[i], before[j]) for i in range(12, 17) for j in range(12))
+    assert sum(int(b["mask"].sum()) for b in dm.iter_batches("fresh")) == 5 * 31
+    dm2 = HiddenStateDataModule(tiny_lm, tiny_text, [H0], context_len=32, max_contexts=None, batch_size=4)
+    dm2.setup()
+    n2, note2 = add_fresh_split(SimpleNamespace(datamodule=dm2, lm=tiny_lm, hooks=[H0], cfg=run.cfg), 5)
+    assert n2 == 0 and "all of its text" in note2

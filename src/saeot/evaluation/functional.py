@@ -1,7 +1,20 @@
 """Functional evaluation of a finished run's matches on its real model (no judge needed).
 
-For every layer pair (A, B) of a ``train.py`` run, on the tokens of the **held-out**
-split (never seen by the matcher's profiling), streamed batch by batch:
+For every layer pair (A, B) of a ``train.py`` run, on evaluation tokens streamed batch
+by batch. **Which tokens** (``functional.split``):
+
+* ``fresh`` (default): contexts packed from the run's own text source *after* the
+  run's last context (same tokenizer, context length and BOS), as many as the run's
+  held-out split. No stage of the run saw them: not the SAE training and profiling
+  (``profile`` split), not the reference-space fit nor the activation correlations
+  that the ``activation_correlation`` matcher matches on (``heldout`` split). If the
+  source has no text left (``data.max_contexts=null``, or a short corpus), the
+  evaluation falls back to ``heldout`` and says so (``split_note`` in the metrics);
+* ``heldout``: the run's held-out split (in-sample for ``activation_correlation``
+  and for the reference space of semantic OT / mean embedding);
+* ``profile``: for debugging only.
+
+Computed:
 
 **Layer substitution** (SAE Match, Eq. 5). With ``f^A(h^A) [F_a]`` the codes of A's SAE
 and the run's matching made one-to-one (below) as a partial permutation
@@ -16,9 +29,9 @@ for ReLU; one shared scale for plain TopK), i.e. the code of A's feature i enter
 decoder as ``f_i^A * s^B_j / s^A_i``. ``code_scale=none`` uses the raw codes. Reported:
 
 * ``explained_variance`` of ``h^B``: ``1 - sum ||h^B - h_B_hat||^2 / sum ||h^B - mean(h^B)||^2``
-  over the held-out positions (BOS excluded; the mean is the held-out mean);
+  over the evaluation positions (BOS excluded; the mean is over the same tokens);
 * ``delta_ce``: the increase of the next-token cross-entropy (nats per token, mean
-  over the held-out positions after BOS) when ``h^B`` is replaced by ``h_B_hat`` at
+  over the evaluation positions after BOS) when ``h^B`` is replaced by ``h_B_hat`` at
   hook B at every position but BOS (which keeps its clean state) and the rest of the
   model runs on it, against the clean forward pass.
 
@@ -29,7 +42,7 @@ and the same two numbers for the references, on the same tokens:
   gives exactly this);
 * ``bias``: zero-ablation of the substituted part, i.e. every code zero:
   ``h_B_hat = b_dec^B`` -- "no feature carried over";
-* ``mean``: mean-ablation, ``h^B`` replaced by its held-out mean (one vector).
+* ``mean``: mean-ablation, ``h^B`` replaced by its mean over the evaluation tokens (one vector).
 
 ``ce_recovered = (CE_mean - CE_sub) / (CE_mean - CE_sae)``: the fraction of the loss gap
 between mean-ablation and B's own reconstruction that the substitution closes (1 =
@@ -42,7 +55,7 @@ keeps the A feature with the lowest distance (ties: lowest index). The number of
 pairs dropped this way is reported (``n_dropped_many_to_one``).
 
 **Co-activation** of the matched pairs (all ``matched`` rows, many-to-one kept) on the
-same held-out tokens, streamed: per pair, ``precision = P(B fires | A fires)``,
+same evaluation tokens, streamed: per pair, ``precision = P(B fires | A fires)``,
 ``recall = P(A fires | B fires)`` (the fraction of B's firings that A's firing
 covers) and the Pearson correlation of the two activations (all tokens, zeros
 included); summarised as the mean over pairs where each is defined (A fires / B fires
@@ -65,6 +78,7 @@ Entry point: :func:`evaluate_runs` (``python evaluate.py run_dir=... | 'run_dirs
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -87,7 +101,7 @@ REFERENCES = ("sae", "bias", "mean")
 REFERENCE_DOC = {
     "sae": "B's own SAE reconstruction decode_B(encode_B(h_B))",
     "bias": "zero-ablation: every code zero, h_B replaced by b_dec_B",
-    "mean": "mean-ablation: h_B replaced by its held-out mean",
+    "mean": "mean-ablation: h_B replaced by its mean over the evaluation tokens",
 }
 ONE_TO_ONE_DOC = ("matched rows only; where many-to-one, each B feature keeps the A feature with the lowest "
                   "distance (ties: lowest index)")
@@ -106,7 +120,8 @@ class FunctionalSettings:
     """``functional:`` in ``conf/evaluate.yaml``.
 
     Attributes:
-        split: data split to evaluate on (``heldout``; ``profile`` only for debugging).
+        split: ``fresh`` (contexts after the run's last one; default), ``heldout`` or ``profile``.
+        fresh_contexts: contexts in the ``fresh`` split (None: as many as the held-out split).
         max_batches: cap on the batches streamed (None: the whole split).
         code_scale: ``fold`` (SAE Match Eq. 5 in folded parameters) or ``none``.
         references: which of ``sae``, ``bias``, ``mean`` to compute.
@@ -120,7 +135,8 @@ class FunctionalSettings:
         seed: seed of the report's sample and of the chance pairs.
     """
 
-    split: str = "heldout"
+    split: str = "fresh"
+    fresh_contexts: int | None = None
     max_batches: int | None = None
     code_scale: str = "fold"
     references: tuple[str, ...] = REFERENCES
@@ -134,6 +150,8 @@ class FunctionalSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.split not in ("fresh", "heldout", "profile"):
+            raise ValueError(f"functional.split={self.split!r}; expected fresh, heldout or profile")
         if self.code_scale not in ("fold", "none"):
             raise ValueError(f"functional.code_scale={self.code_scale!r}; expected fold or none")
         refs = tuple(self.references)
@@ -475,7 +493,7 @@ def evaluate_functional(
             st.chance_b = torch.randint(pm.n_features_b, (pm.feature_a.numel(),), generator=g)
             states[label].append(st)
 
-    # pass 0: the held-out mean of h^B (mean-ablation and the EV denominator); stops at the last hook
+    # pass 0: the mean of h^B over the split (mean-ablation and the EV denominator); stops at the last hook
     mean = {h: torch.zeros(lm.d_model, dtype=torch.float64) for h in hooks_b}
     n_tok = 0
     for batch in _batches(datamodule, s, device, hidden=True, desc="functional: means"):
@@ -489,8 +507,7 @@ def evaluate_functional(
 
     # pass 1: everything else
     sst = {h: 0.0 for h in hooks_b}
-    refs = {(pm.hook_a, pm.hook_b): None for pms in matchings.values() for pm in pms}
-    ref_acc = {h: {r: SubstitutionAccumulator() for r in s.references} for h in {hb for _, hb in refs}}
+    ref_acc = {h: {r: SubstitutionAccumulator() for r in s.references} for h in hooks_b}  # shared by all runs
     ce_clean_sum, n_ce, n_tok1 = 0.0, 0, 0
     for batch in _batches(datamodule, s, device, hidden=False, desc="functional: substitution"):
         tokens, mask = batch["tokens"], batch["mask"]
@@ -576,6 +593,38 @@ def _batches(datamodule: Any, s: FunctionalSettings, device: torch.device, hidde
                                                max_batches=s.max_batches)
     finally:
         datamodule.emit_hidden = saved
+
+
+# ---------------------------------------------------------------------------- fresh tokens
+def add_fresh_split(run: Any, n_contexts: int | None = None) -> tuple[int, str]:
+    """Append up to ``n_contexts`` contexts packed from the run's text *after* its last context
+    to ``run.datamodule`` as split ``"fresh"``; returns ``(n_added, note)``.
+
+    The run's text source is packed again with a larger ``max_contexts``; the first
+    contexts must be the run's own (checked), the rest are new. Call after anything that
+    fingerprints the data module (the SAE cache key hashes its contexts).
+    """
+    from saeot.pipeline import build
+
+    dm = run.datamodule
+    n0 = len(dm.contexts)
+    n = n_contexts if n_contexts is not None else len(dm.splits["heldout"])
+    if dm.max_contexts is None or n0 < dm.max_contexts:
+        return 0, f"the run used all of its text ({n0} contexts): nothing left for a fresh split"
+    try:
+        more = build(run.cfg.data, partial=True)(lm=run.lm, hooks=run.hooks, max_contexts=n0 + n)
+        more.setup()
+    except Exception as e:  # e.g. a source that cannot be read twice
+        return 0, f"could not pack more text ({type(e).__name__}: {e})"
+    if len(more.contexts) < n0 or not torch.equal(more.contexts[:n0], dm.contexts):
+        return 0, "packing the text again did not reproduce the run's contexts (non-deterministic source?)"
+    extra = len(more.contexts) - n0
+    if extra <= 0:
+        return 0, f"the text source holds no context beyond the run's {n0}"
+    dm.contexts = more.contexts
+    dm.splits["fresh"] = torch.arange(n0, n0 + extra)
+    note = f"{extra} contexts packed after the run's {n0}" + (f" (asked for {n})" if extra < n else "")
+    return extra, note
 
 
 # ---------------------------------------------------------------------------- runs on disk
@@ -695,16 +744,23 @@ def evaluate_runs(cfg: DictConfig, run_dirs: Sequence[str | Path], out_dir: str 
         t0 = time.perf_counter()
         base = setup(lead.cfg, lead.path)
         provenance = _check_sae_cache(lead, base, t_setup)
+        group_settings, split_note = settings, None
+        if settings.split == "fresh":
+            n_fresh, split_note = add_fresh_split(base, settings.fresh_contexts)
+            if n_fresh == 0:
+                log.warning("functional.split=fresh: %s; evaluating on the held-out split instead", split_note)
+                split_note = f"fell back to heldout: {split_note}"
+                group_settings = dataclasses.replace(settings, split="heldout")
         setup_seconds = time.perf_counter() - t0
         matchings = {r.label: matchings_from_rows(r.rows, str(lead.cfg.layers.site), base.saes) for r in group}
-        results = evaluate_functional(base.lm, base.saes, base.datamodule, matchings, settings)
+        results = evaluate_functional(base.lm, base.saes, base.datamodule, matchings, group_settings)
         for r in group:  # coverage against the features alive in each run's own profiling
             alive = _alive(r.path, base.hooks)
             for pm in matchings[r.label]:
                 results[r.label]["pairs"][pm.key]["coverage"] = pm.coverage(alive.get(pm.hook_a))
         for r in group:
             func = results[r.label]
-            func.update({"matcher": r.matcher, "label": r.label, "setup_seconds": setup_seconds,
+            func.update({"matcher": r.matcher, "label": r.label, "setup_seconds": setup_seconds, "split_note": split_note,
                          "saes": provenance, "n_runs_sharing_pass": len(group)})
             update_json(r.path / "metrics.json", "functional", func)
             judged = None
@@ -829,10 +885,11 @@ def format_markdown(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
         "",
-        "EV: explained variance of h^B on held-out tokens; ΔCE: increase of next-token cross-entropy (nats/token) "
+        "EV: explained variance of h^B on evaluation tokens (functional.split, default fresh: text packed after the "
+        "run's last context, seen by no stage of the run); ΔCE: increase of next-token cross-entropy (nats/token) "
         "when h^B is replaced. sub: A's SAE codes through the one-to-one matching into B's decoder (SAE Match Eq. 5, "
         "folded codes); SAE: B's own SAE reconstruction (ceiling); zero: all codes zero (h^B -> b_dec^B); mean: h^B -> "
-        "its held-out mean. CE rec.: (CE_mean - CE_sub) / (CE_mean - CE_SAE). co-act P / R: P(B fires | A fires), "
+        "its mean over the evaluation tokens. CE rec.: (CE_mean - CE_sub) / (CE_mean - CE_SAE). co-act P / R: P(B fires | A fires), "
         "P(A fires | B fires), mean over matched pairs; corr: Pearson correlation of the pair's activations; "
         "corr (rand): A features paired with random B features. A matched / no match: fractions of A's features; "
         "B covered: fraction of B's features that receive a match; n 1:1: pairs used for substitution.",
@@ -865,6 +922,6 @@ def write_table(rows: list[dict], out_dir: str | Path, judge_rows: list[dict] | 
 __all__ = [
     "FunctionalSettings", "PairMatching", "one_to_one", "pair_matching", "identity_matching",
     "matchings_from_rows", "substitute_codes", "code_ratio", "run_from_hook", "next_token_ce",
-    "SubstitutionAccumulator", "CoactivationAccumulator", "evaluate_functional", "RunDir",
+    "SubstitutionAccumulator", "CoactivationAccumulator", "evaluate_functional", "add_fresh_split", "RunDir",
     "evaluate_runs", "table_rows", "judge_row", "format_markdown", "format_judge_markdown", "write_table",
 ]

@@ -184,7 +184,7 @@ def write_run_report(path: str | Path, run: Any, matchings: Sequence[Any], base:
             "contexts shown": f"top {settings.n_contexts} per feature (profile split), "
                               f"{settings.context_window} tokens left, {settings.context_right} right"}
     if func:
-        meta["held-out tokens"] = func.get("n_tokens")
+        meta["evaluation tokens"] = f"{func.get('n_tokens')} ({func.get('split')} split)"
         meta["clean CE"] = _num(func.get("ce_clean"))
     text = render_report(f"saeot matches: {run.label}", meta, sections, func, judged)
     path = Path(path)
