@@ -27,7 +27,7 @@ from saeot.evaluation.judge import (
 from saeot.evaluation.report import render_report
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
-QUIET = FunctionalSettings(progress=False)
+QUIET = FunctionalSettings(progress=False, split="heldout")  # evaluate_functional reads an existing split
 
 
 @pytest.fixture(scope="module")
