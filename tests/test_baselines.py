@@ -30,9 +30,8 @@ from saeot.matching.sae_match import (
     fold_sae,
     fold_scale,
     fold_threshold,
-    hooks_between,
-    sort_hooks_by_layer,
 )
+from saeot.hooks import hooks_between, sort_hooks_by_layer
 
 D_IN, D_SAE = 16, 256
 H = [f"blocks.{layer}.hook_resid_post" for layer in range(4)]

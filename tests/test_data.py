@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from saeot.data.datamodule import HiddenStateDataModule, hook_layer, pack_contexts, shard_indices, stop_layer
+from saeot.data.datamodule import HiddenStateDataModule, pack_contexts, shard_indices
+from saeot.hooks import hook_layer, stop_layer
 from saeot.data.text import EmptyCorpusError, StdlibDocstrings, TextFiles
 
 

@@ -26,7 +26,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from saeot.io import atomic_path, atomic_write_json, update_json
+from saeot.hooks import hook_layer, hook_name
+from saeot.io import atomic_path, update_json
 from saeot.matching.base import MatchContext
 from saeot.types import FeatureSamples, MatchResult
 
@@ -65,10 +66,6 @@ def layer_ids(cfg: DictConfig) -> list[int]:
     if len(set(ids)) != len(ids):
         raise ConfigError(f"layers.ids={ids} has repeats")
     return sorted(int(i) for i in ids)
-
-
-def hook_for(layer: int, site: str) -> str:
-    return f"blocks.{layer}.hook_{site}"
 
 
 def layer_pairs(cfg: DictConfig, ids: list[int]) -> list[tuple[int, int]]:
@@ -132,8 +129,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     sae_provider = build(cfg.sae)
     run.lm = build(cfg.model)
     check_layers(ids, run.lm.model.cfg.n_layers)
-    run.hooks = [hook_for(i, cfg.layers.site) for i in ids]
-    run.pairs = [(hook_for(a, cfg.layers.site), hook_for(b, cfg.layers.site)) for a, b in pairs]
+    run.hooks = [hook_name(i, cfg.layers.site) for i in ids]
+    run.pairs = [(hook_name(a, cfg.layers.site), hook_name(b, cfg.layers.site)) for a, b in pairs]
     sae_provider.validate(run.hooks)
     run.datamodule = build(cfg.data, partial=True)(lm=run.lm, hooks=run.hooks)
     run.datamodule.setup()
@@ -219,8 +216,6 @@ def summarize(res: MatchResult) -> dict:
 
 # ---------------------------------------------------------------------------- outputs
 def write_feature_stats(samples: dict[str, FeatureSamples], path: Path) -> None:
-    from saeot.data.datamodule import hook_layer
-
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["layer", "hook", "feature", "firing_frequency", "mean_activation", "max_activation"])
@@ -232,8 +227,6 @@ def write_feature_stats(samples: dict[str, FeatureSamples], path: Path) -> None:
 
 
 def write_matches(results: list[MatchResult], path: Path) -> None:
-    from saeot.data.datamodule import hook_layer
-
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(MATCH_COLUMNS)

@@ -54,7 +54,7 @@ def plot_flow(results: list, path: Path, samples: dict | None = None, codec: Any
     Nodes are (layer, feature), labelled with the feature's most common top token; an edge is
     the match of its left end, coloured by distance (matched) or dashed grey (below the null).
     """
-    from saeot.data.datamodule import hook_layer
+    from saeot.hooks import hook_layer
 
     by_a: dict[str, list] = {}
     for r in results:

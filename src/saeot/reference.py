@@ -154,7 +154,7 @@ class Ridge(ReferenceSpace):
         self.W: dict[str, Tensor] = {}
 
     def reference_hook(self, hooks: list[str]) -> str:
-        from saeot.data.datamodule import hook_layer
+        from saeot.hooks import hook_layer
 
         ordered = sorted(hooks, key=hook_layer)
         if self.reference == "first":

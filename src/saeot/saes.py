@@ -28,7 +28,7 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from saeot.data.datamodule import hook_layer
+from saeot.hooks import hook_layer
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class LocalTrainedSAEs(SAEProvider):
         saved = datamodule.hooks
         datamodule.hooks = list(hooks)
         try:
-            from saeot.data.datamodule import stop_layer
+            from saeot.hooks import stop_layer
 
             datamodule._stop_at = stop_layer(datamodule.hooks)
             with tqdm(total=self.train_tokens, desc="collect SAE training tokens", disable=not self.progress, leave=False) as bar:

@@ -49,7 +49,7 @@ from saeot.circuits.evaluate import (
 )
 from saeot.circuits.graph import circuit_graph, plot_supernode_graph, save_graph
 from saeot.circuits.supernodes import Clustering, compress_graph, decoder_cosine_distances, token_label
-from saeot.data.datamodule import hook_layer
+from saeot.hooks import hook_layer
 from saeot.circuits.tasks import Task, TaskData, clean_accuracy
 from saeot.io import update_json
 

@@ -423,7 +423,7 @@ def circuit_graph(lm: Any, data: Any, attr: Any, nodes: Sequence[Any], edges: An
         first prompt, counted from its end) where the node's effect is largest; links =
         edge weights, plus the effects of the last hook's nodes as links to the logit node.
     """
-    from saeot.data.datamodule import hook_layer
+    from saeot.hooks import hook_layer
 
     codec = lm.codec
     tokens = [int(t) for t in data.clean[0]]

@@ -16,7 +16,6 @@ off (``Trainer(use_distributed_sampler=False)``; the trainer configs set it).
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,26 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from saeot.data.text import EmptyCorpusError
-
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_mlp_out|hook_attn_out)$")
-
-
-def hook_layer(hook: str) -> int:
-    """Block index of a ``blocks.{l}.hook_*`` name."""
-    m = _HOOK_RE.match(hook)
-    if not m:
-        raise ValueError(f"unsupported hook name {hook!r}; expected blocks.<layer>.hook_resid_post or similar")
-    return int(m.group(1))
-
-
-def stop_layer(hooks: Sequence[str]) -> int:
-    """Smallest ``stop_at_layer`` that still computes every hook in ``hooks``."""
-    need = 0
-    for h in hooks:
-        layer = hook_layer(h)
-        need = max(need, layer if h.endswith("hook_resid_pre") else layer + 1)
-    return need
-
+from saeot.hooks import hook_layer, stop_layer
 
 def shard_indices(n: int, rank: int, world_size: int) -> Tensor:
     """Indices of the contexts read by ``rank`` of ``world_size``: disjoint, covering, unpadded."""

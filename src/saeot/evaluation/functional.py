@@ -93,6 +93,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from saeot.hooks import hook_layer, hook_name
 from saeot.io import atomic_path, atomic_write_text, read_json, update_json
 
 log = logging.getLogger(__name__)
@@ -289,28 +290,21 @@ def identity_matching(hook: str, n_features: int) -> PairMatching:
 
 def matchings_from_rows(rows: Sequence[dict], site: str, saes: dict[str, Any]) -> list[PairMatching]:
     """One :class:`PairMatching` per (layer_a, layer_b) of ``matches.csv``, in file order."""
-    from saeot.pipeline import hook_for
 
     groups: dict[tuple[int, int], list[dict]] = {}
     for r in rows:
         groups.setdefault((int(r["layer_a"]), int(r["layer_b"])), []).append(r)
     out = []
     for (la, lb), rs in groups.items():
-        ha, hb = hook_for(la, site), hook_for(lb, site)
+        ha, hb = hook_name(la, site), hook_name(lb, site)
         for h in (ha, hb):
             if h not in saes:
-                raise ValueError(f"matches.csv has layer {hook_layer_of(h)} but the run's config has no SAE at {h}")
+                raise ValueError(f"matches.csv has layer {hook_layer(h)} but the run's config has no SAE at {h}")
         pm = pair_matching(ha, hb, rs, saes[ha].cfg.d_sae, saes[hb].cfg.d_sae)
         if pm.n_rows != pm.n_features_a:
             log.warning("%s: %d rows in matches.csv for %d features of A", pm.key, pm.n_rows, pm.n_features_a)
         out.append(pm)
     return out
-
-
-def hook_layer_of(hook: str) -> int:
-    from saeot.data.datamodule import hook_layer
-
-    return hook_layer(hook)
 
 
 # ---------------------------------------------------------------------------- model pieces
@@ -349,7 +343,7 @@ def run_from_hook(model: Any, hook: str, value: Tensor, tokens: Tensor) -> Tenso
     ``value [B, T, d]``. Residual-stream hooks start the forward pass right there
     (``start_at_layer``: layers before the hook are not recomputed); other hooks run the
     whole model with a replacing hook."""
-    layer = hook_layer_of(hook)
+    layer = hook_layer(hook)
     value = value.to(next(model.parameters()).dtype)
     if hook.endswith("hook_resid_post"):
         return model(value, start_at_layer=layer + 1, return_type="logits")
@@ -477,8 +471,8 @@ def evaluate_functional(
     device = next(model.parameters()).device
     for sae in saes.values():
         sae.to(device)
-    hooks_b = sorted({pm.hook_b for pms in matchings.values() for pm in pms}, key=hook_layer_of)
-    hooks = sorted({h for pms in matchings.values() for pm in pms for h in (pm.hook_a, pm.hook_b)}, key=hook_layer_of)
+    hooks_b = sorted({pm.hook_b for pms in matchings.values() for pm in pms}, key=hook_layer)
+    hooks = sorted({h for pms in matchings.values() for pm in pms for h in (pm.hook_a, pm.hook_b)}, key=hook_layer)
     for h in hooks:
         if h not in saes:
             raise ValueError(f"no SAE loaded for {h}")
@@ -569,7 +563,7 @@ def evaluate_functional(
                 rec = (base["ce"] - sub["ce"]) / gap if gap > 1e-6 else float("nan")
             ch = st.chance.summary()
             pairs[pm.key] = {
-                "layer_a": hook_layer_of(pm.hook_a), "layer_b": hook_layer_of(pm.hook_b),
+                "layer_a": hook_layer(pm.hook_a), "layer_b": hook_layer(pm.hook_b),
                 "substitution": sub, "reference": ref, "ce_recovered": rec,
                 "coactivation": st.coact.summary(),
                 "chance": {k: ch[k] for k in ("precision", "recall", "corr", "micro_precision")},

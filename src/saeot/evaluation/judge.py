@@ -628,7 +628,7 @@ def judge_run(judge: Judge, run: Any, matchings: Sequence[Any], base: Any, setti
 
 
 def _layer(hook: str) -> int:
-    from saeot.data.datamodule import hook_layer
+    from saeot.hooks import hook_layer
 
     return hook_layer(hook)
 

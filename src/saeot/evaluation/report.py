@@ -149,7 +149,7 @@ def render_report(
 def write_run_report(path: str | Path, run: Any, matchings: Sequence[Any], base: Any, settings: Any,
                      func: dict | None = None, judged: dict | None = None) -> Path:
     """Build the sections of one run from its matchings and feature samples; write ``path`` atomically."""
-    from saeot.data.datamodule import hook_layer
+    from saeot.hooks import hook_layer
     from saeot.evaluation.judge import FeatureContexts
 
     fc = FeatureContexts(run.path, base.datamodule.contexts, base.lm.codec, n=settings.n_contexts,

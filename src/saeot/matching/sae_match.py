@@ -68,13 +68,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from saeot.hooks import hook_layer, hooks_between
 from saeot.matching.assignment import compose_matches
 from saeot.matching.base import Matcher, MatchContext, topk_from_dense
 from saeot.types import MatchResult
@@ -88,10 +88,6 @@ __all__ = [
     "SAEMatch",
     "chunked_candidates",
     "rerank_exact",
-    "hook_layer",
-    "hook_sort_key",
-    "sort_hooks_by_layer",
-    "hooks_between",
 ]
 
 _TOPK_FAMILY = ("topk", "batchtopk", "abstopk", "matryoshka_batchtopk")
@@ -184,76 +180,6 @@ def fold_sae(sae: Any) -> Any:
     threshold = getattr(out, "threshold", None)
     if isinstance(threshold, Tensor):
         _set("threshold", threshold.detach().to(s.dtype).expand_as(s) / s)
-    return out
-
-
-# ---------------------------------------------------------------------------- hook order
-_BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.(.+)$")
-# position of a hook inside a transformer block, so that hooks of one layer sort in compute order
-_POSITION = (
-    ("hook_resid_pre", 0.0),
-    ("ln1", 1.0),
-    ("attn", 2.0),
-    ("hook_z", 2.0),
-    ("hook_attn_out", 2.5),
-    ("hook_resid_mid", 3.0),
-    ("ln2", 4.0),
-    ("mlp", 5.0),
-    ("hook_mlp_in", 4.5),
-    ("hook_mlp_out", 5.5),
-    ("hook_resid_post", 6.0),
-)
-
-
-def hook_layer(hook: str) -> int:
-    """Block index ``l`` of a transformer_lens hook name ``blocks.{l}.<...>``."""
-    m = _BLOCK_RE.search(hook)
-    if m is None:
-        raise ValueError(f"hook name {hook!r} has no 'blocks.<layer>.' part")
-    return int(m.group(1))
-
-
-def _hook_suffix(hook: str) -> str:
-    m = _BLOCK_RE.search(hook)
-    if m is None:
-        raise ValueError(f"hook name {hook!r} has no 'blocks.<layer>.' part")
-    return m.group(2)
-
-
-def hook_sort_key(hook: str) -> tuple[int, float, str]:
-    """``(layer, position inside the block, name)``: sorts hooks in the order the model computes them."""
-    suffix = _hook_suffix(hook)
-    position = 3.5  # unknown hooks: middle of the block
-    for prefix, pos in _POSITION:
-        if suffix.startswith(prefix):
-            position = pos
-    return hook_layer(hook), position, hook
-
-
-def sort_hooks_by_layer(hooks: Iterable[str]) -> list[str]:
-    """Distinct ``blocks.{l}.*`` hook names sorted by layer (then compute order inside the block)."""
-    return sorted(set(hooks), key=hook_sort_key)
-
-
-def hooks_between(hooks: Iterable[str], hook_a: str, hook_b: str) -> list[str]:
-    """The hooks strictly between ``hook_a`` and ``hook_b``, in order from A to B.
-
-    If A and B are the same kind of hook (same name after ``blocks.{l}.``), only hooks
-    of that kind are kept (residual SAEs chain through residual SAEs). Hooks whose
-    names carry no layer are ignored. Works in both directions (A after B: descending).
-    """
-    ka, kb = hook_sort_key(hook_a), hook_sort_key(hook_b)
-    same_kind = _hook_suffix(hook_a) == _hook_suffix(hook_b)
-    lo, hi = min(ka, kb), max(ka, kb)
-    out = []
-    for h in set(hooks):
-        if h in (hook_a, hook_b) or _BLOCK_RE.search(h) is None:
-            continue
-        if same_kind and _hook_suffix(h) != _hook_suffix(hook_a):
-            continue
-        if lo < hook_sort_key(h) < hi:
-            out.append(h)
-    out.sort(key=hook_sort_key, reverse=ka > kb)
     return out
 
 
@@ -448,7 +374,9 @@ class SAEMatch(Matcher):
         """``[hook_a, *intermediate hooks, hook_b]``: the hops that ``compose`` matches through."""
         if self.long_range == "direct":
             return [hook_a, hook_b]
-        if _BLOCK_RE.search(hook_a) is None or _BLOCK_RE.search(hook_b) is None:
+        try:
+            hook_layer(hook_a), hook_layer(hook_b)
+        except ValueError:
             # no layer order: nothing lies "between"; the match is direct
             log.warning("sae_match: %s or %s has no 'blocks.<layer>.'; matching directly", hook_a, hook_b)
             return [hook_a, hook_b]
