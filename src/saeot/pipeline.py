@@ -153,15 +153,13 @@ def stream(run: Run) -> None:
 
     cfg = run.cfg
     prof = ProfileConsumer(run.hooks, run.saes, k=cfg.profiling.k, mode=cfg.profiling.sampling, seed=cfg.seed)
-    run.datamodule.predict_split = "profile"
-    run.trainer.predict(StreamPass(run.saes, [prof]), datamodule=run.datamodule, return_predictions=False)
+    run.trainer.predict(StreamPass(run.saes, [prof]), datamodule=run.datamodule.view("profile"), return_predictions=False)
     run.samples = prof.results()
 
     consumers: list = [AlignedStatesConsumer(run.hooks, cfg.profiling.reference_tokens)]
     if "correlations" in run.matcher.requires:
         consumers.append(CorrelationConsumer(run.pairs, run.saes))
-    run.datamodule.predict_split = "heldout"
-    run.trainer.predict(StreamPass(run.saes, consumers), datamodule=run.datamodule, return_predictions=False)
+    run.trainer.predict(StreamPass(run.saes, consumers), datamodule=run.datamodule.view("heldout"), return_predictions=False)
     run.aligned = consumers[0].results()
     run.correlations = consumers[1].results() if len(consumers) > 1 else None
 

@@ -252,25 +252,16 @@ class LocalTrainedSAEs(SAEProvider):
         """Up to ``train_tokens`` hidden states per hook from the profile split, ``[N, d]``."""
         bufs: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
         n = 0
-        saved = datamodule.hooks
-        datamodule.hooks = list(hooks)
-        try:
-            from saeot.hooks import stop_layer
-
-            datamodule._stop_at = stop_layer(datamodule.hooks)
-            with tqdm(total=self.train_tokens, desc="collect SAE training tokens", disable=not self.progress, leave=False) as bar:
-                for batch in datamodule.iter_batches("profile", device=self.device):
-                    mask = batch["mask"]
-                    for h in hooks:
-                        bufs[h].append(batch["hidden"][h][mask].float().cpu())
-                    got = int(mask.sum())
-                    n += got
-                    bar.update(got)
-                    if n >= self.train_tokens:
-                        break
-        finally:
-            datamodule.hooks = saved
-            datamodule._stop_at = stop_layer(saved)
+        with tqdm(total=self.train_tokens, desc="collect SAE training tokens", disable=not self.progress, leave=False) as bar:
+            for batch in datamodule.iter_batches("profile", device=self.device, hooks=hooks):
+                mask = batch["mask"]
+                for h in hooks:
+                    bufs[h].append(batch["hidden"][h][mask].float().cpu())
+                got = int(mask.sum())
+                n += got
+                bar.update(got)
+                if n >= self.train_tokens:
+                    break
         return {h: torch.cat(v)[: self.train_tokens] for h, v in bufs.items()}
 
     def _build(self, d_in: int) -> Any:

@@ -3,7 +3,12 @@
 Text is tokenised once and packed into fixed-length contexts ``[N, T]``; each
 context starts with BOS when the tokenizer has one. The contexts are split into
 ``profile`` (feature distributions, SAE training) and ``heldout`` (reference-space
-fitting, activation correlation, evaluation). Batches carry token ids; the hidden
+fitting, activation correlation), and optionally ``fresh``: contexts packed from the
+text *after* the run's last one, seen by no stage of a run (functional evaluation).
+The splits are fixed when the module is set up; nothing changes them afterwards.
+A pass over one split (a Trainer ``predict``) reads a :class:`SplitView`, which
+says which split, which hooks and whether hidden states are computed; the module
+itself is never reconfigured. Batches carry token ids; the hidden
 states are computed on the batch's device, after transfer, under ``no_grad`` and
 with ``stop_at_layer`` (:meth:`HiddenStateDataModule.on_after_batch_transfer`), so
 nothing but one batch of activations ever exists at a time.
@@ -23,6 +28,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from saeot.data.text import EmptyCorpusError
 from saeot.hooks import hook_layer, stop_layer
@@ -79,15 +85,18 @@ class HiddenStateDataModule(L.LightningDataModule):
     """Streams ``{tokens, context_index, positions, mask, hidden}`` batches.
 
     Args:
-        lm: a :class:`saeot.lm.LanguageModel` (HookedTransformer + text codec).
+        lm: a :class:`saeot.models.LanguageModel` (HookedTransformer + text codec).
         text: a text source (iterable of strings), see :mod:`saeot.data.text`.
-        hooks: hook names whose hidden states each batch carries.
+        hooks: hook names whose hidden states each batch carries by default.
         context_len: tokens per context, BOS included.
-        max_contexts: contexts kept in all (profile + heldout).
-        heldout_fraction: fraction of contexts in the held-out split.
+        max_contexts: contexts of the run (profile + heldout).
+        heldout_fraction: fraction of the run's contexts in the held-out split.
         batch_size: contexts per batch.
         seed: seed of the profile / heldout split.
         skip_bos: exclude position 0 (BOS, whose hidden state is an outlier) from ``mask``.
+        fresh_contexts: up to this many more contexts, packed from the text after the
+            run's last one, as split ``fresh`` (0: none). The run's own contexts, their
+            split and :meth:`fingerprint` do not depend on it.
 
     Batches (after transfer to the device) hold ``tokens [B, T]``, ``context_index [B]``,
     ``positions [B, T]``, ``mask [B, T]`` (positions to use) and ``hidden``:
@@ -105,41 +114,46 @@ class HiddenStateDataModule(L.LightningDataModule):
         batch_size: int = 8,
         seed: int = 0,
         skip_bos: bool = True,
+        fresh_contexts: int = 0,
     ) -> None:
         super().__init__()
         if not hooks:
             raise ValueError("layers.ids is empty: configure at least one layer")
         if not 0.0 < heldout_fraction < 1.0:
             raise ValueError(f"data.heldout_fraction must be in (0, 1), got {heldout_fraction}")
+        if fresh_contexts and max_contexts is None:
+            raise ValueError("data.max_contexts=null uses all of the text: nothing is left for fresh_contexts")
         self.lm = lm
         self.text = text
-        self.hooks = list(hooks)
+        self.hooks = tuple(hooks)
         self.context_len = context_len
         self.max_contexts = max_contexts
         self.heldout_fraction = heldout_fraction
         self.batch_size = batch_size
         self.seed = seed
         self.skip_bos = skip_bos
-        self.emit_hidden = True
-        self.predict_split = "profile"
+        self.fresh_contexts = int(fresh_contexts or 0)
         self.contexts: Tensor | None = None
         self.splits: dict[str, Tensor] = {}
+        self.n_run_contexts = 0
+        self.fresh_note = ""
         for h in self.hooks:
             hook_layer(h)
-        self._stop_at = stop_layer(self.hooks)
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str | None = None) -> None:
         if self.contexts is not None:
             return
         codec = self.lm.codec
+        wanted = None if self.max_contexts is None else self.max_contexts + self.fresh_contexts
         contexts = pack_contexts(
-            iter(self.text), codec.encode, self.context_len, codec.bos_token_id, self.max_contexts,
+            iter(self.text), codec.encode, self.context_len, codec.bos_token_id, wanted,
             sep_token_id=getattr(codec, "eos_token_id", None),
         )
-        if len(contexts) < 2:
+        n_run = len(contexts) if self.max_contexts is None else min(len(contexts), self.max_contexts)
+        if n_run < 2:
             raise EmptyCorpusError(
-                f"data.text gave {len(contexts)} context(s) of {self.context_len} tokens; "
+                f"data.text gave {n_run} context(s) of {self.context_len} tokens; "
                 "need at least 2 (one profile, one held-out): add text or lower data.context_len"
             )
         vocab = getattr(codec, "vocab_size", None)
@@ -147,17 +161,23 @@ class HiddenStateDataModule(L.LightningDataModule):
         if int(contexts.max()) >= d_vocab:
             raise ValueError(f"token id {int(contexts.max())} >= model d_vocab {d_vocab} (tokenizer vocab {vocab})")
         g = torch.Generator().manual_seed(self.seed)
-        perm = torch.randperm(len(contexts), generator=g)
-        n_held = max(1, int(round(self.heldout_fraction * len(contexts))))
-        n_held = min(n_held, len(contexts) - 1)
+        perm = torch.randperm(n_run, generator=g)
+        n_held = max(1, int(round(self.heldout_fraction * n_run)))
+        n_held = min(n_held, n_run - 1)
         self.contexts = contexts
+        self.n_run_contexts = n_run
         self.splits = {"heldout": perm[:n_held].sort().values, "profile": perm[n_held:].sort().values}
+        if self.fresh_contexts:
+            n_fresh = len(contexts) - n_run
+            self.splits["fresh"] = torch.arange(n_run, n_run + n_fresh)
+            self.fresh_note = (f"{n_fresh} contexts packed after the run's {n_run}"
+                               + (f" (asked for {self.fresh_contexts})" if n_fresh < self.fresh_contexts else ""))
 
     def fingerprint(self) -> str:
-        """Hash of the packed contexts: identifies the token stream (for cache keys)."""
+        """Hash of the run's packed contexts (not the fresh ones): identifies the token stream (for cache keys)."""
         self.setup()
         assert self.contexts is not None
-        return hashlib.sha256(self.contexts.numpy().tobytes()).hexdigest()[:16]
+        return hashlib.sha256(self.contexts[: self.n_run_contexts].numpy().tobytes()).hexdigest()[:16]
 
     def n_contexts(self, split: str) -> int:
         self.setup()
@@ -172,32 +192,28 @@ class HiddenStateDataModule(L.LightningDataModule):
         index = self.splits[split][shard_indices(len(self.splits[split]), rank, world_size)]
         return DataLoader(_Contexts(self.contexts, index), batch_size=batch_size or self.batch_size, shuffle=False)
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
+    def view(self, split: str, hooks: Sequence[str] | None = None, hidden: bool = True) -> "SplitView":
+        """A LightningDataModule for one Trainer pass over ``split`` (see :class:`SplitView`)."""
+        return SplitView(self, split, self.hooks if hooks is None else tuple(hooks), hidden)
 
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader("profile", *self._rank_world())
+        return self.dataloader("profile", *_rank_world(self))
 
     def val_dataloader(self) -> DataLoader:
-        return self.dataloader("heldout", *self._rank_world())
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.dataloader(self.predict_split, *self._rank_world())
+        return self.dataloader("heldout", *_rank_world(self))
 
     # ------------------------------------------------------------------ hidden states
     @torch.no_grad()
-    def hidden_states(self, tokens: Tensor) -> dict[str, Tensor]:
+    def hidden_states(self, tokens: Tensor, hooks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """hook -> ``[B, T, d]`` hidden states of ``tokens [B, T]``, computed up to the last hook."""
+        hooks = list(self.hooks if hooks is None else hooks)
         model = self.lm.model
         if next(model.parameters()).device != tokens.device:
             model.to(tokens.device)
         _, cache = model.run_with_cache(
-            tokens, names_filter=self.hooks, stop_at_layer=self._stop_at, return_type=None
+            tokens, names_filter=hooks, stop_at_layer=stop_layer(hooks), return_type=None
         )
-        out = {h: cache[h] for h in self.hooks}
+        out = {h: cache[h] for h in hooks}
         for h, x in out.items():
             if not torch.isfinite(x).all():
                 raise FloatingPointError(f"non-finite hidden states at {h}; check the model weights / dtype (model.dtype)")
@@ -210,22 +226,28 @@ class HiddenStateDataModule(L.LightningDataModule):
             mask[:, 0] = False
         return mask
 
-    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+    def prepare_batch(self, batch: dict[str, Tensor], hooks: Sequence[str] | None = None,
+                      hidden: bool = True) -> dict[str, Any]:
+        """Add ``positions``, ``mask`` and (if ``hidden``) the hidden states at ``hooks`` to a batch on its device."""
         tokens = batch["tokens"]
         B, T = tokens.shape
-        batch["positions"] = torch.arange(T, device=tokens.device).expand(B, T)
-        batch["mask"] = self.position_mask(tokens)
-        if self.emit_hidden:
-            batch["hidden"] = self.hidden_states(tokens)
-        return batch
+        out: dict[str, Any] = dict(batch)
+        out["positions"] = torch.arange(T, device=tokens.device).expand(B, T)
+        out["mask"] = self.position_mask(tokens)
+        if hidden:
+            out["hidden"] = self.hidden_states(tokens, hooks)
+        return out
+
+    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Any]:
+        return self.prepare_batch(batch)
 
     def iter_batches(
         self, split: str, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
         progress: bool = False, desc: str | None = None, max_batches: int | None = None,
+        hooks: Sequence[str] | None = None, hidden: bool = True,
     ) -> Iterator[dict[str, Any]]:
-        """The same batches outside a Trainer (used by SAE training and fitting loops)."""
-        from tqdm.auto import tqdm
-
+        """The same batches outside a Trainer (SAE training, evaluation loops); ``hooks`` and
+        ``hidden`` choose which hidden states are computed (default: all of the module's)."""
         loader = self.dataloader(split, rank, world_size)
         total = len(loader) if max_batches is None else min(len(loader), max_batches)
         it = tqdm(loader, total=total, desc=desc or split, disable=not progress, leave=False)
@@ -233,4 +255,32 @@ class HiddenStateDataModule(L.LightningDataModule):
             if max_batches is not None and i >= max_batches:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
-            yield self.on_after_batch_transfer(batch, 0)
+            yield self.prepare_batch(batch, hooks, hidden)
+
+
+class SplitView(L.LightningDataModule):
+    """One Trainer pass over ``split`` of a :class:`HiddenStateDataModule`: its
+    ``predict_dataloader`` reads this rank's shard, and each batch gets the hidden
+    states at ``hooks`` (when ``hidden``). Immutable; the parent is not changed."""
+
+    def __init__(self, parent: HiddenStateDataModule, split: str, hooks: tuple[str, ...], hidden: bool) -> None:
+        super().__init__()
+        self.parent, self.split, self.hooks, self.hidden = parent, split, hooks, hidden
+
+    def setup(self, stage: str | None = None) -> None:
+        self.parent.setup(stage)
+        if self.split not in self.parent.splits:
+            raise ValueError(f"unknown split {self.split!r}; expected one of {sorted(self.parent.splits)}")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.parent.dataloader(self.split, *_rank_world(self))
+
+    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Any]:
+        return self.parent.prepare_batch(batch, self.hooks, self.hidden)
+
+
+def _rank_world(dm: L.LightningDataModule) -> tuple[int, int]:
+    trainer = getattr(dm, "trainer", None)
+    if trainer is None:
+        return 0, 1
+    return trainer.global_rank, trainer.world_size

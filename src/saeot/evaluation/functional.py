@@ -579,14 +579,9 @@ def evaluate_functional(
 
 
 def _batches(datamodule: Any, s: FunctionalSettings, device: torch.device, hidden: bool, desc: str):
-    saved = datamodule.emit_hidden
-    datamodule.emit_hidden = hidden
-    try:
-        with torch.no_grad():
-            yield from datamodule.iter_batches(s.split, device=device, progress=s.progress, desc=desc,
-                                               max_batches=s.max_batches)
-    finally:
-        datamodule.emit_hidden = saved
+    with torch.no_grad():
+        yield from datamodule.iter_batches(s.split, device=device, progress=s.progress, desc=desc,
+                                           max_batches=s.max_batches, hidden=hidden)
 
 
 # ---------------------------------------------------------------------------- fresh tokens
