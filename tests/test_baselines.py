@@ -25,12 +25,8 @@ from saeot.matching.assignment import (
 from saeot.matching.base import MatchContext
 from saeot.matching.correlation import ActivationCorrelation, CorrelationAccumulator
 from saeot.matching.feature_flow import FeatureFlow
-from saeot.matching.sae_match import (
-    SAEMatch,
-    fold_sae,
-    fold_scale,
-    fold_threshold,
-)
+from saeot.matching.sae_match import SAEMatch
+from saeot.saes import fold_sae, fold_scale, fold_threshold
 from saeot.hooks import hooks_between, sort_hooks_by_layer
 
 D_IN, D_SAE = 16, 256

@@ -24,7 +24,7 @@ and the run's matching made one-to-one (below) as a partial permutation
 
 in *folded* parameters (``code_scale=fold``, the paper's choice): ``f' = f / s`` and
 ``W_dec' = diag(s) W_dec`` with the per-feature folding scale ``s`` of
-:func:`saeot.matching.sae_match.fold_scale` (JumpReLU threshold; ``1/||W_dec[i]||``
+:func:`saeot.saes.fold_scale` (JumpReLU threshold; ``1/||W_dec[i]||``
 for ReLU; one shared scale for plain TopK), i.e. the code of A's feature i enters B's
 decoder as ``f_i^A * s^B_j / s^A_i``. ``code_scale=none`` uses the raw codes. Reported:
 
@@ -312,7 +312,7 @@ def code_ratio(sae_a: Any, sae_b: Any, oto_a: Tensor, oto_b: Tensor, mode: str) 
     """``[M']`` factor applied to A's code before B's decoder: ``s^B_j / s^A_i`` (fold) or 1."""
     if mode == "none":
         return torch.ones(oto_a.numel())
-    from saeot.matching.sae_match import fold_scale
+    from saeot.saes import fold_scale
 
     s_a, s_b = fold_scale(sae_a).float().cpu(), fold_scale(sae_b).float().cpu()
     return s_b[oto_b] / s_a[oto_a]
