@@ -23,7 +23,8 @@ from saeot.matching.assignment import (
     linear_assignment_sparse,
 )
 from saeot.matching.base import MatchContext
-from saeot.matching.correlation import ActivationCorrelation, CorrelationAccumulator
+from saeot.matching.correlation import ActivationCorrelation
+from saeot.profiling import CorrelationAccumulator
 from saeot.matching.feature_flow import FeatureFlow
 from saeot.matching.sae_match import SAEMatch
 from saeot.saes import fold_sae, fold_scale, fold_threshold

@@ -362,10 +362,9 @@ def test_callback_compresses_the_planted_circuit(tmp_path):
     cb = CircuitCompression(task=task, batch_size=6, selection="cumulative", fraction=0.95, n_supernodes=2,
                             compression=None, keep_fraction=0.5, n_exact=6, progress=False)
     run = SimpleNamespace(lm=lm, saes=saes, projected=_planted_samples(), run_dir=tmp_path, hooks=[H0, H1],
-                          metrics={}, logger=None, trainer=None)
-    cb.on_matching_end(run)
-    m = json.loads((tmp_path / "metrics.json").read_text())["circuit"]
-    assert m == run.metrics["circuit"]
+                          logger=None)
+    m = cb.on_matching_end(run)
+    assert cb.key == "circuit"
     assert m["nodes"] == 4 and m["supernodes"] == 2 and m["compression_ratio"] == 2.0
     assert m["clean_accuracy"] == 1.0 and "warning" not in m
     assert m["attribution_check"]["pearson"] > 0.99

@@ -53,6 +53,19 @@ def test_reference_space_round_trips(tmp_path):
         Standardize().load(tmp_path / "ref.safetensors")
 
 
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_learned_space_round_trips(tmp_path, hidden):
+    """A saved learned space (linear or MLP maps) reloads into the same maps."""
+    states, _ = _aligned(n=256)
+    sp = Learned(dim=6, hidden=hidden, epochs=1, batch_size=128).fit(states)
+    sp.save(tmp_path / "learned.safetensors")
+    sp2 = Learned().load(tmp_path / "learned.safetensors")
+    x = states["blocks.1.hook_resid_post"][:7]
+    y = sp.transform("blocks.1.hook_resid_post", x)
+    assert y.shape == (7, 6) and sp2.dim == 6
+    assert torch.allclose(y, sp2.transform("blocks.1.hook_resid_post", x))
+
+
 def test_unaligned_states_are_rejected():
     with pytest.raises(ValueError, match="same tokens"):
         Ridge().fit({"a": torch.randn(10, 3), "b": torch.randn(11, 3)})

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from saeot.cli import CONF_DIR
-from saeot.pipeline import MATCH_COLUMNS, ConfigError, run_train, setup
+from saeot.pipeline import MATCH_COLUMNS, ConfigError, build, fit_reference, match, run_train, setup, stream
 
 ROOT = Path(__file__).resolve().parents[1]
 MATCHERS = ["semantic_ot", "sae_match", "feature_flow", "activation_correlation", "mean_embedding"]
@@ -62,16 +62,11 @@ def test_semantic_ot_matches_a_layer_to_itself(tmp_path, cache_dir):
     """Layer 1 against a copy of itself: every live feature finds itself at distance 0."""
     cfg = _cfg(tmp_path, cache_dir, "layers.ids=[1,2]")
     run = setup(cfg, tmp_path)
-    from saeot.pipeline import fit_reference, match, stream
-
-    run.trainer = __import__("hydra.utils", fromlist=["instantiate"]).instantiate(cfg.trainer, logger=False)
-    stream(run)
-    fit_reference(run)
+    streams = stream(run, build(cfg.trainer, logger=False))
+    reference = fit_reference(cfg, streams)
     a = "blocks.1.hook_resid_post"
-    run.pairs = [(a, a)]
-    match(run)
-    res = run.results[0]
-    alive = run.samples[a].alive
+    res = match(run, streams, reference, pairs=((a, a),)).results[0]
+    alive = streams.samples[a].alive
     assert torch.equal(res.feature_b[alive], torch.arange(len(alive))[alive])
     assert float(res.distance[alive].max()) < 1e-6
 
@@ -79,7 +74,7 @@ def test_semantic_ot_matches_a_layer_to_itself(tmp_path, cache_dir):
 def test_feature_stats_match_a_direct_count(tmp_path, cache_dir):
     run = run_train(_cfg(tmp_path, cache_dir), tmp_path)
     hook = "blocks.2.hook_resid_post"
-    sae, dm = run.saes[hook], run.datamodule
+    sae, dm = run.saes[hook], run.setup.datamodule
     n_fire = torch.zeros(sae.cfg.d_sae)
     n_tok = 0
     for batch in dm.iter_batches("profile"):

@@ -51,7 +51,8 @@ from saeot.circuits.graph import circuit_graph, plot_supernode_graph, save_graph
 from saeot.circuits.supernodes import Clustering, compress_graph, decoder_cosine_distances, token_label
 from saeot.hooks import hook_layer
 from saeot.circuits.tasks import Task, TaskData, clean_accuracy
-from saeot.io import update_json
+from saeot.pipeline.callbacks import RunCallback
+from saeot.pipeline.state import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _fmt(x: float) -> str:
     return f"{x:.3f}" if math.isfinite(x) else "n/a"
 
 
-class CircuitCompression(L.Callback):
+class CircuitCompression(L.Callback, RunCallback):
     """Feature circuit of ``task`` at the run's SAE hooks, compressed into supernodes.
 
     Args:
@@ -104,6 +105,8 @@ class CircuitCompression(L.Callback):
         progress: progress bars.
         plot: write ``circuit.png``.
     """
+
+    key = "circuit"
 
     def __init__(self, task: Task | None = None, hooks: list[str] | None = None, batch_size: int = 16,
                  selection: str = "cumulative", n_nodes: int = 32, fraction: float = 0.8, max_nodes: int = 64,
@@ -146,15 +149,13 @@ class CircuitCompression(L.Callback):
             self.task.build(lm)
             self._checked = lm
 
-    def on_matching_end(self, run: Any) -> None:
-        """Called by :func:`saeot.pipeline.run_train` with the finished :class:`~saeot.pipeline.Run`."""
-        trainer = getattr(run, "trainer", None)
-        if trainer is not None and not trainer.is_global_zero:
-            return
-        metrics = self.compress(run.lm, run.saes, run.projected, run.run_dir, hooks=self.hooks or run.hooks)
-        run.metrics["circuit"] = metrics
-        update_json(Path(run.run_dir) / "metrics.json", "circuit", metrics)
-        self._log(run.logger, metrics)
+    def on_matching_end(self, result: TrainResult) -> dict:
+        """Called on rank 0 by :func:`saeot.pipeline.run_train` with the finished run; the
+        returned metrics go to ``metrics.json["circuit"]``."""
+        metrics = self.compress(result.lm, result.saes, result.projected, result.run_dir,
+                                hooks=self.hooks or list(result.hooks))
+        self._log(result.logger, metrics)
+        return metrics
 
     @staticmethod
     def _log(logger: Any, metrics: dict) -> None:

@@ -267,6 +267,10 @@ class SplitView(L.LightningDataModule):
         super().__init__()
         self.parent, self.split, self.hooks, self.hidden = parent, split, hooks, hidden
 
+    @property
+    def lm(self) -> Any:
+        return self.parent.lm
+
     def setup(self, stage: str | None = None) -> None:
         self.parent.setup(stage)
         if self.split not in self.parent.splits:

@@ -22,13 +22,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from saeot.profiling import StreamingProfiler, flatten_batch
-
-
-def encode(sae: Any, h: Tensor) -> Tensor:
-    """``[N, d] -> [N, F]`` SAE activations (in the SAE's dtype, returned as float32)."""
-    p = next(sae.parameters())
-    return sae.encode(h.to(device=p.device, dtype=p.dtype)).float()
+from saeot.profiling.samplers import StreamingProfiler, flatten_batch
+from saeot.profiling.statistics import CorrelationAccumulator
+from saeot.saes.codes import encode
 
 
 class Consumer:
@@ -117,8 +113,6 @@ class AlignedStatesConsumer(Consumer):
 
 class CorrelationConsumer(Consumer):
     def __init__(self, pairs: list[tuple[str, str]], saes: dict[str, Any]) -> None:
-        from saeot.matching.correlation import CorrelationAccumulator
-
         self.pairs = pairs
         self.acc = {(a, b): CorrelationAccumulator(saes[a].cfg.d_sae, saes[b].cfg.d_sae) for a, b in pairs}
 
@@ -133,7 +127,6 @@ class CorrelationConsumer(Consumer):
     def sync(self, module: L.LightningModule) -> None:
         if module.trainer is None or module.trainer.world_size == 1:
             return
-        from saeot.matching.correlation import CorrelationAccumulator
 
         for p, acc in self.acc.items():
             state = acc.state_dict()

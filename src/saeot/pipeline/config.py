@@ -1,0 +1,84 @@
+"""Reading the run's settings: layers, layer pairs, objects built from ``_target_`` nodes.
+
+Every check here runs before the model is loaded or any forward pass happens, and
+fails with a :class:`ConfigError` whose message names the setting to fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from saeot.hooks import hook_name
+
+__all__ = ["ConfigError", "build", "layer_ids", "layer_pairs", "check_layers", "run_hooks"]
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names it."""
+
+
+def build(node: Any, *, partial: bool = False, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that re-raises the error of the target itself (Hydra wraps
+    it in an InstantiationException, hiding the one line that names the setting)."""
+    try:
+        if partial:
+            return instantiate(node, _partial_=True)
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def layer_ids(cfg: DictConfig) -> list[int]:
+    """``layers.ids``, sorted; no repeats, not empty."""
+    ids = list(cfg.layers.ids)
+    if not ids:
+        raise ConfigError("layers.ids is empty")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"layers.ids={ids} has repeats")
+    return sorted(int(i) for i in ids)
+
+
+def layer_pairs(cfg: DictConfig, ids: list[int]) -> list[tuple[int, int]]:
+    """``layers.pairs``: ``adjacent``, ``all_to_first``, ``all_to_last``, or a list of [a, b]."""
+    spec = cfg.layers.pairs
+    if isinstance(spec, str):
+        if spec == "adjacent":
+            pairs = list(zip(ids[:-1], ids[1:]))
+        elif spec == "all_to_first":
+            pairs = [(ids[0], b) for b in ids[1:]]
+        elif spec == "all_to_last":
+            pairs = [(a, ids[-1]) for a in ids[:-1]]
+        else:
+            raise ConfigError(f"layers.pairs={spec!r}; use adjacent, all_to_first, all_to_last or a list of [a, b]")
+    else:
+        pairs = [(int(a), int(b)) for a, b in spec]
+        for a, b in pairs:
+            if a not in ids or b not in ids:
+                raise ConfigError(f"layers.pairs has ({a}, {b}) but layers.ids={ids}")
+    if not pairs:
+        raise ConfigError(f"layers.pairs={spec!r} gives no pair for layers.ids={ids}: configure at least two layers")
+    return pairs
+
+
+def check_layers(ids: list[int], n_layers: int) -> None:
+    """Every id in ``0..n_layers-1``."""
+    bad = [i for i in ids if not 0 <= i < n_layers]
+    if bad:
+        raise ConfigError(f"layers.ids={ids}: {bad} out of range for a model with {n_layers} layers (0..{n_layers - 1})")
+
+
+def run_hooks(cfg: DictConfig) -> tuple[list[str], list[tuple[str, str]]]:
+    """The run's hook names (sorted by layer) and its (A, B) hook pairs, from ``layers``."""
+    ids = layer_ids(cfg)
+    pairs = layer_pairs(cfg, ids)
+    site = cfg.layers.site
+    return [hook_name(i, site) for i in ids], [(hook_name(a, site), hook_name(b, site)) for a, b in pairs]

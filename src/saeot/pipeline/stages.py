@@ -1,0 +1,136 @@
+"""The stages of a ``train.py`` run, each a function from typed inputs to a typed result.
+
+1. :func:`setup`: load the model; check the layers; build the data module and
+   tokenise (empty corpus?); check the SAE settings; load or train SAEs; check their
+   widths. Every check that can fail on bad input runs here, before the first
+   forward pass over the corpus.
+2. :func:`stream`: the profile pass (every feature's K weighted samples) and the
+   held-out pass (hidden states of the same tokens at every layer, and activation
+   correlations when the matcher needs them), both driven by the Lightning Trainer.
+3. :func:`fit_reference`: fit the reference space; project the feature samples.
+4. :func:`match`: every configured layer pair through the matcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from saeot.matching.base import MatchContext
+from saeot.pipeline.config import build, check_layers, layer_ids, run_hooks
+from saeot.pipeline.state import Matches, ReferenceFit, RunSetup, Streams
+from saeot.profiling import (
+    AlignedStatesConsumer,
+    CorrelationConsumer,
+    ProfileConsumer,
+    StreamPass,
+)
+from saeot.reference import project_samples
+from saeot.saes import check_sae_widths
+from saeot.types import MatchResult
+
+__all__ = ["setup", "stream", "fit_reference", "match", "summarize"]
+
+log = logging.getLogger(__name__)
+
+
+def setup(cfg: DictConfig, run_dir: str | Path) -> RunSetup:
+    """Stage 1: build and check everything; no forward pass over the corpus happens here."""
+    hooks, pairs = run_hooks(cfg)
+    matcher = build(cfg.matcher)
+    sae_provider = build(cfg.sae)
+    lm = build(cfg.model)
+    check_layers(layer_ids(cfg), lm.model.cfg.n_layers)
+    sae_provider.validate(hooks)
+    datamodule = build(cfg.data, partial=True)(lm=lm, hooks=hooks)
+    datamodule.setup()
+    log.info("corpus: %d profile + %d held-out contexts of %d tokens",
+             datamodule.n_contexts("profile"), datamodule.n_contexts("heldout"), datamodule.context_len)
+    saes = sae_provider.load(lm, hooks, datamodule)
+    check_sae_widths(saes, lm)
+    for sae in saes.values():
+        sae.eval()
+        sae.requires_grad_(False)
+    return RunSetup(cfg=cfg, run_dir=Path(run_dir), lm=lm, datamodule=datamodule, saes=saes,
+                    sae_records=sae_provider.describe(hooks), hooks=tuple(hooks), pairs=tuple(pairs),
+                    matcher=matcher)
+
+
+def stream(run: RunSetup, trainer: Any) -> Streams:
+    """Stages 2-3: the profile pass and the held-out pass through ``trainer.predict``."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    hooks = list(run.hooks)
+    prof = ProfileConsumer(hooks, run.saes, k=cfg.profiling.k, mode=cfg.profiling.sampling, seed=cfg.seed)
+    trainer.predict(StreamPass(run.saes, [prof]), datamodule=run.datamodule.view("profile"), return_predictions=False)
+    samples = prof.results()
+
+    aligned_c = AlignedStatesConsumer(hooks, cfg.profiling.reference_tokens)
+    consumers: list = [aligned_c]
+    corr_c = None
+    if "correlations" in run.matcher.requires:
+        corr_c = CorrelationConsumer(list(run.pairs), run.saes)
+        consumers.append(corr_c)
+    trainer.predict(StreamPass(run.saes, consumers), datamodule=run.datamodule.view("heldout"), return_predictions=False)
+    metrics = {
+        "seconds": time.perf_counter() - t0,
+        "n_tokens": {h: s.n_tokens for h, s in samples.items()},
+        "alive_fraction": {h: float(s.alive.float().mean()) for h, s in samples.items()},
+        "k": cfg.profiling.k, "sampling": cfg.profiling.sampling,
+    }
+    return Streams(samples=samples, aligned=aligned_c.results(),
+                   correlations=corr_c.results() if corr_c is not None else None, metrics=metrics)
+
+
+def fit_reference(cfg: DictConfig, streams: Streams, logger: Any = None) -> ReferenceFit:
+    """Stage 4: fit ``cfg.reference`` on the held-out aligned states; project every feature's samples."""
+    t0 = time.perf_counter()
+    space = build(cfg.reference)
+    if hasattr(space, "logger"):  # the learned space logs its loss curve
+        space.logger = logger
+    space.fit(streams.aligned)
+    projected = {h: project_samples(space, s) for h, s in streams.samples.items()}
+    metrics = {
+        "name": space.name, "dim": space.dim, "seconds": time.perf_counter() - t0,
+        "n_tokens": int(next(iter(streams.aligned.values())).shape[0]),
+        "alignment_error": space.alignment_error(streams.aligned),
+    }
+    if getattr(space, "loss_history", None):
+        metrics["final_loss"] = space.loss_history[-1]
+    return ReferenceFit(space=space, projected=projected, metrics=metrics)
+
+
+def match(run: RunSetup, streams: Streams, reference: ReferenceFit,
+          pairs: tuple[tuple[str, str], ...] | None = None) -> Matches:
+    """Stage 5: every layer pair (default ``run.pairs``) through ``run.matcher``."""
+    ctx = MatchContext(saes=run.saes, samples=reference.projected, correlations=streams.correlations,
+                       device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    results, per_pair = [], {}
+    for a, b in run.pairs if pairs is None else pairs:
+        t0 = time.perf_counter()
+        res = run.matcher.match(ctx, a, b)
+        res.extras["seconds"] = time.perf_counter() - t0
+        results.append(res)
+        per_pair[f"{a}|{b}"] = summarize(res)
+        log.info("%s -> %s: %d/%d matched (%.1fs)", a, b, int(res.matched.sum()), res.n_features, res.extras["seconds"])
+    metrics = {"matcher": run.matcher.name, "assignment": run.matcher.assignment, "pairs": per_pair}
+    return Matches(results=results, metrics=metrics)
+
+
+def summarize(res: MatchResult) -> dict:
+    """Coverage and distance summary of one layer pair's matching."""
+    fb = res.feature_b[res.matched]
+    return {
+        "n_features": res.n_features,
+        "n_matched": int(res.matched.sum()),
+        "fraction_matched": float(res.matched.float().mean()),
+        "n_distinct_targets": int(fb.unique().numel()),
+        "null_threshold": res.null_threshold,
+        "median_distance_matched": float(res.distance[res.matched].median()) if len(fb) else float("nan"),
+        **{k: v for k, v in res.extras.items() if isinstance(v, (int, float))},
+    }

@@ -1,0 +1,80 @@
+"""``train.py``: the stages in order, then the outputs (rank 0 writes them)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from saeot.io import update_json
+from saeot.pipeline.artifacts import save_artifacts
+from saeot.pipeline.callbacks import RunCallback
+from saeot.pipeline.config import build
+from saeot.pipeline.stages import fit_reference, match, setup, stream
+from saeot.pipeline.state import TrainResult
+from saeot.plots import plot_run
+
+__all__ = ["run_train", "log_run"]
+
+log = logging.getLogger(__name__)
+
+
+def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
+    """The whole ``train.py`` run; returns the :class:`TrainResult` (rank 0 writes the outputs)."""
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    run = setup(cfg, run_dir)
+    logger = build(cfg.logger) if cfg.get("logger") else None
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    trainer = build(cfg.trainer, logger=logger or False,
+                    callbacks=[c for c in callbacks if isinstance(c, L.Callback)])
+    streams = stream(run, trainer)
+    reference = fit_reference(cfg, streams, logger)
+    matches = match(run, streams, reference)
+    result = TrainResult(setup=run, streams=streams, reference=reference, matches=matches, logger=logger,
+                         metrics={"profiling": streams.metrics, "reference": reference.metrics,
+                                  "matching": matches.metrics})
+    if trainer.is_global_zero:
+        for cb in callbacks:
+            if isinstance(cb, RunCallback):
+                out = cb.on_matching_end(result)
+                if out is not None:
+                    result.metrics[cb.key] = out
+        result.metrics["seconds_total"] = time.perf_counter() - t_start
+        save_artifacts(result)
+        plots = plot_run(result)
+        for key, value in result.metrics.items():
+            update_json(result.run_dir / "metrics.json", key, value)
+        log_run(result, plots)
+        log.info("wrote %s", result.run_dir)
+    return result
+
+
+def log_run(result: TrainResult, plots: dict[str, Path]) -> None:
+    """Metrics, the matches table and the plots to the configured logger (wandb / csv)."""
+    logger = result.logger
+    if logger is None:
+        return
+    flat = {}
+    for pair, s in result.metrics.get("matching", {}).get("pairs", {}).items():
+        for k, v in s.items():
+            if isinstance(v, (int, float)):
+                flat[f"match/{pair}/{k}"] = v
+    try:
+        logger.log_hyperparams(OmegaConf.to_container(result.cfg, resolve=True))
+        logger.log_metrics(flat)
+        if isinstance(logger, WandbLogger):
+            with open(result.run_dir / "matches.csv") as f:
+                rows = list(csv.reader(f))
+            logger.log_table(key="matches", columns=rows[0], data=rows[1:20001])
+            for name, path in plots.items():
+                logger.log_image(key=name, images=[str(path)])
+        logger.save()
+    except Exception as e:  # logging must never lose a finished run
+        log.warning("logging to %s failed: %s", type(logger).__name__, e)
