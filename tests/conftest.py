@@ -28,3 +28,33 @@ def tiny_dm(tiny_lm, tiny_text):
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     return HiddenStateDataModule(tiny_lm, tiny_text, hooks, context_len=32, max_contexts=20, batch_size=4,
                                  heldout_fraction=0.25)
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """``compose_cfg(*overrides, run_dir=None, config_name="train")``: the real configs of
+    ``conf/``, composed as ``train.py`` / ``evaluate.py`` compose them (Hydra's runtime
+    set to ``run_dir``, default ``tmp_path``), with progress bars off."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from saeot.cli import CONF_DIR
+
+    def _compose(*overrides: str, run_dir=None, config_name: str = "train"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir or tmp_path)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+            if "trainer" in cfg:
+                cfg.trainer.enable_progress_bar = False
+        GlobalHydra.instance().clear()
+        return cfg
+
+    return _compose

@@ -423,30 +423,15 @@ def test_hydra_wiring_builds_the_callback_with_its_task():
     GlobalHydra.instance().clear()
 
 
-def test_train_pipeline_with_the_circuit_callback(tmp_path):
+def test_train_pipeline_with_the_circuit_callback(tmp_path, compose_cfg):
     """``train.py experiment=smoke circuit=digit_addition callbacks=circuit`` (one-digit sums are
     single byte tokens, so the task fits the tiny byte-level model)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from saeot.cli import CONF_DIR
     from saeot.pipeline import run_train
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True, overrides=[
-            "experiment=smoke", "logger=none", f"paths.cache_dir={tmp_path / 'cache'}", "circuit=digit_addition",
-            "circuit.n_prompts=12", "callbacks=circuit", "callbacks.circuit.n_exact=3",
-            "callbacks.circuit.max_nodes=8", "callbacks.circuit.progress=false"])
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    cfg.trainer.enable_progress_bar = False
+    cfg = compose_cfg(
+        "experiment=smoke", "logger=none", f"paths.cache_dir={tmp_path / 'cache'}", "circuit=digit_addition",
+        "circuit.n_prompts=12", "callbacks=circuit", "callbacks.circuit.n_exact=3",
+        "callbacks.circuit.max_nodes=8", "callbacks.circuit.progress=false")
     run_train(cfg, tmp_path)
     m = json.loads((tmp_path / "metrics.json").read_text())
     c = m["circuit"]
@@ -458,7 +443,6 @@ def test_train_pipeline_with_the_circuit_callback(tmp_path):
     assert "matching" in m  # the rest of the run is unaffected
     g = load_graph(tmp_path / "circuit.json")
     assert len(g.circuit_nodes()) == c["nodes"] and (tmp_path / "circuit.png").is_file()
-    GlobalHydra.instance().clear()
 
 
 @pytest.mark.slow

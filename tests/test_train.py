@@ -9,12 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from saeot.cli import CONF_DIR
 from saeot.pipeline import MATCH_COLUMNS, ConfigError, build, fit_reference, match, run_train, setup, stream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,24 +21,17 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("saeot-cache")
 
 
-def _cfg(run_dir, cache_dir, *overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=smoke", "logger=none", f"paths.cache_dir={cache_dir}",
-                                          *overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    cfg.trainer.enable_progress_bar = False
-    return cfg
+@pytest.fixture
+def smoke_cfg(compose_cfg, cache_dir):
+    """``experiment=smoke`` without a logger, SAEs cached for the module."""
+    def make(run_dir, *overrides):
+        return compose_cfg("experiment=smoke", "logger=none", f"paths.cache_dir={cache_dir}", *overrides, run_dir=run_dir)
+    return make
 
 
 @pytest.mark.parametrize("matcher", MATCHERS)
-def test_every_matcher_writes_matches_csv(tmp_path, cache_dir, matcher):
-    run = run_train(_cfg(tmp_path, cache_dir, f"matcher={matcher}"), tmp_path)
+def test_every_matcher_writes_matches_csv(tmp_path, smoke_cfg, matcher):
+    run = run_train(smoke_cfg(tmp_path, f"matcher={matcher}"), tmp_path)
     with open(tmp_path / "matches.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == MATCH_COLUMNS
@@ -58,9 +46,9 @@ def test_every_matcher_writes_matches_csv(tmp_path, cache_dir, matcher):
     assert (tmp_path / "plots" / "flow.png").stat().st_size > 1000
 
 
-def test_semantic_ot_matches_a_layer_to_itself(tmp_path, cache_dir):
+def test_semantic_ot_matches_a_layer_to_itself(tmp_path, smoke_cfg):
     """Layer 1 against a copy of itself: every live feature finds itself at distance 0."""
-    cfg = _cfg(tmp_path, cache_dir, "layers.ids=[1,2]")
+    cfg = smoke_cfg(tmp_path, "layers.ids=[1,2]")
     run = setup(cfg, tmp_path)
     streams = stream(run, build(cfg.trainer, logger=False))
     reference = fit_reference(cfg, streams)
@@ -71,8 +59,8 @@ def test_semantic_ot_matches_a_layer_to_itself(tmp_path, cache_dir):
     assert float(res.distance[alive].max()) < 1e-6
 
 
-def test_feature_stats_match_a_direct_count(tmp_path, cache_dir):
-    run = run_train(_cfg(tmp_path, cache_dir), tmp_path)
+def test_feature_stats_match_a_direct_count(tmp_path, smoke_cfg):
+    run = run_train(smoke_cfg(tmp_path), tmp_path)
     hook = "blocks.2.hook_resid_post"
     sae, dm = run.saes[hook], run.setup.datamodule
     n_fire = torch.zeros(sae.cfg.d_sae)
@@ -94,25 +82,25 @@ def test_feature_stats_match_a_direct_count(tmp_path, cache_dir):
     ("model=gpt2_small model.name=gpt9-nonexistent", "model.name"),
     ("data.max_contexts=1", "data"),
 ])
-def test_bad_settings_fail_before_any_forward_pass(tmp_path, cache_dir, override, setting, monkeypatch):
+def test_bad_settings_fail_before_any_forward_pass(tmp_path, smoke_cfg, override, setting, monkeypatch):
     from transformer_lens import HookedTransformer
 
     def no_forward(*a, **k):
         raise AssertionError("forward pass before the settings were checked")
 
     monkeypatch.setattr(HookedTransformer, "forward", no_forward)
-    cfg = _cfg(tmp_path, cache_dir, *override.split())
+    cfg = smoke_cfg(tmp_path, *override.split())
     with pytest.raises((ConfigError, ValueError)) as e:
         setup(cfg, tmp_path)
     assert setting in str(e.value)
 
 
-def test_sae_width_mismatch_fails_at_startup(tmp_path, cache_dir):
+def test_sae_width_mismatch_fails_at_startup(tmp_path, smoke_cfg):
     from sae_lens import StandardSAE, StandardSAEConfig
 
     for layer in (1, 2):
         StandardSAE(StandardSAEConfig(d_in=48, d_sae=16)).save_model(tmp_path / f"sae_{layer}")
-    cfg = _cfg(tmp_path, cache_dir, "sae=from_disk", f"sae.path='{tmp_path}/sae_{{layer}}'")
+    cfg = smoke_cfg(tmp_path, "sae=from_disk", f"sae.path='{tmp_path}/sae_{{layer}}'")
     with pytest.raises(ValueError, match="d_in=48"):
         setup(cfg, tmp_path)
 

@@ -1,0 +1,91 @@
+"""Every option of every config group composes, and builds the object it names.
+
+Options that are cheap to build offline are instantiated and checked for their type;
+the rest (hub models, the 135M SmolLM2, online SAEs and datasets, multi-device
+trainers) are checked as far as possible without loading or downloading anything:
+their ``_target_`` imports and their settings bind to its signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from saeot.cli import CONF_DIR
+from saeot.matching.base import Matcher
+from saeot.reference import ReferenceSpace
+from saeot.transport import W2Solver
+
+GROUPS = ["model", "sae", "data", "reference", "transport", "matcher", "trainer", "logger", "circuit",
+          "callbacks", "judge"]
+
+# groups whose every option is instantiated (cheap and offline), with the type it must give
+BUILT = {"reference": ReferenceSpace, "transport": W2Solver, "matcher": Matcher}
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+CASES = [(g, o) for g in GROUPS for o in _options(g)]
+
+
+def test_every_group_has_options():
+    for g in GROUPS:
+        assert _options(g), f"conf/{g}/ has no option"
+
+
+def _node(cfg: DictConfig, group: str):
+    if group == "circuit":
+        return cfg.get("circuit")
+    return OmegaConf.select(cfg, group)
+
+
+def _check_binds(node: DictConfig, where: str) -> None:
+    """``_target_`` imports; its settings bind to its signature (nested targets too)."""
+    target = get_object(node["_target_"])
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
+    params = inspect.signature(target).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in kwargs if k not in params and not takes_kwargs]
+    assert not unknown, f"{where}: {unknown} are not arguments of {node['_target_']}"
+    for k, v in kwargs.items():
+        if isinstance(v, DictConfig) and "_target_" in v:
+            _check_binds(v, f"{where}.{k}")
+
+
+@pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_option_composes_and_builds(group, option, tmp_path, compose_cfg):
+    overrides = [f"{group}={option}"]
+    if group == "callbacks" and option == "circuit":
+        overrides.append("circuit=ioi")
+    if group == "data" and option == "text_files":
+        overrides.append(f"data.text.paths=[{tmp_path}/*.txt]")
+    if group == "sae" and option == "from_disk":
+        overrides.append(f"sae.path={tmp_path}")
+    cfg = compose_cfg(*overrides, config_name="evaluate" if group == "judge" else "train")
+    node = _node(cfg, group)
+    if node is None:  # an option that turns the group off (logger=none, judge=none, callbacks=none)
+        assert option in ("none", "default"), f"{group}={option} composes to nothing"
+        return
+    if group == "callbacks":
+        for name, cb in node.items():
+            _check_binds(cb, f"callbacks.{name}")
+            built = instantiate(cb)
+            assert isinstance(built, L.Callback)
+        return
+    _check_binds(node, group)
+    if group in BUILT:
+        assert isinstance(instantiate(node), BUILT[group])
+    elif group == "trainer" and option == "cpu":
+        assert isinstance(instantiate(node), L.Trainer)
+    elif group == "circuit":
+        assert instantiate(node).name
+    elif group == "model" and option == "tiny_random":
+        lm = instantiate(node)
+        assert lm.n_layers >= 2
