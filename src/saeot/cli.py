@@ -12,25 +12,30 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+from saeot.data.text import EmptyCorpusError
+from saeot.evaluation.runner import run_evaluate
+from saeot.io import CorruptFileError
+from saeot.matching.base import MatcherNotApplicable
+from saeot.pipeline import run_train
+
+#: the Hydra configs, shipped inside the package (in a checkout, src/saeot/conf links to conf/)
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 log = logging.getLogger("saeot")
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from saeot.data.text import EmptyCorpusError
-    from saeot.io import CorruptFileError
-    from saeot.matching.base import MatcherNotApplicable
-
-    return (ValueError, KeyError, FileNotFoundError, EmptyCorpusError, CorruptFileError, MatcherNotApplicable,
-            FloatingPointError)
+#: errors that come from the user's settings or files: one line, exit code 2
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, KeyError, FileNotFoundError, EmptyCorpusError, CorruptFileError, MatcherNotApplicable,
+    FloatingPointError,
+)
 
 
 def _guard(fn, cfg: DictConfig):
     try:
         return fn(cfg)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         if os.environ.get("SAEOT_TRACEBACK"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -39,20 +44,11 @@ def _guard(fn, cfg: DictConfig):
         sys.exit(2)
 
 
-def _train(cfg: DictConfig):
-    from hydra.core.hydra_config import HydraConfig
-
-    from saeot.pipeline import run_train
-
-    run = run_train(cfg, HydraConfig.get().runtime.output_dir)
-    return run.metrics
+def _train(cfg: DictConfig) -> dict:
+    return run_train(cfg, HydraConfig.get().runtime.output_dir).metrics
 
 
 def _evaluate(cfg: DictConfig):
-    from hydra.core.hydra_config import HydraConfig
-
-    from saeot.evaluation.runner import run_evaluate
-
     return run_evaluate(cfg, HydraConfig.get().runtime.output_dir)
 
 
