@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # machine, e.g. make setup TORCH="torch==2.13.0 --index-url <your CUDA index>"
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean-cache
+.PHONY: setup demo test bench clean-cache install-check
 
 setup: $(VENV)/.saeot-installed
 
@@ -29,3 +29,16 @@ bench: setup
 
 clean-cache:
 	rm -rf $${SAEOT_CACHE:-$$HOME/.cache/saeot}
+
+# A non-editable install (pip install .) into a fresh virtual environment runs the smoke
+# experiment from a directory outside the checkout (the configs ship inside the package).
+install-check:
+	set -e; tmp=$$(mktemp -d); \
+	python3 -m venv $$tmp/venv; \
+	$$tmp/venv/bin/pip install -q $(TORCH); \
+	$$tmp/venv/bin/pip install -q .; \
+	cd $$tmp && WANDB_MODE=disabled SAEOT_CACHE=$$tmp/cache $$tmp/venv/bin/saeot-train experiment=smoke logger=none \
+		trainer.enable_progress_bar=false hydra.run.dir=$$tmp/run; \
+	test -s $$tmp/run/matches.csv && test -s $$tmp/run/metrics.json; \
+	$$tmp/venv/bin/python -c "import saeot, sys; assert 'site-packages' in saeot.__file__, saeot.__file__"; \
+	echo "install-check: non-editable install ran saeot-train experiment=smoke in $$tmp"; rm -rf $$tmp

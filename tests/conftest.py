@@ -1,10 +1,46 @@
+import ipaddress
 import os
+import socket
 
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------------------- no network
+# No test may reach anything but this machine: a connection to any other address fails at
+# once, before a packet is sent (tests/test_no_network.py checks the guard itself).
+class NetworkBlocked(RuntimeError):
+    pass
+
+
+def _local(address) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX paths
+        return True
+    host = address[0]
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_connect, _connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+
+def _guarded(real):
+    def connect(self, address):
+        if not _local(address):
+            raise NetworkBlocked(f"tests may not connect to {address!r} (only localhost)")
+        return real(self, address)
+    return connect
+
+
+socket.socket.connect = _guarded(_connect)
+socket.socket.connect_ex = _guarded(_connect_ex)
 
 
 @pytest.fixture(scope="session")
