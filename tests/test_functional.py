@@ -16,15 +16,20 @@ import numpy as np
 import pytest
 import torch
 
+from omegaconf import OmegaConf
+
+from saeot.evaluation.contexts import Context, FeatureContexts, feature_contexts
 from saeot.evaluation.functional import (
-    CoactivationAccumulator, FunctionalSettings, evaluate_functional, format_markdown,
-    identity_matching, one_to_one, pair_matching, run_from_hook, substitute_codes,
+    CoactivationAccumulator, FunctionalSettings, evaluate_functional, evaluate_runs, evaluation_data, format_markdown,
+    identity_matching, judge_row, one_to_one, pair_matching, run_from_hook, substitute_codes, write_table,
 )
 from saeot.evaluation.judge import (
-    LABELS, Context, Judge, JudgeCache, OpenAICompatibleJudge, build_prompt, feature_contexts, judge_run, mean_ci,
-    parse_answer,
+    LABELS, Judge, JudgeCache, OpenAICompatibleJudge, build_prompt, judge_run, mean_ci, parse_answer,
 )
 from saeot.evaluation.report import render_report
+from saeot.evaluation.runner import _expand, run_evaluate, select_evaluation
+from saeot.pipeline import run_train
+from saeot.pipeline.rundir import RunDir
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 QUIET = FunctionalSettings(progress=False, split="heldout")  # evaluate_functional reads an existing split
@@ -167,46 +172,52 @@ def test_settings_reject_unknown_keys():
 
 
 # ---------------------------------------------------------------------------- end to end on run dirs
-def _train_run(run_dir: Path, cache_dir: Path, matcher: str) -> None:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict
-
-    from saeot.cli import CONF_DIR
-    from saeot.pipeline import run_train
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=smoke", "logger=none", f"paths.cache_dir={cache_dir}",
-                                          f"matcher={matcher}", "data.max_contexts=16"], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    cfg.trainer.enable_progress_bar = False
+def _train_run(compose_cfg, run_dir: Path, cache_dir: Path, matcher: str) -> None:
+    """A finished ``train.py experiment=smoke`` run in ``run_dir`` (with its ``.hydra/config.yaml``)."""
+    cfg = compose_cfg("experiment=smoke", "logger=none", f"paths.cache_dir={cache_dir}", f"matcher={matcher}",
+                      "data.max_contexts=16", run_dir=run_dir)
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     run_train(cfg, run_dir)
 
 
-def test_evaluate_runs_writes_metrics_table_and_report(tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+def _no_sae_training(monkeypatch) -> list:
+    """Make every way of training or provisioning an SAE raise; return the records that
+    ``RunDir.load_saes`` loads (the only way left)."""
+    import saeot.pipeline.rundir as rundir
+    import saeot.saes.providers as providers
+    import saeot.saes.training as training
+    from saeot.saes import DiskSAEs, LocalTrainedSAEs, PretrainedSAEs
 
-    from saeot.cli import CONF_DIR
-    from saeot.evaluation.functional import evaluate_runs
+    def refuse(*a, **k):
+        raise AssertionError("the evaluation trained or provisioned an SAE")
 
+    for cls in (LocalTrainedSAEs, DiskSAEs, PretrainedSAEs):
+        monkeypatch.setattr(cls, "load", refuse)
+    monkeypatch.setattr(training, "train_sae", refuse)  # the one training path on sae_lens
+    monkeypatch.setattr(providers, "train_sae", refuse)
+    loaded: list = []
+    real = rundir.load_recorded
+
+    def recording(record, device):
+        loaded.append(record)
+        return real(record, device)
+
+    monkeypatch.setattr(rundir, "load_recorded", recording)
+    return loaded
+
+
+def test_evaluate_runs_writes_metrics_table_and_report_without_training(tmp_path, compose_cfg, monkeypatch):
     cache = tmp_path / "cache"
     dirs = [tmp_path / "sm", tmp_path / "copy"]
-    _train_run(dirs[0], cache, "sae_match")
+    _train_run(compose_cfg, dirs[0], cache, "sae_match")
     shutil.copytree(dirs[0], dirs[1])  # a second run sharing everything: one streaming pass for both
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"paths.cache_dir={cache}", "functional.progress=false"])
+    records = json.loads((dirs[0] / "saes.json").read_text())
+    loaded = _no_sae_training(monkeypatch)
+    cfg = compose_cfg(f"paths.cache_dir={cache}", "functional.progress=false", config_name="evaluate",
+                      run_dir=tmp_path / "eval")
     out = evaluate_runs(cfg, dirs, tmp_path / "eval")
+    assert len(loaded) == 2 and sorted(map(json.dumps, loaded)) == sorted(map(json.dumps, records.values()))
     assert [r["matcher"] for r in out["rows"]] == ["sae_match (sm)", "sae_match (copy)"]
     k = "blocks.1.hook_resid_post|blocks.2.hook_resid_post"
     funcs = []
@@ -214,7 +225,7 @@ def test_evaluate_runs_writes_metrics_table_and_report(tmp_path):
         metrics = json.loads((d / "metrics.json").read_text())
         assert metrics["matching"]["matcher"] == "sae_match"  # the train metrics survive
         f = metrics["functional"]
-        assert f["saes"]["retrained"] == [] and f["n_runs_sharing_pass"] == 2
+        assert f["saes"] == records and f["n_runs_sharing_pass"] == 2
         assert f["split"] == "fresh" and f["n_tokens"] > 0, f["split_note"]
         p = f["pairs"][k]
         assert 0 < p["reference"]["sae"]["explained_variance"] <= 1
@@ -227,6 +238,36 @@ def test_evaluate_runs_writes_metrics_table_and_report(tmp_path):
     md = (tmp_path / "eval" / "functional_table.md").read_text()
     assert md.count("| 1→2 |") == 2 and "EV sub" in md
     assert len((tmp_path / "eval" / "functional_table.csv").read_text().strip().splitlines()) == 3
+
+
+def test_a_run_dir_without_saes_json_is_refused_with_the_fix(tmp_path, compose_cfg):
+    old = tmp_path / "old_run"
+    (old / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose_cfg("experiment=smoke", "logger=none"), old / ".hydra" / "config.yaml")
+    (old / "matches.csv").write_text("layer_a,feature_a,layer_b,feature_b,distance,margin,matched\n")
+    with pytest.raises(FileNotFoundError, match=r"saes\.json is missing.*rerun train\.py"):
+        RunDir.load(old)
+    cfg = compose_cfg(f"run_dir={old}", "functional.progress=false", config_name="evaluate", run_dir=tmp_path / "e")
+    with pytest.raises(FileNotFoundError, match=r"saes\.json"):
+        run_evaluate(cfg, tmp_path / "e")
+
+
+def test_evaluate_py_chooses_one_evaluation():
+    def cfg(**kw):
+        return OmegaConf.create({"evaluation": None, "run_dir": None, "run_dirs": None, "synthetic": None, **kw})
+
+    assert select_evaluation(cfg(run_dir="a")).name == "run_dir"
+    assert select_evaluation(cfg(run_dirs=["a", "b"])).name == "run_dirs"
+    assert select_evaluation(cfg(synthetic={"seed": 0})).name == "synthetic"
+    assert select_evaluation(cfg(run_dir="a", synthetic={"seed": 0}, evaluation="synthetic")).name == "synthetic"
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        select_evaluation(cfg())
+    with pytest.raises(ValueError, match="choose one with evaluation="):
+        select_evaluation(cfg(run_dir="a", synthetic={"seed": 0}))
+    with pytest.raises(ValueError, match="evaluation='bogus'"):
+        select_evaluation(cfg(run_dir="a", evaluation="bogus"))
+    with pytest.raises(ValueError, match="needs run_dirs="):
+        select_evaluation(cfg(run_dir="a", evaluation="run_dirs"))
 
 
 # ---------------------------------------------------------------------------- judge
@@ -245,7 +286,7 @@ def test_prompt_shows_both_features_with_marked_tokens():
 
 
 def test_feature_contexts_highlight_the_firing_token():
-    from saeot.lm import ByteCodec
+    from saeot.models import ByteCodec
 
     codec = ByteCodec()
     ctx = torch.tensor([[256] + codec.encode("hello world\nand more"), [256] + codec.encode("x" * 20)])
@@ -373,17 +414,16 @@ def _fake_run(tmp_path: Path, codec, texts_a: list[str], texts_b: list[str]):
                   str(tmp_path / "features" / f"{hook}.safetensors"))
     rows_m = [{"feature_a": i, "feature_b": i, "distance": 0.1, "margin": 1.0, "matched": 1} for i in range(n)]
     pm = pair_matching(H0, H1, rows_m, n, n)
-    base = SimpleNamespace(datamodule=SimpleNamespace(contexts=contexts), lm=SimpleNamespace(codec=codec, name="x"))
     run = SimpleNamespace(path=tmp_path, label="fake", matcher="fake")
-    return run, [pm], base
+    return run, [pm], FeatureContexts(tmp_path, contexts, codec)
 
 
 def test_judge_run_summarises_scores_with_control(tmp_path):
-    from saeot.lm import ByteCodec
+    from saeot.models import ByteCodec
 
-    run, pms, base = _fake_run(tmp_path / "run", ByteCodec(), ["the cat sat on the mat"] * 6, ["a dog ran far"] * 6)
+    run, pms, contexts = _fake_run(tmp_path / "run", ByteCodec(), ["the cat sat on the mat"] * 6, ["a dog ran far"] * 6)
     j = _CountingJudge(answer="different", n_pairs=4, n_control=3, cache_dir=str(tmp_path / "c"))
-    out = judge_run(j, run, pms, base)
+    out = judge_run(j, run, pms, contexts)
     p = out["pairs"][pms[0].key]
     assert p["n"] == 4 and p["mean"] == 1.0 and p["counts"]["different"] == 4
     assert p["control"]["n"] == 3 and len(p["items"]) == 4
@@ -393,7 +433,7 @@ def test_judge_run_summarises_scores_with_control(tmp_path):
 @pytest.mark.slow
 def test_local_hf_judge_on_offline_smollm2(tmp_path):
     from saeot.evaluation.judge import LocalHFJudge
-    from saeot.lm import HFCodec, smollm2_gguf_path
+    from saeot.models import HFCodec, smollm2_gguf_path
 
     try:
         smollm2_gguf_path()
@@ -407,8 +447,8 @@ def test_local_hf_judge_on_offline_smollm2(tmp_path):
                "She walked to the store and bought milk"]
     texts_b = ["The capital of Italy is Rome, a city", "from math import sqrt, pi, e",
                "He drove to the market and sold fish"]
-    run, pms, base = _fake_run(tmp_path / "run", codec, texts_a, texts_b)
-    out = judge_run(judge, run, pms, base)
+    run, pms, contexts = _fake_run(tmp_path / "run", codec, texts_a, texts_b)
+    out = judge_run(judge, run, pms, contexts)
     p = out["pairs"][pms[0].key]
     items = p["items"] + p["control_items"]
     assert len(p["items"]) == 3 and len(p["control_items"]) == 2
@@ -417,7 +457,7 @@ def test_local_hf_judge_on_offline_smollm2(tmp_path):
         assert sum(it["probs"].values()) == pytest.approx(1.0, abs=1e-6)
     assert 1.0 <= p["mean"] <= 3.0 and p["n_invalid"] == 0
     calls = judge.n_calls
-    again = judge_run(judge, run, pms, base)  # every judgement now comes from the cache
+    again = judge_run(judge, run, pms, contexts)  # every judgement now comes from the cache
     assert judge.n_calls == calls and again["n_model_calls"] == 0
     assert [i["label"] for i in again["pairs"][pms[0].key]["items"]] == [i["label"] for i in p["items"]]
 
@@ -498,21 +538,17 @@ def test_markdown_table_has_one_row_per_run_and_pair():
 
 
 def test_judge_table_is_appended_with_its_control(tmp_path):
-    from saeot.evaluation.functional import judge_row, write_table
-
     j = _CountingJudge(answer="maybe", n_pairs=3, n_control=2, cache_dir=str(tmp_path / "c"))
-    from saeot.lm import ByteCodec
+    from saeot.models import ByteCodec
 
-    run, pms, base = _fake_run(tmp_path / "run", ByteCodec(), ["the cat sat on the mat"] * 4, ["a dog ran far"] * 4)
-    row = judge_row(run, judge_run(j, run, pms, base))
+    run, pms, contexts = _fake_run(tmp_path / "run", ByteCodec(), ["the cat sat on the mat"] * 4, ["a dog ran far"] * 4)
+    row = judge_row(run, judge_run(j, run, pms, contexts))
     md = write_table([], tmp_path / "out", [row]).read_text()
     assert "| fake | counting | 3 | 2.00 | [2.00, 2.00] | 0 / 3 / 0 | 2.00 [2.00, 2.00] (n=2) |" in md
     assert (tmp_path / "out" / "judge_table.csv").read_text().startswith("matcher,")
 
 
 def test_run_dirs_accept_glob_patterns(tmp_path):
-    from saeot.evaluation.runner import _expand
-
     for name in ("0_m=a,l=[3,4]", "1_m=b", "2_unfinished"):
         (tmp_path / name).mkdir()
     for name in ("0_m=a,l=[3,4]", "1_m=b"):
@@ -524,24 +560,29 @@ def test_run_dirs_accept_glob_patterns(tmp_path):
         _expand([f"{tmp_path}/nothing*"])
 
 
-def test_fresh_split_is_text_after_the_runs_contexts(tiny_lm, tiny_text):
-    from omegaconf import OmegaConf
+def _data_run(tmp_path: Path, max_contexts) -> RunDir:
+    """A RunDir whose config holds only what the data module needs (layers, data)."""
+    data = {"_target_": "saeot.data.datamodule.HiddenStateDataModule",
+            "text": {"_target_": "saeot.data.text.StdlibDocstrings", "max_docs": 60},
+            "context_len": 32, "max_contexts": max_contexts, "heldout_fraction": 0.25, "batch_size": 4}
+    cfg = OmegaConf.create({"data": data, "layers": {"ids": [0, 1], "site": "resid_post", "pairs": "adjacent"}})
+    return RunDir(path=tmp_path, cfg=cfg, matcher="m", rows=[], sae_records={}, label="m")
 
-    from saeot.data.datamodule import HiddenStateDataModule
-    from saeot.evaluation.functional import add_fresh_split
 
-    data = OmegaConf.create({"_target_": "saeot.data.datamodule.HiddenStateDataModule",
-                             "text": {"_target_": "saeot.data.text.StdlibDocstrings", "max_docs": 60},
-                             "context_len": 32, "max_contexts": 12, "heldout_fraction": 0.25, "batch_size": 4})
-    dm = HiddenStateDataModule(tiny_lm, tiny_text, [H0], context_len=32, max_contexts=12, batch_size=4)
-    dm.setup()
-    before = dm.contexts.clone()
-    run = SimpleNamespace(datamodule=dm, lm=tiny_lm, hooks=[H0], cfg=OmegaConf.create({"data": data}))
-    n, note = add_fresh_split(run, 5)
-    assert n == 5 and torch.equal(dm.contexts[:12], before) and dm.splits["fresh"].tolist() == list(range(12, 17))
+def test_fresh_split_is_text_after_the_runs_contexts(tiny_lm, tmp_path):
+    run = _data_run(tmp_path, 12)
+    own = run.data_module(tiny_lm)  # the data module the run itself used
+    before = own.contexts.clone()
+    data = evaluation_data(run, tiny_lm, FunctionalSettings(fresh_contexts=5))
+    dm = data.datamodule
+    assert data.split == "fresh" and data.note == "5 contexts packed after the run's 12"
+    assert torch.equal(dm.contexts[:12], before) and dm.splits["fresh"].tolist() == list(range(12, 17))
     assert not any(torch.equal(dm.contexts[i], before[j]) for i in range(12, 17) for j in range(12))
-    assert sum(int(b["mask"].sum()) for b in dm.iter_batches("fresh")) == 5 * 31
-    dm2 = HiddenStateDataModule(tiny_lm, tiny_text, [H0], context_len=32, max_contexts=None, batch_size=4)
-    dm2.setup()
-    n2, note2 = add_fresh_split(SimpleNamespace(datamodule=dm2, lm=tiny_lm, hooks=[H0], cfg=run.cfg), 5)
-    assert n2 == 0 and "all of its text" in note2
+    assert sum(int(b["mask"].sum()) for b in dm.iter_batches("fresh", hidden=False)) == 5 * 31
+    assert dm.fingerprint() == own.fingerprint()  # the run's SAE cache keys are unchanged
+    for split in ("profile", "heldout"):
+        assert torch.equal(dm.splits[split], own.splits[split])
+    assert evaluation_data(run, tiny_lm, FunctionalSettings()).datamodule.n_contexts("fresh") == 3  # = heldout
+    all_text = evaluation_data(_data_run(tmp_path, None), tiny_lm, FunctionalSettings(fresh_contexts=5))
+    assert all_text.split == "heldout" and "all of its text" in all_text.note
+    assert "fresh" not in all_text.datamodule.splits

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from saeot.evaluation.contexts import FeatureContexts
+from saeot.hooks import hook_layer
 from saeot.io import atomic_write_text
 
 CSS = """
@@ -146,14 +148,23 @@ def render_report(
     return "\n".join(out) + "\n"
 
 
-def write_run_report(path: str | Path, run: Any, matchings: Sequence[Any], base: Any, settings: Any,
-                     func: dict | None = None, judged: dict | None = None) -> Path:
-    """Build the sections of one run from its matchings and feature samples; write ``path`` atomically."""
-    from saeot.hooks import hook_layer
-    from saeot.evaluation.judge import FeatureContexts
+def write_run_report(path: str | Path, run: Any, matchings: Sequence[Any], contexts: FeatureContexts, settings: Any,
+                     func: dict | None = None, judged: dict | None = None, model: str = "?") -> Path:
+    """Build the sections of one run and write ``path`` atomically.
 
-    fc = FeatureContexts(run.path, base.datamodule.contexts, base.lm.codec, n=settings.n_contexts,
-                         window=settings.context_window, right=settings.context_right)
+    Args:
+        run: the run (``path``, ``matcher``, ``label``), e.g. :class:`saeot.pipeline.rundir.RunDir`.
+        matchings: its :class:`saeot.evaluation.functional.PairMatching` list.
+        contexts: the run's :class:`saeot.evaluation.contexts.FeatureContexts`.
+        settings: :class:`saeot.evaluation.functional.FunctionalSettings` (report sizes, contexts shown, seed).
+        func, judged: the run's ``functional`` / ``judge`` metrics.
+        model: the model's name, shown under the title.
+    """
+    n, window, right = settings.n_contexts, settings.context_window, settings.context_right
+
+    def ctx(hook: str, feature: int) -> list:
+        return contexts.get(hook, feature, n, window, right)
+
     sections = []
     for pi, pm in enumerate(matchings):
         jp = (judged or {}).get("pairs", {}).get(pm.key, {})
@@ -169,18 +180,18 @@ def write_run_report(path: str | Path, run: Any, matchings: Sequence[Any], base:
             a, b = int(pm.feature_a[k]), int(pm.feature_b[k])
             pairs.append({"feature_a": a, "feature_b": b, "distance": float(pm.distance[k]),
                           "margin": float(pm.margin[a]), "label": labels.get((a, b)),
-                          "contexts_a": fc.get(pm.hook_a, a), "contexts_b": fc.get(pm.hook_b, b)})
+                          "contexts_a": ctx(pm.hook_a, a), "contexts_b": ctx(pm.hook_b, b)})
         no_ids = pm.no_match.tolist()
         no_rows = []
         for a in no_ids[: settings.report_no_match]:
             b = int(pm.best_b[a])
             no_rows.append({"feature_a": a, "best_b": b if b >= 0 else "–", "distance": float(pm.best_distance[a]),
-                            "contexts_a": fc.get(pm.hook_a, a), "contexts_b": fc.get(pm.hook_b, b) if b >= 0 else []})
+                            "contexts_a": ctx(pm.hook_a, a), "contexts_b": ctx(pm.hook_b, b) if b >= 0 else []})
         cov = (func or {}).get("pairs", {}).get(pm.key, {}).get("coverage") or pm.coverage()
         sections.append({"title": f"layer {hook_layer(pm.hook_a)} → layer {hook_layer(pm.hook_b)}  "
                                   f"({pm.hook_a} → {pm.hook_b})",
                          "coverage": cov, "pairs": pairs, "no_match_ids": no_ids, "no_match": no_rows})
-    meta = {"run": str(run.path), "matcher": run.matcher, "model": getattr(base.lm, "name", "?"),
+    meta = {"run": str(run.path), "matcher": run.matcher, "model": model,
             "contexts shown": f"top {settings.n_contexts} per feature (profile split), "
                               f"{settings.context_window} tokens left, {settings.context_right} right"}
     if func:

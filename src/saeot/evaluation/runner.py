@@ -1,42 +1,99 @@
-"""``evaluate.py``: dispatch to the synthetic benchmark or to the evaluation of finished runs.
+"""``evaluate.py``: the evaluations it runs, chosen by ``evaluation=`` or by the key that is set.
 
-* ``synthetic`` set (``experiment=synthetic_benchmark``): every matcher on every planted
-  scenario, see :mod:`saeot.evaluation.benchmark`;
-* ``run_dir`` set: functional evaluation of one finished ``train.py`` run, written into
-  that run's ``metrics.json`` under ``"functional"`` (and ``report.html``);
-* ``run_dirs`` set: the same for several runs (e.g. a matcher sweep) and one comparison table.
+==============  ============================  ==========================================
+evaluation      selected by                   what it does
+==============  ============================  ==========================================
+``run_dir``     ``run_dir=DIR``               functional evaluation (and judge, report) of
+                                              one finished ``train.py`` run, written into
+                                              its ``metrics.json["functional"]``
+``run_dirs``    ``'run_dirs=[a,b]'``          the same for several runs (e.g. a matcher
+                                              sweep; glob patterns allowed), one table
+``synthetic``   ``experiment=synthetic_       every matcher on every planted scenario
+                benchmark`` (``synthetic:``)  (:mod:`saeot.evaluation.benchmark`)
+==============  ============================  ==========================================
+
+``evaluation: null`` (the default) picks the one evaluation whose key is set; setting
+more than one key needs an explicit ``evaluation=``. A new evaluation is one function
+``(cfg, out_dir) -> result`` and one :class:`Evaluation` entry in :data:`EVALUATIONS`.
 """
 
 from __future__ import annotations
 
+import glob
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from saeot.evaluation.benchmark import run_benchmark
+from saeot.evaluation.functional import evaluate_runs
+
+__all__ = ["Evaluation", "EVALUATIONS", "select_evaluation", "run_evaluate"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One thing ``evaluate.py`` can do: ``run(cfg, out_dir)``, selected by the config key ``key``."""
+
+    name: str
+    key: str
+    run: Callable[[DictConfig, Path], Any]
+    doc: str
+
+
+def _run_dirs(dirs: list) -> list[Path]:
+    out = [Path(d) for d in _expand(dirs)]
+    for d in out:
+        if not (d / "matches.csv").is_file():
+            raise FileNotFoundError(f"run_dir={d} has no matches.csv: point it at a finished train.py run")
+    return out
+
+
+def _evaluate_run_dir(cfg: DictConfig, out_dir: Path) -> Any:
+    return evaluate_runs(cfg, _run_dirs([cfg.run_dir]), out_dir)
+
+
+def _evaluate_run_dirs(cfg: DictConfig, out_dir: Path) -> Any:
+    return evaluate_runs(cfg, _run_dirs(list(cfg.run_dirs)), out_dir)
+
+
+EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (
+    Evaluation("run_dir", "run_dir", _evaluate_run_dir, "functional evaluation of one finished train.py run"),
+    Evaluation("run_dirs", "run_dirs", _evaluate_run_dirs, "functional evaluation of several runs, one table"),
+    Evaluation("synthetic", "synthetic", run_benchmark, "every matcher on the planted synthetic scenarios"),
+)}
+
+
+def select_evaluation(cfg: DictConfig) -> Evaluation:
+    """``cfg.evaluation`` if set, else the one evaluation whose key is set in ``cfg``."""
+    name = cfg.get("evaluation")
+    if name:
+        if name not in EVALUATIONS:
+            raise ValueError(f"evaluation={name!r}; expected one of {sorted(EVALUATIONS)}")
+        ev = EVALUATIONS[name]
+        if not cfg.get(ev.key):
+            raise ValueError(f"evaluation={name} needs {ev.key}= to be set")
+        return ev
+    chosen = [e for e in EVALUATIONS.values() if cfg.get(e.key)]
+    if not chosen:
+        raise ValueError("nothing to evaluate: set run_dir=<train.py run dir>, run_dirs=[...] or "
+                         "experiment=synthetic_benchmark")
+    if len(chosen) > 1:
+        keys = ", ".join(f"{e.key}=" for e in chosen)
+        raise ValueError(f"{keys} are all set: choose one with evaluation={'|'.join(e.name for e in chosen)}")
+    return chosen[0]
+
 
 def run_evaluate(cfg: DictConfig, out_dir: str | Path) -> Any:
-    out_dir = Path(out_dir)
-    if cfg.get("run_dir") or cfg.get("run_dirs"):
-        from saeot.evaluation.functional import evaluate_runs
-
-        dirs = _expand([cfg.run_dir] if cfg.get("run_dir") else list(cfg.run_dirs))
-        for d in dirs:
-            if not (Path(d) / "matches.csv").is_file():
-                raise FileNotFoundError(f"run_dir={d} has no matches.csv: point it at a finished train.py run")
-        return evaluate_runs(cfg, [Path(d) for d in dirs], out_dir)
-    if cfg.get("synthetic"):
-        from saeot.evaluation.benchmark import run_benchmark
-
-        return run_benchmark(cfg, out_dir)
-    raise ValueError("nothing to evaluate: set run_dir=<train.py run dir>, run_dirs=[...] or experiment=synthetic_benchmark")
+    """Run the selected evaluation (:func:`select_evaluation`) into ``out_dir``."""
+    return select_evaluation(cfg).run(cfg, Path(out_dir))
 
 
 def _expand(patterns: list) -> list[str]:
     """Glob patterns (``'run_dirs=[multirun/sweep/*]'``) -> the matching run dirs, sorted; a pattern
     keeps only the directories with a ``matches.csv``; plain paths pass through unchanged."""
-    import glob
-
     out: list[str] = []
     for p in map(str, patterns):
         if glob.has_magic(p) and not Path(p).exists():  # Hydra sweep dirs may contain [ ]

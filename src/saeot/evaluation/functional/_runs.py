@@ -1,0 +1,148 @@
+"""Functional evaluation (and judge, report) of finished ``train.py`` runs read from their
+directories: runs that share model, data, SAEs and layers (a matcher sweep) are grouped
+and evaluated in one streaming pass; every run dir gets its metrics and report, the
+output dir one comparison table. Nothing is retrained: the SAEs come from each run's
+``saes.json`` (:class:`saeot.pipeline.rundir.RunDir`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from saeot.evaluation.contexts import FeatureContexts
+from saeot.evaluation.functional._matchings import matchings_from_rows
+from saeot.evaluation.functional._pass import evaluate_functional
+from saeot.evaluation.functional._settings import FunctionalSettings
+from saeot.evaluation.functional._tables import judge_row, table_rows, write_table
+from saeot.evaluation.judge import judge_run
+from saeot.evaluation.report import write_run_report
+from saeot.io import update_json
+from saeot.pipeline.config import build
+from saeot.pipeline.rundir import RunDir
+from saeot.saes import check_sae_widths
+
+__all__ = ["EvaluationData", "evaluation_data", "label_runs", "evaluate_runs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluationData:
+    """The tokens of one streaming pass: a set-up data module built from the run's ``data``
+    config, the split to read (``fresh`` unless it fell back), and a note saying why."""
+
+    datamodule: Any
+    split: str
+    note: str | None = None
+
+
+def evaluation_data(run: RunDir, lm: Any, settings: FunctionalSettings) -> EvaluationData:
+    """The data module for ``settings.split``, built from the run's ``data`` config.
+
+    For ``fresh``: the module is built with ``fresh_contexts`` (default: as many as the
+    run's held-out split), i.e. contexts packed from the run's text after its last one.
+    Its first contexts must equal those of the module the run itself used (checked
+    against a second build without fresh contexts); if they do not, or the text has
+    nothing left, the evaluation falls back to ``heldout`` and says so in the note.
+    """
+    run_dm = run.data_module(lm)
+    if settings.split != "fresh":
+        return EvaluationData(run_dm, settings.split)
+    n0 = run_dm.n_run_contexts
+    n = settings.fresh_contexts if settings.fresh_contexts is not None else run_dm.n_contexts("heldout")
+    why = None
+    if run_dm.max_contexts is None or n0 < run_dm.max_contexts:
+        why = f"the run used all of its text ({n0} contexts): nothing left for a fresh split"
+    else:
+        try:
+            dm = run.data_module(lm, fresh_contexts=n)
+        except Exception as e:  # e.g. a source that cannot be read twice
+            why = f"could not pack more text ({type(e).__name__}: {e})"
+        else:
+            if dm.n_run_contexts != n0 or not torch.equal(dm.contexts[:n0], run_dm.contexts[:n0]):
+                why = "packing the text again did not reproduce the run's contexts (non-deterministic source?)"
+            elif "fresh" not in dm.splits or dm.n_contexts("fresh") == 0:
+                why = f"the text source holds no context beyond the run's {n0}"
+            else:
+                return EvaluationData(dm, "fresh", dm.fresh_note)
+    log.warning("functional.split=fresh: %s; evaluating on the held-out split instead", why)
+    return EvaluationData(run_dm, "heldout", f"fell back to heldout: {why}")
+
+
+def label_runs(runs: Sequence[RunDir]) -> list[RunDir]:
+    """Label = matcher name, made unique with the directory name where matchers repeat."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.matcher] = counts.get(r.matcher, 0) + 1
+    seen: set[str] = set()
+    out = []
+    for r in runs:
+        label = r.matcher if counts[r.matcher] == 1 else f"{r.matcher} ({r.path.name})"
+        while label in seen:
+            label += "'"
+        seen.add(label)
+        out.append(r.relabel(label))
+    return out
+
+
+def evaluate_runs(cfg: DictConfig, run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
+    """Functional evaluation (and judge, report) of finished ``train.py`` runs.
+
+    Every run dir gets ``metrics.json["functional"]`` (and ``["judge"]`` when ``judge=`` is
+    set) and ``report.html``; ``out_dir`` gets ``functional_table.md`` / ``.csv``, one row
+    per run x layer pair. Runs sharing model, data, SAEs and layers are evaluated in one
+    streaming pass. Returns ``{"rows": [...], "judge": [...], "table": <path>}``.
+    """
+    settings = FunctionalSettings.from_cfg(cfg.get("functional"))
+    judge = build(cfg.judge) if cfg.get("judge") is not None else None
+    out_dir = Path(out_dir)
+    runs = label_runs([RunDir.load(d) for d in run_dirs])
+    groups: dict[str, list[RunDir]] = {}
+    for r in runs:
+        groups.setdefault(r.setup_key(), []).append(r)
+    all_rows: list[dict] = []
+    judge_rows: list[dict] = []
+    for group in groups.values():
+        lead = group[0]
+        log.info("evaluating %s (%d run(s) sharing model / data / SAEs)", [r.label for r in group], len(group))
+        t0 = time.perf_counter()
+        lm = lead.load_model()
+        saes = lead.load_saes(next(lm.model.parameters()).device)
+        check_sae_widths(saes, lm)
+        data = evaluation_data(lead, lm, settings)
+        setup_seconds = time.perf_counter() - t0
+        matchings = {r.label: matchings_from_rows(r.rows, lead.site, saes) for r in group}
+        results = evaluate_functional(lm, saes, data.datamodule, matchings,
+                                      dataclasses.replace(settings, split=data.split))
+        for r in group:  # coverage against the features alive in each run's own profiling
+            alive = r.alive()
+            for pm in matchings[r.label]:
+                results[r.label]["pairs"][pm.key]["coverage"] = pm.coverage(alive.get(pm.hook_a))
+        for r in group:
+            func = results[r.label]
+            func.update({"matcher": r.matcher, "label": r.label, "setup_seconds": setup_seconds,
+                         "split_note": data.note, "saes": r.sae_records, "n_runs_sharing_pass": len(group)})
+            update_json(r.path / "metrics.json", "functional", func)
+            contexts = FeatureContexts(r.path, data.datamodule.contexts, lm.codec)
+            judged = None
+            if judge is not None:
+                judged = judge_run(judge, r, matchings[r.label], contexts, progress=settings.progress)
+                update_json(r.path / "metrics.json", "judge", judged)
+            if settings.report:
+                write_run_report(r.path / "report.html", r, matchings[r.label], contexts, settings, func, judged,
+                                 model=getattr(lm, "name", "?"))
+            all_rows.extend(table_rows(r, func, judged))
+            if judged is not None:
+                judge_rows.append(judge_row(r, judged))
+        del lm, saes, data
+    table = write_table(all_rows, out_dir, judge_rows)
+    log.info("functional table: %s", table)
+    return {"rows": all_rows, "judge": judge_rows, "table": str(table)}

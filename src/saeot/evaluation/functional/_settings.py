@@ -1,0 +1,77 @@
+"""``functional:`` in ``conf/evaluate.yaml``: which tokens, which references, what the report shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["REFERENCES", "REFERENCE_DOC", "FunctionalSettings"]
+
+REFERENCES = ("sae", "bias", "mean")
+REFERENCE_DOC = {
+    "sae": "B's own SAE reconstruction decode_B(encode_B(h_B))",
+    "bias": "zero-ablation: every code zero, h_B replaced by b_dec_B",
+    "mean": "mean-ablation: h_B replaced by its mean over the evaluation tokens",
+}
+
+
+@dataclass
+class FunctionalSettings:
+    """``functional:`` in ``conf/evaluate.yaml``.
+
+    Attributes:
+        split: ``fresh`` (contexts after the run's last one; default), ``heldout`` or ``profile``.
+        fresh_contexts: contexts in the ``fresh`` split (None: as many as the held-out split).
+        max_batches: cap on the batches streamed (None: the whole split).
+        code_scale: ``fold`` (SAE Match Eq. 5 in folded parameters) or ``none``.
+        references: which of ``sae``, ``bias``, ``mean`` to compute.
+        report: write ``report.html`` into every run dir.
+        report_pairs: matched pairs shown per layer pair in the report.
+        report_no_match: no-match features shown with their contexts (all are listed).
+        n_contexts: top-activating contexts shown per feature (report and judge).
+        context_window: tokens left of the highlighted token.
+        context_right: tokens right of it.
+        progress: progress bars.
+        seed: seed of the report's sample and of the chance pairs.
+    """
+
+    split: str = "fresh"
+    fresh_contexts: int | None = None
+    max_batches: int | None = None
+    code_scale: str = "fold"
+    references: tuple[str, ...] = REFERENCES
+    report: bool = True
+    report_pairs: int = 24
+    report_no_match: int = 8
+    n_contexts: int = 5
+    context_window: int = 12
+    context_right: int = 4
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.split not in ("fresh", "heldout", "profile"):
+            raise ValueError(f"functional.split={self.split!r}; expected fresh, heldout or profile")
+        if self.code_scale not in ("fold", "none"):
+            raise ValueError(f"functional.code_scale={self.code_scale!r}; expected fold or none")
+        refs = tuple(self.references)
+        bad = [r for r in refs if r not in REFERENCES]
+        if bad:
+            raise ValueError(f"functional.references has {bad}; expected a subset of {list(REFERENCES)}")
+        self.references = refs
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"functional.max_batches={self.max_batches} must be >= 1 or null")
+
+    @classmethod
+    def from_cfg(cls, node: Any) -> "FunctionalSettings":
+        if node is None:
+            return cls()
+        d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"functional.{unknown[0]} is not a setting; known: {sorted(known)}")
+        return cls(**d)
+

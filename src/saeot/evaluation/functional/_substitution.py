@@ -1,0 +1,71 @@
+"""Layer substitution (SAE Match, Eq. 5): A's SAE codes through a partial permutation into
+B's decoder, the forward pass from the replaced hook, and the streaming sums of its
+explained variance and next-token cross-entropy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saeot.hooks import hook_layer
+from saeot.saes import fold_scale
+
+__all__ = ["code_ratio", "substitute_codes", "run_from_hook", "next_token_ce", "SubstitutionAccumulator"]
+
+
+def code_ratio(sae_a: Any, sae_b: Any, oto_a: Tensor, oto_b: Tensor, mode: str) -> Tensor:
+    """``[M']`` factor applied to A's code before B's decoder: ``s^B_j / s^A_i`` (fold) or 1."""
+    if mode == "none":
+        return torch.ones(oto_a.numel())
+    s_a, s_b = fold_scale(sae_a).float().cpu(), fold_scale(sae_b).float().cpu()
+    return s_b[oto_b] / s_a[oto_a]
+
+
+def substitute_codes(codes_a: Tensor, oto_a: Tensor, oto_b: Tensor, ratio: Tensor, d_sae_b: int) -> Tensor:
+    """``[..., F_a] -> [..., F_b]``: ``P f^A`` with ``P`` the partial permutation ``oto_a -> oto_b``
+    (times ``ratio``); B features without a partner get 0."""
+    out = codes_a.new_zeros(*codes_a.shape[:-1], d_sae_b)
+    out[..., oto_b] = codes_a[..., oto_a] * ratio.to(codes_a)
+    return out
+
+
+def run_from_hook(model: Any, hook: str, value: Tensor, tokens: Tensor) -> Tensor:
+    """Logits ``[B, T, V]`` of ``model`` when the activation at ``hook`` is replaced by
+    ``value [B, T, d]``. Residual-stream hooks start the forward pass right there
+    (``start_at_layer``: layers before the hook are not recomputed); other hooks run the
+    whole model with a replacing hook."""
+    layer = hook_layer(hook)
+    value = value.to(next(model.parameters()).dtype)
+    if hook.endswith("hook_resid_post"):
+        return model(value, start_at_layer=layer + 1, return_type="logits")
+    if hook.endswith("hook_resid_pre"):
+        return model(value, start_at_layer=layer, return_type="logits")
+    return model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, lambda act, hook: value)])
+
+
+def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
+    """``[B, T, V], [B, T] -> [B, T-1]`` cross-entropy (nats) of token t+1 given positions <= t."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+
+@dataclass
+class SubstitutionAccumulator:
+    """Sums for EV and CE of one replacement of ``h^B`` (float64)."""
+
+    sse: float = 0.0
+    ce_sum: float = 0.0
+
+    def update(self, h: Tensor, h_hat: Tensor, mask: Tensor, ce: Tensor, ce_mask: Tensor) -> None:
+        self.sse += float((h - h_hat)[mask].double().pow(2).sum())
+        self.ce_sum += float(ce[ce_mask].double().sum())
+
+    def result(self, sst: float, n_ce: int, ce_clean: float) -> dict:
+        ce = self.ce_sum / max(n_ce, 1)
+        return {"explained_variance": 1.0 - self.sse / sst if sst > 0 else float("nan"),
+                "ce": ce, "delta_ce": ce - ce_clean}
+
