@@ -45,7 +45,7 @@ socket.socket.connect_ex = _guarded(_connect_ex)
 
 @pytest.fixture(scope="session")
 def tiny_lm():
-    from saeot.lm import load_tiny_random
+    from saeot.models import load_tiny_random
 
     return load_tiny_random(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, seed=0)
 

@@ -31,7 +31,7 @@ from saeot.circuits import (
 from saeot.circuits.evaluate import coherence, feature_means, pearson, score_circuit
 from saeot.circuits.supernodes import agglomerate, decoder_cosine_distances, semantic_distances
 from saeot.circuits.tasks import TaskError, clean_accuracy
-from saeot.lm import ByteCodec, LanguageModel
+from saeot.models import ByteCodec, LanguageModel
 from saeot.types import FeatureSamples
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
@@ -99,7 +99,7 @@ def _byte_pairs(n: int, seed: int = 0) -> list[PromptPair]:
 
 def _linear_readout_lm():
     """Random 2-layer model without normalisation: the logits are linear in blocks.1.hook_resid_post."""
-    from saeot.lm import load_tiny_random
+    from saeot.models import load_tiny_random
 
     return load_tiny_random(n_layers=2, d_model=24, n_heads=2, d_head=12, d_mlp=48, n_ctx=32, seed=3,
                             normalization_type=None)
@@ -447,7 +447,7 @@ def test_train_pipeline_with_the_circuit_callback(tmp_path, compose_cfg):
 
 @pytest.mark.slow
 def test_smollm2_does_ioi():
-    from saeot.lm import load_smollm2_135m
+    from saeot.models import load_smollm2_135m
 
     lm = load_smollm2_135m()
     data = IOITask(n_prompts=24, seed=0).build(lm)

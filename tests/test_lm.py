@@ -1,4 +1,4 @@
-"""Model providers (saeot.lm): tiny random model, codecs, name checks, and the offline
+"""Language models (saeot.models): tiny random model, codecs, name checks, and the offline
 SmolLM2 path with its atomic cache. No test touches the network: a guard makes any
 socket connection or DNS lookup fail and records it, and the tests assert that none
 was attempted (a library that swallows the failure would otherwise go unnoticed)."""
@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from saeot import lm as lm_mod
-from saeot.lm import (
+from saeot.dtypes import resolve_dtype
+from saeot.io import default_cache_dir
+from saeot.models import (
     COMPLETE_MARKER,
     ByteCodec,
     HFCodec,
@@ -27,6 +28,8 @@ from saeot.lm import (
     load_tiny_random,
     resolve_official_name,
 )
+from saeot.models import loaders
+from saeot.models import smollm2 as smollm2_mod
 
 
 @contextlib.contextmanager
@@ -95,6 +98,7 @@ def test_tiny_random_shapes_hooks_and_frozen():
     assert m.hook_name(2) == "blocks.2.hook_resid_post"
     assert m.hook_name(0, "resid_pre") == "blocks.0.hook_resid_pre"
     assert m.hook_name(1, "mlp_out") == "blocks.1.hook_mlp_out"
+    assert m.hook_name(1, "hook_mlp_out") == "blocks.1.hook_mlp_out"  # saeot.hooks.hook_name
     with pytest.raises(ValueError, match=r"layer 3 is out of range .*3 layers: 0\.\.2"):
         m.hook_name(3)
     with pytest.raises(ValueError, match="out of range"):
@@ -173,6 +177,21 @@ def test_hf_local_bad_inputs_name_the_setting(tmp_path, no_network):
         load_hf_local(unsupported, dtype="float8")
 
 
+def test_resolve_dtype_names_the_setting_and_honours_allowed():
+    assert resolve_dtype("float32") is torch.float32
+    assert resolve_dtype("torch.BFloat16") is torch.bfloat16
+    assert resolve_dtype("fp16") is torch.float16
+    assert resolve_dtype(torch.int8) is torch.int8  # a torch dtype passes unless restricted
+    with pytest.raises(ValueError, match=r"^model.dtype='float8' is not one of \['bf16', "):
+        resolve_dtype("float8", "model.dtype")
+    allowed = (torch.float32, torch.float64)
+    assert resolve_dtype("float64", "matcher.dtype", allowed) is torch.float64
+    assert resolve_dtype(torch.float32, "matcher.dtype", allowed) is torch.float32
+    for bad in ("bfloat16", torch.float16):
+        with pytest.raises(ValueError, match=r"matcher.dtype=.* is not one of \['float32', 'float64', 'fp32'\]"):
+            resolve_dtype(bad, "matcher.dtype", allowed)
+
+
 # --------------------------------------------------------------------------- SmolLM2 (offline)
 
 HF_SUBDIR = Path("models") / "smollm2-135m-instruct"
@@ -187,7 +206,7 @@ def smollm2_dir() -> Path:
     with network_guard() as attempts:
         path = ensure_smollm2_hf_dir()
     assert attempts == [], f"network was attempted: {attempts}"
-    assert path == lm_mod.default_cache_dir() / HF_SUBDIR
+    assert path == default_cache_dir() / HF_SUBDIR
     return path
 
 
@@ -248,8 +267,8 @@ def test_second_load_reuses_the_cache(smollm2_dir, monkeypatch, no_network):
         loaded_from.append(Path(path))
         return "loaded"
 
-    monkeypatch.setattr(lm_mod, "convert_gguf_to_hf", no_conversion)
-    monkeypatch.setattr(lm_mod, "load_hf_local", record_load)
+    monkeypatch.setattr(smollm2_mod, "convert_gguf_to_hf", no_conversion)
+    monkeypatch.setattr(smollm2_mod, "load_hf_local", record_load)
     assert load_smollm2_135m() == "loaded"
     assert loaded_from == [smollm2_dir]
     assert _snapshot(smollm2_dir) == before
@@ -265,12 +284,12 @@ def fake_converter(monkeypatch):
     calls: list[Path] = []
 
     def fake_convert(gguf_path, out_dir):
-        assert Path(gguf_path).name == lm_mod.SMOLLM2_GGUF_FILE
+        assert Path(gguf_path).name == smollm2_mod.SMOLLM2_GGUF_FILE
         calls.append(Path(out_dir))
         (Path(out_dir) / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
         (Path(out_dir) / "model.safetensors").write_bytes(b"w" * 4096)
 
-    monkeypatch.setattr(lm_mod, "convert_gguf_to_hf", fake_convert)
+    monkeypatch.setattr(smollm2_mod, "convert_gguf_to_hf", fake_convert)
     return calls
 
 
@@ -290,7 +309,7 @@ def test_half_written_cache_dir_is_rebuilt_not_trusted(tmp_path, fake_converter,
     assert (target / "model.safetensors").stat().st_size == 4096
     marker = json.loads((target / COMPLETE_MARKER).read_text())
     assert marker["files"] == {"config.json": 39, "model.safetensors": 4096}
-    assert marker["source"]["file"] == lm_mod.SMOLLM2_GGUF_FILE
+    assert marker["source"]["file"] == smollm2_mod.SMOLLM2_GGUF_FILE
     assert sorted(p.name for p in models.iterdir()) == [
         ".smollm2-135m-instruct.lock",
         "smollm2-135m-instruct",
@@ -311,7 +330,7 @@ def test_marked_but_truncated_cache_is_rebuilt(tmp_path, fake_converter, no_netw
     (target / COMPLETE_MARKER).write_text("{not json")  # a corrupt marker is no marker
     ensure_smollm2_hf_dir(tmp_path)
     assert len(fake_converter) == 3
-    assert json.loads((target / COMPLETE_MARKER).read_text())["format"] == lm_mod.CACHE_FORMAT
+    assert json.loads((target / COMPLETE_MARKER).read_text())["format"] == smollm2_mod.CACHE_FORMAT
 
 
 def test_interrupted_conversion_leaves_nothing_to_trust(tmp_path, monkeypatch, no_network):
@@ -319,7 +338,7 @@ def test_interrupted_conversion_leaves_nothing_to_trust(tmp_path, monkeypatch, n
         (Path(out_dir) / "config.json").write_text("{}")
         raise KeyboardInterrupt  # e.g. Ctrl-C during the conversion
 
-    monkeypatch.setattr(lm_mod, "convert_gguf_to_hf", dies_halfway)
+    monkeypatch.setattr(smollm2_mod, "convert_gguf_to_hf", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         ensure_smollm2_hf_dir(tmp_path)
     models = tmp_path / "models"
@@ -338,6 +357,6 @@ def test_local_dir_whose_path_says_llama_is_read_from_its_config(tmp_path):
         "vocab_size": 300, "hidden_act": "silu", "rope_theta": 50000.0,
     }
     (d / "config.json").write_text(json.dumps(config))
-    cfg = lm_mod._tl_config_from_dir(d, fold_ln=False, device="cpu", dtype=torch.float32)
+    cfg = loaders._tl_config_from_dir(d, fold_ln=False, device="cpu", dtype=torch.float32)
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_vocab) == (3, 64, 4, 2, 300)
     assert cfg.rotary_base == 50000.0 and cfg.original_architecture == "LlamaForCausalLM"

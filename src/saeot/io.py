@@ -22,6 +22,12 @@ class CorruptFileError(RuntimeError):
     """A cache or output file exists but cannot be read back."""
 
 
+def default_cache_dir() -> Path:
+    """``$SAEOT_CACHE`` if set, else ``~/.cache/saeot``."""
+    env = os.environ.get("SAEOT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "saeot"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success."""

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saeot.dtypes import resolve_dtype
 from saeot.matching.base import Matcher, MatchContext
-from saeot.matching.sae_match import _DTYPES, chunked_candidates
+from saeot.matching.sae_match import chunked_candidates
 
 __all__ = ["FeatureFlow", "unit_decoder_rows"]
 
@@ -63,12 +64,10 @@ class FeatureFlow(Matcher):
             min_margin=min_margin,
             seed=seed,
         )
-        if dtype not in _DTYPES:
-            raise ValueError(f"matcher.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.dtype = resolve_dtype(dtype, "matcher.dtype", allowed=(torch.float32, torch.float64))
         if chunk_size < 1:
             raise ValueError(f"matcher.chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
-        self.dtype = _DTYPES[dtype]
 
     def _directions(self, ctx: MatchContext, hook_a: str, hook_b: str) -> tuple[Tensor, Tensor]:
         d_a, d_b = int(ctx.saes[hook_a].cfg.d_in), int(ctx.saes[hook_b].cfg.d_in)

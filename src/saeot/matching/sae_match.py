@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from saeot.dtypes import resolve_dtype
 from saeot.hooks import hook_layer, hooks_between
 from saeot.matching.assignment import compose_matches
 from saeot.matching.base import Matcher, MatchContext, topk_from_dense
@@ -46,9 +47,6 @@ __all__ = [
     "chunked_candidates",
     "rerank_exact",
 ]
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 # ---------------------------------------------------------------------------- chunked candidates
 def chunked_candidates(
@@ -169,8 +167,7 @@ class SAEMatch(Matcher):
             raise ValueError(f"matcher.w_dec/w_enc/w_bias must be >= 0 and not all 0, got {weights}")
         if long_range not in ("compose", "direct"):
             raise ValueError(f"matcher.long_range must be 'compose' or 'direct', got {long_range!r}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"matcher.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.dtype = resolve_dtype(dtype, "matcher.dtype", allowed=(torch.float32, torch.float64))
         if chunk_size < 1:
             raise ValueError(f"matcher.chunk_size must be >= 1, got {chunk_size}")
         self.w_dec, self.w_enc, self.w_bias = float(w_dec), float(w_enc), float(w_bias)
@@ -178,7 +175,6 @@ class SAEMatch(Matcher):
         self.long_range = long_range
         self.chain = list(chain) if chain is not None else None
         self.chunk_size = chunk_size
-        self.dtype = _DTYPES[dtype]
 
     # ------------------------------------------------------------------ features as vectors
     def feature_vectors(self, ctx: MatchContext, hook: str) -> Tensor:
