@@ -1,8 +1,21 @@
+import json
+import shutil
+
 import pytest
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
-from saeot.saes import DiskSAEs, LocalTrainedSAEs, PretrainedSAEs, check_sae_widths
+from saeot.saes import (
+    DiskSAEs,
+    LocalTrainedSAEs,
+    PretrainedSAEs,
+    SAETrainingConfig,
+    check_sae_widths,
+    inference_sae,
+    load_recorded,
+    train_sae,
+)
+from saeot.saes import training
 
 
 def _jumprelu(d_in, d_sae, seed=0):
@@ -82,3 +95,82 @@ def test_interrupted_training_is_not_trusted(tmp_path, tiny_dm, tiny_lm):
     prov.load(tiny_lm, tiny_dm.hooks, tiny_dm)
     assert prov.n_trained == 2
     assert (path / "SAEOT_COMPLETE").is_file()
+
+
+# ---------------------------------------------------------------------------- records
+def test_from_disk_record_loads_the_same_sae(tmp_path, tiny_lm):
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    for i in range(2):
+        _jumprelu(tiny_lm.d_model, 24, seed=i).save_model(tmp_path / f"layer_{i}")
+    prov = DiskSAEs(path=str(tmp_path / "layer_{layer}"))
+    loaded = prov.load(tiny_lm, hooks)
+    records = prov.describe(hooks)
+    assert json.loads(json.dumps(records)) == records  # JSON-able
+    for i, h in enumerate(hooks):
+        assert records[h] == {"kind": "disk", "path": str((tmp_path / f"layer_{i}").resolve())}
+        again = load_recorded(records[h])
+        assert torch.equal(again.W_dec, loaded[h].W_dec) and torch.equal(again.threshold, loaded[h].threshold)
+
+
+def test_local_trained_record_points_at_the_cache_and_never_retrains(tmp_path, tiny_dm, tiny_lm, monkeypatch):
+    prov = LocalTrainedSAEs(d_sae=32, k=4, steps=10, batch_size=64, train_tokens=200, cache_dir=str(tmp_path),
+                            progress=False)
+    with pytest.raises(RuntimeError, match="before load"):
+        prov.describe(tiny_dm.hooks)
+    saes = prov.load(tiny_lm, tiny_dm.hooks, tiny_dm)
+    records = prov.describe(tiny_dm.hooks)
+    for h in tiny_dm.hooks:
+        path = prov.cache_path(tiny_lm, h, tiny_dm.fingerprint())
+        assert records[h] == {"kind": "disk", "path": str(path.resolve())}
+    # loading from the record trains nothing, whatever the provider would do
+    monkeypatch.setattr(training, "train_sae", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    h = tiny_dm.hooks[0]
+    again = load_recorded(records[h])
+    assert torch.equal(again.W_enc, saes[h].W_enc) and torch.equal(again.W_dec, saes[h].W_dec)
+    # a cache entry that is gone is named, with the way out
+    shutil.rmtree(records[h]["path"])
+    with pytest.raises(FileNotFoundError, match=r"hook_resid_post-.*rerun train\.py to rebuild it"):
+        load_recorded(records[h])
+
+
+def test_pretrained_record_and_unknown_kind():
+    prov = PretrainedSAEs(release="gpt2-small-res-jb", sae_id="blocks.{layer}.hook_resid_pre")
+    assert prov.describe(["blocks.3.hook_resid_pre"]) == {
+        "blocks.3.hook_resid_pre": {"kind": "pretrained", "release": "gpt2-small-res-jb",
+                                    "sae_id": "blocks.3.hook_resid_pre", "dtype": "float32"}
+    }
+    with pytest.raises(ValueError, match="record kind"):
+        load_recorded({"kind": "ftp", "path": "x"})
+
+
+# ---------------------------------------------------------------------------- training
+def test_train_sae_is_seeded_and_leaves_the_global_rng_alone():
+    x = torch.randn(300, 12, generator=torch.Generator().manual_seed(0)) * 5 + 1
+    cfg = SAETrainingConfig(d_sae=24, k=3, steps=20, batch_size=64)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = train_sae(x, cfg, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    again = train_sae(x, cfg, seed=7)
+    assert torch.equal(a.W_dec, again.W_dec) and torch.equal(a.W_enc, again.W_enc)
+    # the inference SAE reconstructs raw inputs as the training SAE does (input scale folded back)
+    b = inference_sae(again)
+    with torch.no_grad():
+        torch.testing.assert_close(b.decode(b.encode(x)), a.decode(a.encode(x)), rtol=1e-4, atol=1e-4)
+    c = train_sae(x, cfg, seed=8)
+    assert not torch.equal(a.W_dec, c.W_dec)
+
+
+def test_local_trained_saes_train_through_train_sae(tiny_dm, tiny_lm):
+    prov = LocalTrainedSAEs(d_sae=32, k=4, steps=10, batch_size=64, train_tokens=200, seed=3, progress=False)
+    acts = prov.collect(tiny_dm, tiny_dm.hooks[:1])[tiny_dm.hooks[0]]
+    mine = prov.train_one(acts, tiny_dm.hooks[0])
+    direct = train_sae(acts, prov.training_config(acts.shape[1]), seed=3)
+    assert torch.equal(mine.W_dec, direct.W_dec) and torch.equal(mine.b_enc, direct.b_enc)
+
+
+def test_unknown_architecture_names_the_setting():
+    with pytest.raises(ValueError, match="sae.architecture"):
+        LocalTrainedSAEs(architecture="nope")
+    with pytest.raises(ValueError, match="sae.architecture"):
+        SAETrainingConfig(architecture="nope")

@@ -3,12 +3,14 @@
 * :class:`PretrainedSAEs` -- ``SAE.from_pretrained(release, sae_id)`` (online);
 * :class:`DiskSAEs` -- sae_lens' on-disk format (``cfg.json`` + safetensors);
 * :class:`LocalTrainedSAEs` -- trains TopK / JumpReLU / standard SAEs with sae_lens'
-  training SAE classes on hidden states streamed from the data module, and caches
-  them on disk under a key made of everything that determines them; a cached SAE
-  is reused without retraining.
+  training SAE classes (:mod:`saeot.saes.training`) on hidden states streamed from
+  the data module, and caches them on disk under a key made of everything that
+  determines them; a cached SAE is reused without retraining.
 
 Providers are built by Hydra from ``conf/sae/*.yaml``; ``load`` is called with the
-language model, the hooks and the data module.
+language model, the hooks and the data module; ``describe`` (after ``load``) gives
+each hook's record of where its SAE came from (:mod:`saeot.saes.records`), from
+which :func:`saeot.saes.load_recorded` loads it again without training.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -26,11 +27,17 @@ from typing import Any
 
 import torch
 from sae_lens import SAE
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 from tqdm.auto import tqdm
 
 from saeot.hooks import hook_layer
+from saeot.io import default_cache_dir
+from saeot.saes.records import disk_record, pretrained_record
+from saeot.saes.training import ARCHITECTURES, SAETrainingConfig, train_sae
 
 log = logging.getLogger(__name__)
+
+__all__ = ["SAEProvider", "PretrainedSAEs", "DiskSAEs", "LocalTrainedSAEs"]
 
 _COMPLETE = "SAEOT_COMPLETE"
 
@@ -45,16 +52,12 @@ class SAEProvider(ABC):
     def load(self, lm: Any, hooks: list[str], datamodule: Any = None) -> dict[str, SAE]:
         """hook name -> SAE for every hook in ``hooks``."""
 
+    @abstractmethod
+    def describe(self, hooks: list[str]) -> dict[str, dict[str, Any]]:
+        """hook name -> JSON-able record of where its SAE came from (call after :meth:`load`).
 
-def check_sae_widths(saes: dict[str, SAE], lm: Any) -> None:
-    """Raise if an SAE's ``d_in`` differs from the width of its hook."""
-    d_model = lm.model.cfg.d_model
-    for hook, sae in saes.items():
-        if sae.cfg.d_in != d_model:
-            raise ValueError(
-                f"sae for {hook} has d_in={sae.cfg.d_in} but the model's {hook} has width {d_model}: "
-                "check sae= (release / path) against model="
-            )
+        :func:`saeot.saes.load_recorded` loads the SAE back from its record without training.
+        """
 
 
 def _format(template: str, hook: str) -> str:
@@ -75,8 +78,6 @@ class PretrainedSAEs(SAEProvider):
         self.release, self.sae_id, self.device, self.dtype = release, sae_id, device, dtype
 
     def validate(self, hooks: list[str]) -> None:
-        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
         directory = get_pretrained_saes_directory()
         if self.release not in directory:
             raise ValueError(f"sae.release={self.release!r} is not a sae_lens release (see sae_lens pretrained_saes.yaml)")
@@ -95,6 +96,9 @@ class PretrainedSAEs(SAEProvider):
             h: SAE.from_pretrained(self.release, _format(self.sae_id, h), device=self.device, dtype=self.dtype)
             for h in hooks
         }
+
+    def describe(self, hooks: list[str]) -> dict[str, dict[str, Any]]:
+        return {h: pretrained_record(self.release, _format(self.sae_id, h), self.dtype) for h in hooks}
 
 
 class DiskSAEs(SAEProvider):
@@ -131,12 +135,8 @@ class DiskSAEs(SAEProvider):
                 raise ValueError(f"sae.path: cannot load the SAE in {self._dir(h)} ({e})") from e
         return out
 
-
-_ARCH = {
-    "topk": ("TopKTrainingSAE", "TopKTrainingSAEConfig"),
-    "jumprelu": ("JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig"),
-    "standard": ("StandardTrainingSAE", "StandardTrainingSAEConfig"),
-}
+    def describe(self, hooks: list[str]) -> dict[str, dict[str, Any]]:
+        return {h: disk_record(self._dir(h), self.dtype) for h in hooks}
 
 
 class LocalTrainedSAEs(SAEProvider):
@@ -180,8 +180,8 @@ class LocalTrainedSAEs(SAEProvider):
         device: str = "cpu",
         progress: bool = True,
     ) -> None:
-        if architecture not in _ARCH:
-            raise ValueError(f"sae.architecture={architecture!r}; expected one of {sorted(_ARCH)}")
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"sae.architecture={architecture!r}; expected one of {sorted(ARCHITECTURES)}")
         self.architecture = architecture
         self.d_sae, self.expansion, self.k = d_sae, expansion, k
         self.l1_coefficient, self.l0_coefficient = l1_coefficient, l0_coefficient
@@ -191,29 +191,30 @@ class LocalTrainedSAEs(SAEProvider):
         self.device = device
         self.progress = progress
         self.n_trained = 0  # SAEs trained (not taken from the cache) by the last load()
+        self._paths: dict[str, Path] = {}  # hook -> cache entry, set by load()
+
+    def training_config(self, d_model: int) -> SAETrainingConfig:
+        """The settings of :func:`saeot.saes.training.train_sae` for hidden states of width ``d_model``."""
+        return SAETrainingConfig(
+            architecture=self.architecture, d_sae=self.d_sae or self.expansion * d_model, k=self.k,
+            l1_coefficient=self.l1_coefficient, l0_coefficient=self.l0_coefficient,
+            jumprelu_init_threshold=self.jumprelu_init_threshold, lr=self.lr, steps=self.steps,
+            batch_size=self.batch_size, normalize_inputs=True, device=self.device, progress=self.progress,
+        )
 
     # ------------------------------------------------------------------ cache
     def _root(self) -> Path:
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
-        from saeot.lm import default_cache_dir
-
         return default_cache_dir()
 
     def settings(self, d_model: int) -> dict[str, Any]:
-        d_sae = self.d_sae or self.expansion * d_model
-        s: dict[str, Any] = {
-            "architecture": self.architecture, "d_sae": d_sae, "lr": self.lr, "steps": self.steps,
+        tcfg = self.training_config(d_model)
+        return {
+            "architecture": self.architecture, "d_sae": tcfg.d_sae, "lr": self.lr, "steps": self.steps,
             "batch_size": self.batch_size, "train_tokens": self.train_tokens, "seed": self.seed,
+            **tcfg.architecture_options(),
         }
-        if self.architecture == "topk":
-            s["k"] = self.k
-        elif self.architecture == "standard":
-            s["l1_coefficient"] = self.l1_coefficient
-        else:
-            s["l0_coefficient"] = self.l0_coefficient
-            s["jumprelu_init_threshold"] = self.jumprelu_init_threshold
-        return s
 
     def cache_key(self, lm: Any, hook: str, data_fingerprint: str) -> str:
         model_id = {"name": lm.name, "cfg": {k: str(v) for k, v in sorted(lm.model.cfg.to_dict().items())
@@ -246,7 +247,15 @@ class LocalTrainedSAEs(SAEProvider):
                 out[h] = SAE.load_from_disk(paths[h], device=self.device)
             except Exception as e:
                 raise RuntimeError(f"cached SAE {paths[h]} is corrupt ({e}); delete it and rerun") from e
+        self._paths.update(paths)
         return out
+
+    def describe(self, hooks: list[str]) -> dict[str, dict[str, Any]]:
+        """hook -> ``{"kind": "disk", "path": <its cache entry>}`` (the cache entries :meth:`load` used)."""
+        missing = [h for h in hooks if h not in self._paths]
+        if missing:
+            raise RuntimeError(f"LocalTrainedSAEs.describe({missing}) before load(): the cache entries are not known")
+        return {h: disk_record(self._paths[h]) for h in hooks}
 
     def collect(self, datamodule: Any, hooks: list[str]) -> dict[str, torch.Tensor]:
         """Up to ``train_tokens`` hidden states per hook from the profile split, ``[N, d]``."""
@@ -264,64 +273,9 @@ class LocalTrainedSAEs(SAEProvider):
                     break
         return {h: torch.cat(v)[: self.train_tokens] for h, v in bufs.items()}
 
-    def _build(self, d_in: int) -> Any:
-        import sae_lens
-
-        sae_cls_name, cfg_cls_name = _ARCH[self.architecture]
-        cfg_cls = getattr(sae_lens, cfg_cls_name)
-        kw: dict[str, Any] = {"d_in": d_in, "d_sae": self.d_sae or self.expansion * d_in, "device": self.device}
-        if self.architecture == "topk":
-            kw["k"] = self.k
-        elif self.architecture == "standard":
-            kw["l1_coefficient"] = self.l1_coefficient
-        else:
-            kw["l0_coefficient"] = self.l0_coefficient
-            kw["jumprelu_init_threshold"] = self.jumprelu_init_threshold
-        return getattr(sae_lens, sae_cls_name)(cfg_cls(**kw))
-
     def train_one(self, acts: torch.Tensor, hook: str) -> Any:
         """Train a fresh training SAE on ``acts [N, d]``; returns it with the input scale folded in."""
-        from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput
-
-        if not torch.isfinite(acts).all():
-            raise FloatingPointError(f"non-finite hidden states at {hook}; cannot train an SAE on them")
-        torch.manual_seed(self.seed)
-        n, d = acts.shape
-        scale = math.sqrt(d) / float(acts.norm(dim=1).mean().clamp_min(1e-8))
-        x_all = (acts * scale).to(self.device)
-        sae = self._build(d)
-        with torch.no_grad():  # start the decoder bias at the data mean (geometric-median proxy)
-            sae.b_dec.copy_(x_all.mean(0))
-        opt = torch.optim.Adam(sae.parameters(), lr=self.lr)
-        coeff_cfg = sae.get_coefficients()
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
-        fired_recently = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
-        bar = tqdm(range(self.steps), desc=f"train SAE {hook}", disable=not self.progress, leave=False, mininterval=2)
-        for step in bar:
-            idx = torch.randint(n, (min(self.batch_size, n),), generator=g)
-            coefficients = {}
-            for name, c in coeff_cfg.items():
-                if isinstance(c, TrainCoefficientConfig):
-                    warm = min(1.0, (step + 1) / c.warm_up_steps) if c.warm_up_steps else 1.0
-                    coefficients[name] = c.value * warm
-                else:
-                    coefficients[name] = float(c)
-            out = sae.training_forward_pass(
-                TrainStepInput(
-                    sae_in=x_all[idx], coefficients=coefficients,
-                    dead_neuron_mask=fired_recently > 200, n_training_steps=step, is_logging_step=False,
-                )
-            )
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-            with torch.no_grad():
-                fired = (out.feature_acts > 0).any(0)
-                fired_recently = torch.where(fired, torch.zeros_like(fired_recently), fired_recently + 1)
-            if step % 50 == 0:
-                bar.set_postfix(loss=out.loss.item())
-        sae.fold_activation_norm_scaling_factor(scale)
-        return sae
+        return train_sae(acts, self.training_config(acts.shape[1]), seed=self.seed, name=hook)
 
 
 def _save_atomic(sae: Any, path: Path) -> None:
