@@ -32,6 +32,7 @@ from saeot.circuits.evaluate import coherence, feature_means, pearson, score_cir
 from saeot.circuits.supernodes import agglomerate, decoder_cosine_distances, semantic_distances
 from saeot.circuits.tasks import TaskError, clean_accuracy
 from saeot.models import ByteCodec, LanguageModel
+from saeot.transport import ExactW2
 from saeot.types import FeatureSamples
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
@@ -280,7 +281,7 @@ def test_planted_circuit_is_recovered_with_its_edges_and_is_faithful():
 def test_semantic_clustering_merges_identical_distributions_and_keeps_different_apart():
     samples = _planted_samples()
     keys = [(h, f) for h in (H0, H1) for f in range(F_PLANT)]
-    D = semantic_distances(samples, keys, solver="exact")
+    D = semantic_distances(samples, keys, solver=ExactW2())
     assert D.shape == (24, 24) and torch.allclose(D, D.T)
     i0, j0 = keys.index((H0, 0)), keys.index((H1, 0))
     i1, j1 = keys.index((H0, 1)), keys.index((H1, 1))
@@ -303,6 +304,62 @@ def test_semantic_clustering_merges_identical_distributions_and_keeps_different_
 
 
 # ----------------------------------------------------------------------------- graph JSON
+# Neuronpedia's graph schema (apps/webapp/app/api/graph/graph-schema.json in the Neuronpedia
+# repository, draft-07), transcribed: the required keys and the JSON types of every field it types.
+_NP_TYPES = {"string": str, "number": (int, float), "integer": int, "array": list, "object": dict,
+             "null": type(None)}
+NEURONPEDIA_SCHEMA = {
+    "required": ["metadata", "qParams", "nodes", "links"],
+    "metadata": {"required": ["slug", "scan", "prompt_tokens", "prompt"],
+                 "types": {"slug": "string", "scan": "string", "prompt_tokens": "array", "prompt": "string",
+                           "feature_details": "object", "node_threshold": "number", "info": "object",
+                           "generation_settings": "object", "pruning_settings": "object"}},
+    "qParams": {"required": [], "types": {"pinnedIds": "array", "supernodes": "array", "linkType": "string",
+                                          "clickedId": "string", "sg_pos": "string"}},
+    "nodes": {"required": ["node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp"],
+              "types": {"node_id": "string", "feature": ["integer", "null"], "layer": ["string", "integer"],
+                        "ctx_idx": "integer", "feature_type": "string", "jsNodeId": "string", "clerp": "string",
+                        "influence": ["number", "null"], "activation": ["number", "null"]}},
+    "links": {"required": ["source", "target", "weight"],
+              "types": {"source": "string", "target": "string", "weight": "number"}},
+}
+
+
+def schema_errors(graph: dict) -> list[str]:
+    """Every way ``graph`` breaks :data:`NEURONPEDIA_SCHEMA` (empty: valid)."""
+    def bad_type(value, spec) -> bool:
+        kinds = spec if isinstance(spec, list) else [spec]
+        ok = any(isinstance(value, _NP_TYPES[k]) and not (k in ("number", "integer") and isinstance(value, bool))
+                 for k in kinds)
+        return not ok
+
+    def check(obj, rules, where) -> list[str]:
+        if not isinstance(obj, dict):
+            return [f"{where} is not an object"]
+        errs = [f"{where}.{k} is missing" for k in rules["required"] if k not in obj]
+        errs += [f"{where}.{k}={obj[k]!r} is not {t}" for k, t in rules["types"].items() if k in obj and bad_type(obj[k], t)]
+        return errs
+
+    errs = [f"{k} is missing" for k in NEURONPEDIA_SCHEMA["required"] if k not in graph]
+    errs += check(graph.get("metadata", {}), NEURONPEDIA_SCHEMA["metadata"], "metadata")
+    errs += check(graph.get("qParams", {}), NEURONPEDIA_SCHEMA["qParams"], "qParams")
+    for key in ("nodes", "links"):
+        for i, item in enumerate(graph.get(key, [])):
+            errs += check(item, NEURONPEDIA_SCHEMA[key], f"{key}[{i}]")
+    return errs
+
+
+def test_schema_check_catches_what_neuronpedia_rejects():
+    good = _external_graph()
+    assert schema_errors(good) == []
+    broken = _external_graph()
+    broken["metadata"]["node_threshold"] = None  # what saeot used to write
+    del broken["nodes"][0]["clerp"]
+    broken["links"][0]["weight"] = "1.0"
+    errs = schema_errors(broken)
+    assert len(errs) == 3 and any("node_threshold" in e for e in errs)
+
+
 def _external_graph() -> dict:
     """A graph as circuit-tracer writes it (feature ids offset by layer, embeddings, logits)."""
     nodes = [
@@ -344,6 +401,7 @@ def test_graph_json_round_trips_and_an_external_graph_gets_supernodes(tmp_path):
     assert any("'A'" in s.label and s.label.startswith("L0-1") for s in compressed.supernodes)
     assert [u.members for u in compressed.units()][-1] == ["0_1_2"]  # the error node is a singleton unit
     path = save_graph(compressed, tmp_path / "g.json")
+    assert schema_errors(json.loads(path.read_text())) == []
     back = load_graph(path)
     assert back.to_dict() == compressed.to_dict() == json.loads(path.read_text())
     assert back.metadata["custom"] == {"keep": [1, 2]} and back.node("3_120_3").extra["token_prob"] == 0.9
@@ -416,7 +474,7 @@ def test_hydra_wiring_builds_the_callback_with_its_task():
         cfg = compose("train", overrides=["circuit=sva", "callbacks=circuit", "circuit.n_prompts=8"])
         cb = instantiate(cfg.callbacks.circuit)
         assert isinstance(cb, CircuitCompression) and isinstance(cb.task, SVATask) and cb.task.n_prompts == 8
-        assert cb.solver == cfg.transport.solver
+        assert cb.solver == instantiate(cfg.transport)
         bare = compose("train", overrides=["callbacks=circuit"])
         with pytest.raises(Exception, match="circuit=ioi"):
             instantiate(bare.callbacks.circuit)
@@ -443,6 +501,8 @@ def test_train_pipeline_with_the_circuit_callback(tmp_path, compose_cfg):
     assert "matching" in m  # the rest of the run is unaffected
     g = load_graph(tmp_path / "circuit.json")
     assert len(g.circuit_nodes()) == c["nodes"] and (tmp_path / "circuit.png").is_file()
+    for name in ("circuit.json", "circuit_decoder_cosine.json"):
+        assert schema_errors(json.loads((tmp_path / name).read_text())) == [], name
 
 
 @pytest.mark.slow

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saeot.io import atomic_path, atomic_write_text
+from saeot.hooks import hook_layer
+from saeot.io import atomic_path, atomic_write_text, json_default
 
 __all__ = [
     "FEATURE_TYPE",
@@ -285,16 +286,8 @@ class CircuitGraph:
 def save_graph(graph: CircuitGraph, path: str | Path) -> Path:
     """Write ``graph`` as JSON, atomically."""
     path = Path(path)
-    atomic_write_text(path, json.dumps(graph.to_dict(), indent=1, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(graph.to_dict(), indent=1, default=json_default) + "\n")
     return path
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def load_graph(path: str | Path) -> CircuitGraph:
@@ -423,8 +416,6 @@ def circuit_graph(lm: Any, data: Any, attr: Any, nodes: Sequence[Any], edges: An
         first prompt, counted from its end) where the node's effect is largest; links =
         edge weights, plus the effects of the last hook's nodes as links to the logit node.
     """
-    from saeot.hooks import hook_layer
-
     codec = lm.codec
     tokens = [int(t) for t in data.clean[0]]
     T0 = len(tokens)
@@ -473,7 +464,7 @@ def circuit_graph(lm: Any, data: Any, attr: Any, nodes: Sequence[Any], edges: An
         links += [GraphLink(ids[n], logit_id, attr.effect(n)) for n in nodes if n.hook == last]
     meta = {
         "slug": slug, "scan": getattr(lm, "name", "model"), "transcoder_list": [], "prompt": pair0.clean,
-        "prompt_tokens": [codec.decode([t]) for t in tokens], "node_threshold": None, "schema_version": 1,
+        "prompt_tokens": [codec.decode([t]) for t in tokens], "schema_version": 1,
         "info": {"creator_name": "saeot", "generator": {"name": "saeot.circuits"}},
     }
     meta.update(metadata or {})
