@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from saeot.data.text import EmptyCorpusError
 from saeot.evaluation.runner import run_evaluate
@@ -30,6 +31,18 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, KeyError, FileNotFoundError, EmptyCorpusError, CorruptFileError, MatcherNotApplicable,
     FloatingPointError,
 )
+
+
+def path_slug(text: str, max_len: int = 120) -> str:
+    """``text`` (e.g. Hydra's ``matcher=semantic_ot,data.text.paths=[/d/*.txt]``) as one path
+    component of ``[A-Za-z0-9._-]`` only: ``=`` -> ``-``, ``,`` -> ``__``, anything else -> ``_``."""
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", text.replace("=", "-").replace(",", "__"))
+    slug = re.sub(r"_{3,}", "__", slug).strip("._")
+    return slug[:max_len] or "job"
+
+
+if not OmegaConf.has_resolver("saeot_slug"):
+    OmegaConf.register_new_resolver("saeot_slug", path_slug)
 
 
 def _guard(fn, cfg: DictConfig):
