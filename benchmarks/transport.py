@@ -1,8 +1,10 @@
-"""Exact W2 nearest neighbours: saeot.transport.w2_nearest against a brute-force POT loop.
+"""Exact W2 nearest neighbours: saeot.transport's ``W2Solver.nearest`` against a brute-force POT loop.
 
 Brute force is what one would write without this module: for every pair, the cost
 matrix with ``ot.dist`` and ``ot.emd2``, then the argmin of each row. Ours is
-``w2_nearest`` (lower-bound pruning, exact solves only on surviving candidates).
+``ExactW2().nearest`` (lower-bound pruning, exact solves only on surviving
+candidates); ``--solver sinkhorn`` / ``sliced`` time ``SinkhornW2()`` / ``SlicedW2()``
+with their default settings against the same exact brute force.
 Both run in the same process on the same data, so ``speedup`` is a same-run ratio
 (robust to other load on the machine, as far as load is steady).
 
@@ -23,7 +25,10 @@ import json
 import time
 
 import numpy as np
+import ot
 import torch
+
+from saeot.transport import ExactW2, SinkhornW2, SlicedW2, W2Solver
 
 
 def make_clouds(n_a: int, n_b: int, K: int, r: int, seed: int):
@@ -70,7 +75,6 @@ def make_clouds(n_a: int, n_b: int, K: int, r: int, seed: int):
 
 def brute_force(xa, wa, xb, wb, rows):
     """``[len(rows), Fb]`` costs by a Python loop of ``ot.dist`` + ``ot.emd2`` (padding dropped)."""
-    import ot
 
     def trim(x, w):
         x, w = x.double().numpy(), w.double().numpy()
@@ -86,6 +90,18 @@ def brute_force(xa, wa, xb, wb, rows):
     return out
 
 
+SOLVER_CLASSES = (ExactW2, SinkhornW2, SlicedW2)
+
+
+def build_solver(name: str, n_jobs: int | None) -> W2Solver:
+    """The solver ``--solver`` names, with its default settings (``--n-jobs`` threads for exact)."""
+    cls = {c.name: c for c in SOLVER_CLASSES}[name]
+    try:
+        return cls() if n_jobs is None else cls(n_jobs=n_jobs)
+    except TypeError:
+        raise SystemExit(f"--n-jobs sets the threads of the exact solver, not of --solver {name}") from None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-a", type=int, default=256)
@@ -93,15 +109,14 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32, help="samples per feature (K)")
     p.add_argument("--r", type=int, default=64, help="width of the reference space")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--solver", default="exact", choices=["exact", "sinkhorn", "sliced"])
+    p.add_argument("--solver", default=ExactW2.name, choices=[c.name for c in SOLVER_CLASSES])
     p.add_argument("--bound", default="mean_spread")
-    p.add_argument("--neighbours", type=int, default=2, help="k of w2_nearest")
+    p.add_argument("--neighbours", type=int, default=2, help="k of the nearest search")
     p.add_argument("--n-jobs", type=int, default=None, help="threads of the exact solver (default: torch threads)")
     p.add_argument("--brute-pairs", type=int, default=None,
                    help="solve only about this many pairs by brute force (whole rows) and extrapolate its time")
     args = p.parse_args()
-
-    from saeot.transport import w2_nearest
+    solver = build_solver(args.solver, args.n_jobs)
 
     xa, wa, xb, wb, truth = make_clouds(args.n_a, args.n_b, args.k, args.r, args.seed)
     n_a, n_b = xa.shape[0], xb.shape[0]
@@ -110,11 +125,8 @@ def main() -> None:
         n_rows = max(1, args.brute_pairs // n_b)
         rows = np.sort(np.random.default_rng(args.seed + 1).choice(n_a, size=n_rows, replace=False))
 
-    kw = {}
-    if args.solver == "exact" and args.n_jobs is not None:
-        kw["n_jobs"] = args.n_jobs
     t0 = time.perf_counter()
-    res = w2_nearest(xa, wa, xb, wb, k=args.neighbours, solver=args.solver, bound=args.bound, **kw)
+    res = solver.nearest(xa, wa, xb, wb, k=args.neighbours, bound=args.bound)
     t_ours = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -133,11 +145,11 @@ def main() -> None:
     has_truth = truth[rows] >= 0
     planted = float(np.mean(ours_idx[has_truth] == truth[rows][has_truth])) if has_truth.any() else None
     print(json.dumps({
-        "benchmark": "transport.w2_nearest",
+        "benchmark": "transport.nearest",
         "solver": args.solver,
         "bound": res.bound,
         "n_a": n_a, "n_b": n_b, "K": args.k, "r": args.r, "seed": args.seed, "neighbours": args.neighbours,
-        "n_jobs": kw.get("n_jobs", torch.get_num_threads()) if args.solver == "exact" else None,
+        "n_jobs": (solver.n_jobs or torch.get_num_threads()) if isinstance(solver, ExactW2) else None,
         "torch_threads": torch.get_num_threads(),
         "exact_agreement": agree,
         "max_abs_err": max_abs_err,

@@ -1,4 +1,4 @@
-"""saeot.transport: exact / Sinkhorn / sliced W2^2, lower bounds and exact pruned nearest neighbours."""
+"""saeot.transport: exact / Sinkhorn / sliced W2^2 solvers, lower bounds and exact pruned nearest neighbours."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import numpy as np
 import ot
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from saeot import transport as T
+from saeot.transport import ExactW2, SinkhornW2, SlicedW2
+
+EXACT = ExactW2()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,7 +80,7 @@ def test_exact_pair_and_pairwise_match_ot_emd2_with_padding():
     xa, wa = clouds(7, 9, 3, 0)
     xb, wb = clouds(8, 6, 3, 1, shift=0.5)
     assert (wa == 0).any() and (wb == 0).any()
-    D = T.pairwise_w2(xa, wa, xb, wb, solver="exact")
+    D = EXACT.pairwise(xa, wa, xb, wb)
     assert D.shape == (7, 8) and D.dtype == torch.float64
     for i in range(7):
         for j in range(8):
@@ -85,16 +89,16 @@ def test_exact_pair_and_pairwise_match_ot_emd2_with_padding():
             assert abs(D[i, j].item() - ref) < 1e-6
     ia = torch.tensor([0, 6, 3, 3])
     ib = torch.tensor([7, 0, 2, 2])
-    torch.testing.assert_close(T.pair_w2(xa, wa, xb, wb, ia, ib), D[ia, ib], rtol=0, atol=0)
+    torch.testing.assert_close(EXACT.pair(xa, wa, xb, wb, ia, ib), D[ia, ib], rtol=0, atol=0)
     # more threads, same numbers
-    torch.testing.assert_close(T.pairwise_w2(xa, wa, xb, wb, n_jobs=2), D, rtol=0, atol=0)
+    torch.testing.assert_close(ExactW2(n_jobs=2).pairwise(xa, wa, xb, wb), D, rtol=0, atol=0)
 
 
 def test_exact_accepts_float32_and_unnormalised_weights():
     xa, wa = clouds(4, 6, 3, 2, dtype=torch.float32)
     xb, wb = clouds(5, 6, 3, 3, dtype=torch.float32)
-    D32 = T.pairwise_w2(xa, wa * 3.0, xb, wb * 0.5)
-    D64 = T.pairwise_w2(xa.double(), wa.double(), xb.double(), wb.double())
+    D32 = EXACT.pairwise(xa, wa * 3.0, xb, wb * 0.5)
+    D64 = EXACT.pairwise(xa.double(), wa.double(), xb.double(), wb.double())
     torch.testing.assert_close(D32, D64, rtol=1e-5, atol=1e-6)
     assert D32.dtype == torch.float64
 
@@ -104,15 +108,15 @@ def test_dead_features():
     xb, wb = clouds(5, 5, 2, 5)
     wa[1] = 0
     wb[2] = 0
-    D = T.pairwise_w2(xa, wa, xb, wb)
+    D = EXACT.pairwise(xa, wa, xb, wb)
     assert torch.isinf(D[1]).all() and torch.isinf(D[:, 2]).all()
     assert torch.isfinite(D[[0, 2, 3]][:, [0, 1, 3, 4]]).all()
     assert math.isinf(T.w2_exact_pair(xa[1], wa[1], xb[0], wb[0]))
-    for solver in ("sinkhorn", "sliced"):
-        S = T.pairwise_w2(xa, wa, xb, wb, solver=solver)
+    for solver in (SinkhornW2(), SlicedW2()):
+        S = solver.pairwise(xa, wa, xb, wb)
         assert torch.isinf(S[1]).all() and torch.isinf(S[:, 2]).all() and torch.isfinite(S[0, 0])
-    for solver in T.SOLVERS:
-        res = T.w2_nearest(xa, wa, xb, wb, k=5, solver=solver)
+    for solver in (ExactW2(), SinkhornW2(), SlicedW2()):
+        res = solver.nearest(xa, wa, xb, wb, k=5)
         assert (res.index[1] == -1).all() and torch.isinf(res.cost[1]).all()
         assert not (res.index == 2).any()
         # 4 alive features in B: the 5th slot is padding
@@ -127,7 +131,7 @@ def test_dead_features():
 def test_sinkhorn_approaches_exact_as_reg_shrinks():
     xa, wa = clouds(6, 6, 2, 6)
     xb, wb = clouds(6, 5, 2, 7, shift=0.3)
-    exact = T.pair_w2(xa, wa, xb, wb, torch.arange(6), torch.arange(6))
+    exact = EXACT.pair(xa, wa, xb, wb, torch.arange(6), torch.arange(6))
     errs = []
     for reg in (0.3, 0.1, 0.03, 0.01):
         s = T.w2_sinkhorn(xa, wa, xb, wb, reg=reg, n_iter=20000, tol=1e-10)
@@ -142,7 +146,7 @@ def test_sinkhorn_approaches_exact_as_reg_shrinks():
 def test_sinkhorn_debiased():
     xa, wa = clouds(4, 6, 2, 8)
     xb, wb = clouds(4, 6, 2, 9, shift=1.0)
-    exact = T.pair_w2(xa, wa, xb, wb, torch.arange(4), torch.arange(4))
+    exact = EXACT.pair(xa, wa, xb, wb, torch.arange(4), torch.arange(4))
     s = T.w2_sinkhorn(xa, wa, xb, wb, reg=0.01, n_iter=2000, tol=1e-8, debiased=True)
     assert ((s - exact).abs() / exact).max() < 0.02
     same = T.w2_sinkhorn(xa, wa, xa, wa, reg=0.1, debiased=True)
@@ -189,7 +193,7 @@ def test_sinkhorn_and_sliced_on_cuda():  # pragma: no cover - CPU CI
         gpu = fn(x.cuda(), a.cuda(), y.cuda(), b.cuda())
         assert gpu.is_cuda
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
-    res = T.w2_nearest(x.cuda(), a.cuda(), y.cuda(), b.cuda(), k=2, solver="sinkhorn")
+    res = SinkhornW2().nearest(x.cuda(), a.cuda(), y.cuda(), b.cuda(), k=2)
     assert res.index.is_cuda
 
 
@@ -197,7 +201,7 @@ def test_sinkhorn_and_sliced_on_cuda():  # pragma: no cover - CPU CI
 def test_sliced_below_exact_and_exact_in_1d():
     xa, wa = clouds(6, 7, 3, 14)
     xb, wb = clouds(6, 5, 3, 15, shift=0.4)
-    exact = T.pair_w2(xa, wa, xb, wb, torch.arange(6), torch.arange(6))
+    exact = EXACT.pair(xa, wa, xb, wb, torch.arange(6), torch.arange(6))
     for n in (3, 30):  # whole orthonormal frames: SW <= W2^2 deterministically
         sw = T.w2_sliced(xa, wa, xb, wb, n_projections=n, seed=1)
         assert (sw <= exact + 1e-9).all()
@@ -205,7 +209,7 @@ def test_sliced_below_exact_and_exact_in_1d():
     x1, a1 = clouds(5, 8, 1, 16)
     y1, b1 = clouds(5, 6, 1, 17, shift=0.2)
     sw1 = T.w2_sliced(x1, a1, y1, b1, n_projections=1)
-    ex1 = T.pair_w2(x1, a1, y1, b1, torch.arange(5), torch.arange(5))
+    ex1 = EXACT.pair(x1, a1, y1, b1, torch.arange(5), torch.arange(5))
     torch.testing.assert_close(sw1, ex1, rtol=1e-9, atol=1e-12)
 
 
@@ -233,7 +237,7 @@ def test_lower_bounds_below_exact_and_ordered(seed):
     xb, wb = clouds(11, 5, 3, 30 + seed, shift=0.3)
     xb[0] = xa[0, :5] * 2.0  # a pair with a large spread difference
     wb[0] = wa[0, :5] / wa[0, :5].sum()
-    D = T.pairwise_w2(xa, wa, xb, wb)
+    D = EXACT.pairwise(xa, wa, xb, wb)
     Lm = T.lower_bound_mean(xa, wa, xb, wb, chunk=4)
     Ls = T.lower_bound_mean_spread(xa, wa, xb, wb, chunk=4)
     Lx = T.lower_bound_axis_spread(xa, wa, xb, wb, chunk=4)
@@ -245,10 +249,10 @@ def test_lower_bounds_below_exact_and_ordered(seed):
     # exact for Diracs: W2^2 = ||ma - mb||^2
     one_a, one_b = torch.ones(9, 1, dtype=torch.float64), torch.ones(11, 1, dtype=torch.float64)
     d1 = T.lower_bound_mean_spread(xa[:, :1], one_a, xb[:, :1], one_b)
-    D1 = T.pairwise_w2(xa[:, :1], one_a, xb[:, :1], one_b)
+    D1 = EXACT.pairwise(xa[:, :1], one_a, xb[:, :1], one_b)
     torch.testing.assert_close(d1, D1, rtol=1e-9, atol=1e-9)
     Lsl = T.lower_bound_sliced(xa, wa, xb, wb, n_projections=5, seed=2)
-    SW = T.pairwise_w2(xa, wa, xb, wb, solver="sliced", n_projections=5, seed=2)
+    SW = SlicedW2(n_projections=5, seed=2).pairwise(xa, wa, xb, wb)
     assert (Lsl[fin] <= SW[fin] + 1e-9).all()
 
 
@@ -262,29 +266,29 @@ def test_pruned_nearest_equals_brute_force(seed, bound):
     xb[7], wb[7] = xb[6] + 1e-7, wb[6]
     xb[1] = 0  # plus a dead one
     wb[1] = 0
-    D = T.pairwise_w2(xa, wa, xb, wb)
+    D = EXACT.pairwise(xa, wa, xb, wb)
     for k in (1, 3):
         ref_c, ref_i = brute(D, k)
-        res = T.w2_nearest(xa, wa, xb, wb, k=k, bound=bound, chunk=5)
+        res = EXACT.nearest(xa, wa, xb, wb, k=k, bound=bound, chunk=5)
         assert torch.equal(res.index, ref_i)
         torch.testing.assert_close(res.cost, ref_c, rtol=0, atol=0)
         assert res.n_solved <= res.n_pairs
     # the structure is clustered, so pruning must skip pairs
-    assert T.w2_nearest(xa, wa, xb, wb, k=1, bound=bound).n_solved < 0.6 * res.n_pairs
+    assert EXACT.nearest(xa, wa, xb, wb, k=1, bound=bound).n_solved < 0.6 * res.n_pairs
     # and POT agrees on the neighbour's cost
     for i in range(0, 14, 5):
         j = int(res.index[i, 0])
         assert abs(pot_w2(xa[i], wa[i], xb[j], wb[j]) - res.cost[i, 0].item()) < 1e-9
 
 
-@pytest.mark.parametrize("solver,k,kw", [("exact", 4, {}), ("sliced", 70, {"n_projections": 3})])
-def test_pruned_nearest_long_candidate_lists(solver, k, kw):
+@pytest.mark.parametrize("solver,k", [(ExactW2(), 4), (SlicedW2(n_projections=3), 70)])
+def test_pruned_nearest_long_candidate_lists(solver, k):
     # unstructured clouds (exact) or a large k (sliced): rows outgrow the first short candidate list
     xa, wa = clouds(5, 5, 3, 40)
     xb, wb = clouds(150, 5, 3, 41)
-    D = T.pairwise_w2(xa, wa, xb, wb, solver=solver, **kw)
+    D = solver.pairwise(xa, wa, xb, wb)
     ref_c, ref_i = brute(D, k)
-    res = T.w2_nearest(xa, wa, xb, wb, k=k, solver=solver, bound="mean", **kw)
+    res = solver.nearest(xa, wa, xb, wb, k=k, bound="mean")
     assert res.n_solved > 5 * 64  # the extension path ran
     assert torch.equal(res.index, ref_i)
     torch.testing.assert_close(res.cost, ref_c, rtol=0, atol=0)
@@ -294,54 +298,53 @@ def test_pruned_nearest_with_many_exact_ties():
     # B is four copies of the same three features: every row has exact ties; ties go to the smallest index
     xa, wa, xb, wb = families(6, 3, 5, 2, 5)
     xb, wb = xb.repeat(4, 1, 1), wb.repeat(4, 1)
-    D = T.pairwise_w2(xa, wa, xb, wb)
+    D = EXACT.pairwise(xa, wa, xb, wb)
     ref_c, ref_i = brute(D, 4)
     for solver_bound in ("mean_spread", "none"):
-        res = T.w2_nearest(xa, wa, xb, wb, k=4, bound=solver_bound, n_jobs=2)
+        res = ExactW2(n_jobs=2).nearest(xa, wa, xb, wb, k=4, bound=solver_bound)
         assert torch.equal(res.index, ref_i)
         torch.testing.assert_close(res.cost, ref_c, rtol=0, atol=0)
 
 
 def test_self_match_has_zero_cost():
     xa, wa, _, _ = families(12, 2, 7, 4, 6)
-    for solver, kw in (("exact", {}), ("sinkhorn", {"debiased": True, "reg": 0.1}), ("sliced", {"n_projections": 8})):
-        res = T.w2_nearest(xa, wa, xa, wa, k=2, solver=solver, **kw)
+    for solver in (ExactW2(), SinkhornW2(debiased=True, reg=0.1), SlicedW2(n_projections=8)):
+        res = solver.nearest(xa, wa, xa, wa, k=2)
         assert torch.equal(res.index[:, 0], torch.arange(12)), solver
         assert res.cost[:, 0].abs().max() < 1e-6, solver
         assert (res.cost[:, 1] > 1e-3).all(), solver
-    res = T.w2_nearest(xa, wa, xa, wa, k=1, solver="sinkhorn", reg=0.01)
+    res = SinkhornW2(reg=0.01).nearest(xa, wa, xa, wa, k=1)
     assert torch.equal(res.index[:, 0], torch.arange(12))
 
 
-@pytest.mark.parametrize("solver,kw", [
-    ("sinkhorn", {"reg": 0.1, "n_iter": 200}),
-    ("sinkhorn", {"reg": 0.1, "n_iter": 200, "debiased": True}),
-    ("sliced", {"n_projections": 5, "seed": 3}),  # not a multiple of r: pruning must still be exact
+@pytest.mark.parametrize("solver,expected_bound", [
+    (SinkhornW2(reg=0.1, n_iter=200, batch_size=7), "mean_spread"),
+    (SinkhornW2(reg=0.1, n_iter=200, debiased=True, batch_size=7), "mean"),
+    (SlicedW2(n_projections=5, seed=3, batch_size=7), "sliced"),  # not a multiple of r: pruning must still be exact
 ])
-def test_pruned_nearest_equals_brute_force_batched_solvers(solver, kw):
+def test_pruned_nearest_equals_brute_force_batched_solvers(solver, expected_bound):
     xa, wa, xb, wb = families(10, 40, 6, 3, 7, dtype=torch.float32)
-    D = T.pairwise_w2(xa, wa, xb, wb, solver=solver, **kw)
+    D = solver.pairwise(xa, wa, xb, wb)
     ref_c, ref_i = brute(D, 3)
-    res = T.w2_nearest(xa, wa, xb, wb, k=3, solver=solver, chunk=4, batch_size=7, **kw)
+    res = solver.nearest(xa, wa, xb, wb, k=3, chunk=4)
     assert torch.equal(res.index, ref_i)
     torch.testing.assert_close(res.cost, ref_c, rtol=1e-6, atol=1e-6)
     assert res.n_solved < res.n_pairs
-    expected_bound = {"sinkhorn": "mean" if kw.get("debiased") else "mean_spread", "sliced": "sliced"}[solver]
     assert res.bound == expected_bound
 
 
 def test_float32_nearest_matches_float64():
     xa, wa, xb, wb = families(8, 10, 5, 3, 8)
-    r64 = T.w2_nearest(xa, wa, xb, wb, k=2)
-    r32 = T.w2_nearest(xa.float(), wa.float(), xb.float(), wb.float(), k=2)
+    r64 = EXACT.nearest(xa, wa, xb, wb, k=2)
+    r32 = EXACT.nearest(xa.float(), wa.float(), xb.float(), wb.float(), k=2)
     assert torch.equal(r32.index, r64.index)
     torch.testing.assert_close(r32.cost, r64.cost, rtol=1e-5, atol=1e-6)
 
 
 def test_progress_bar_runs(capsys):
     xa, wa, xb, wb = families(5, 6, 4, 2, 9)
-    T.w2_nearest(xa, wa, xb, wb, k=1, progress=True)
-    T.pairwise_w2(xa, wa, xb, wb, solver="sliced", progress=True)
+    EXACT.nearest(xa, wa, xb, wb, k=1, progress=True)
+    SlicedW2().pairwise(xa, wa, xb, wb, progress=True)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -349,32 +352,88 @@ def test_shape_and_option_errors_are_clear():
     xa, wa = clouds(3, 4, 2, 0)
     xb, wb = clouds(5, 6, 3, 1)
     with pytest.raises(ValueError, match=r"different spaces: r=2 vs r=3"):
-        T.w2_nearest(xa, wa, xb, wb)
+        EXACT.nearest(xa, wa, xb, wb)
     with pytest.raises(ValueError, match=r"xa must have shape \[F, K, r\]"):
-        T.pairwise_w2(xa[0], wa, xa, wa)
+        EXACT.pairwise(xa[0], wa, xa, wa)
     with pytest.raises(ValueError, match=r"wb \(3, 3\) must match"):
-        T.pairwise_w2(xa, wa, xa, wa[:, :3])
+        EXACT.pairwise(xa, wa, xa, wa[:, :3])
     with pytest.raises(ValueError, match="non-negative"):
         T.lower_bound_mean(xa, -wa, xa, wa)
-    with pytest.raises(ValueError, match="transport solver must be one of"):
-        T.pairwise_w2(xa, wa, xa, wa, solver="emd")
     with pytest.raises(ValueError, match="transport bound must be one of"):
-        T.w2_nearest(xa, wa, xa, wa, bound="tight")
+        EXACT.nearest(xa, wa, xa, wa, bound="tight")
+    with pytest.raises(ValueError, match="transport bound 'sliced' only bounds the sliced solver"):
+        SinkhornW2().nearest(xa, wa, xa, wa, bound="sliced")
     with pytest.raises(ValueError, match="no broadcasting"):
         T.w2_sinkhorn(xa, wa, xa[:2], wa[:2])
     with pytest.raises(ValueError, match="reg must be > 0"):
         T.w2_sinkhorn(xa, wa, xa, wa, reg=0.0)
-    with pytest.raises(ValueError, match="unknown exact solver options"):
-        T.pairwise_w2(xa, wa, xa, wa, reg=0.1)
-    with pytest.raises(ValueError, match="unknown sinkhorn options"):
-        T.w2_nearest(xa, wa, xa, wa, solver="sinkhorn", n_projections=4)
+    with pytest.raises(ValueError, match="reg must be > 0"):
+        SinkhornW2(reg=0.0)  # settings are checked when the solver is built, before any work
+    with pytest.raises(ValueError, match="reg_mode must be"):
+        SinkhornW2(reg_mode="scaled")
+    with pytest.raises(ValueError, match="n_jobs must be >= 1"):
+        ExactW2(n_jobs=0)
+    with pytest.raises(ValueError, match="n_projections must be >= 1"):
+        SlicedW2(n_projections=0)
+    with pytest.raises(TypeError, match="reg"):
+        ExactW2(reg=0.1)
+    with pytest.raises(TypeError, match="n_projections"):
+        SinkhornW2(n_projections=4)
     with pytest.raises(ValueError, match="k must be >= 1"):
-        T.w2_nearest(xa, wa, xa, wa, k=0)
+        EXACT.nearest(xa, wa, xa, wa, k=0)
     with pytest.raises(ValueError, match="ia out of range"):
-        T.pair_w2(xa, wa, xa, wa, torch.tensor([3]), torch.tensor([0]))
+        EXACT.pair(xa, wa, xa, wa, torch.tensor([3]), torch.tensor([0]))
     bad = xa.clone()
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        T.pairwise_w2(bad, wa, xa, wa)
+        EXACT.pairwise(bad, wa, xa, wa)
     with pytest.raises(ValueError, match="w2_exact_pair: shapes disagree"):
         T.w2_exact_pair(xa[0], wa[0, :3], xa[1], wa[1])
+
+
+# ----------------------------------------------------------------------------- solvers from config
+@pytest.mark.parametrize("option,cls", [("exact", ExactW2), ("sinkhorn", SinkhornW2), ("sliced", SlicedW2)])
+def test_transport_config_builds_its_solver_and_the_matcher_gets_it(option, cls, compose_cfg):
+    cfg = compose_cfg(f"transport={option}")
+    solver = instantiate(cfg.transport)
+    assert type(solver) is cls
+    assert instantiate(cfg.matcher).solver == solver  # matcher.solver: ${transport}
+    # every setting of the yaml reaches the object
+    for key, value in cfg.transport.items():
+        if key != "_target_":
+            assert getattr(solver, key) == value, key
+
+
+def test_benchmark_experiment_composes_the_exact_solver(compose_cfg):
+    cfg = compose_cfg("experiment=synthetic_benchmark", config_name="evaluate")
+    assert instantiate(cfg.transport) == ExactW2()
+    assert instantiate(cfg.matchers.semantic_ot, progress=False).solver == ExactW2()
+
+
+@pytest.mark.parametrize("option", ["exact", "sinkhorn", "sliced"])
+def test_solver_objects_equal_the_functional_solvers(option, compose_cfg):
+    """``solver.pair`` / ``pairwise`` / ``nearest`` give the values of ``w2_exact_pair``,
+    ``w2_sinkhorn`` and ``w2_sliced`` with the same settings, for the configured solvers."""
+    solver = instantiate(compose_cfg(f"transport={option}").transport)
+    xa, wa, xb, wb = families(6, 7, 5, 3, 11)
+    wb[2] = 0  # a dead feature
+    ia = torch.tensor([0, 5, 3, 3, 1, 2])
+    ib = torch.tensor([6, 0, 2, 4, 1, 2])
+    if isinstance(solver, ExactW2):
+        ref = torch.tensor([T.w2_exact_pair(xa[i], wa[i], xb[j], wb[j], num_itermax=solver.num_itermax)
+                            for i, j in zip(ia.tolist(), ib.tolist())], dtype=torch.float64)
+    elif isinstance(solver, SinkhornW2):
+        ref = T.w2_sinkhorn(xa[ia], wa[ia], xb[ib], wb[ib], reg=solver.reg, n_iter=solver.n_iter, tol=solver.tol,
+                            debiased=solver.debiased, reg_mode=solver.reg_mode, anneal=solver.anneal,
+                            check_every=solver.check_every)
+    else:
+        ref = T.w2_sliced(xa[ia], wa[ia], xb[ib], wb[ib], n_projections=solver.n_projections, seed=solver.seed)
+    got = solver.pair(xa, wa, xb, wb, ia, ib)
+    assert got.dtype == torch.float64 and torch.isinf(got[[2, 5]]).all() and torch.isfinite(got[[0, 1, 3, 4]]).all()
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    D = solver.pairwise(xa, wa, xb, wb)
+    torch.testing.assert_close(D[ia, ib], got, rtol=0, atol=0)
+    res = solver.nearest(xa, wa, xb, wb, k=2)
+    ref_c, ref_i = brute(D, 2)
+    assert torch.equal(res.index, ref_i)
+    torch.testing.assert_close(res.cost, ref_c, rtol=0, atol=0)

@@ -53,6 +53,7 @@ from saeot.hooks import hook_layer
 from saeot.circuits.tasks import Task, TaskData, clean_accuracy
 from saeot.pipeline.callbacks import RunCallback
 from saeot.pipeline.state import TrainResult
+from saeot.transport import ExactW2, W2Solver
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ class CircuitCompression(L.Callback, RunCallback):
         edges: compute edges (one backward per downstream node and batch).
         n_supernodes, compression, distance_threshold, linkage: how the supernodes are
             cut (a count, ``ceil(nodes / compression)``, or a W2^2 threshold).
-        solver, solver_kwargs: transport solver for the semantic distances.
+        solver: transport solver of the semantic distances, a :class:`~saeot.transport.W2Solver`
+            (Hydra: ``${transport}``; default :class:`~saeot.transport.ExactW2`).
         keep_fraction: supernode budget of the compressed circuit, as a fraction of the
             number of supernodes (at least 1); the decoder-cosine baseline gets the same.
         n_exact: nodes (largest |effect|) checked by exact activation patching.
@@ -112,7 +114,7 @@ class CircuitCompression(L.Callback, RunCallback):
                  selection: str = "cumulative", n_nodes: int = 32, fraction: float = 0.8, max_nodes: int = 64,
                  include_errors: bool = True, edges: bool = True, n_supernodes: int | None = None,
                  compression: float | None = 3.0, distance_threshold: float | None = None, linkage: str = "average",
-                 solver: str = "exact", solver_kwargs: dict | None = None, keep_fraction: float = 0.5,
+                 solver: W2Solver | None = None, keep_fraction: float = 0.5,
                  n_exact: int = 16, ablation: str = "position", min_clean_accuracy: float = 0.6,
                  on_low_accuracy: str = "warn", progress: bool = True, plot: bool = True) -> None:
         super().__init__()
@@ -134,7 +136,7 @@ class CircuitCompression(L.Callback, RunCallback):
         self.selection, self.n_nodes, self.fraction, self.max_nodes = selection, n_nodes, fraction, max_nodes
         self.include_errors, self.edges = include_errors, edges
         self.n_supernodes, self.compression, self.distance_threshold = n_supernodes, compression, distance_threshold
-        self.linkage, self.solver, self.solver_kwargs = linkage, solver, dict(solver_kwargs or {})
+        self.linkage, self.solver = linkage, solver or ExactW2()
         self.keep_fraction, self.n_exact, self.ablation = keep_fraction, n_exact, ablation
         self.min_clean_accuracy, self.on_low_accuracy = min_clean_accuracy, on_low_accuracy
         self.progress, self.plot = progress, plot
@@ -272,7 +274,7 @@ class CircuitCompression(L.Callback, RunCallback):
         if self.distance_threshold is not None:
             cut = {"distance_threshold": self.distance_threshold}
         g_sem, c_sem = compress_graph(graph, samples=samples, method=self.linkage, solver=self.solver,
-                                      solver_kwargs=self.solver_kwargs, decode=decode, **cut)
+                                      decode=decode, **cut)
         keys = [(ref_of[i].hook, ref_of[i].feature) for i in c_sem.node_ids]
         d_cos = decoder_cosine_distances(saes, keys) if keys else torch.zeros(0, 0, dtype=torch.float64)
         g_cos, c_cos = compress_graph(graph, samples=samples, distances=d_cos, n_supernodes=c_sem.n_supernodes,

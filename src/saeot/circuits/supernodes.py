@@ -8,7 +8,7 @@ reference space (``run.projected``); nodes of every layer live in that one space
     D_{ab} = W_2^2(\mu_a, \mu_b)
 
 is defined within and across layers (:func:`semantic_distances`, through
-:func:`saeot.transport.pairwise_w2`). The baseline distance is the decoder cosine
+:meth:`saeot.transport.W2Solver.pairwise`). The baseline distance is the decoder cosine
 distance :math:`1 - \cos(W_{dec}[a], W_{dec}[b])` (:func:`decoder_cosine_distances`; across
 layers too, since residual-stream directions share one basis).
 
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from saeot.circuits.graph import CircuitGraph, GraphNode, Supernode
+from saeot.transport import ExactW2, W2Solver
 from saeot.types import FeatureSamples
 
 __all__ = [
@@ -81,14 +82,13 @@ def stack_samples(samples: dict[str, FeatureSamples], keys: Sequence[tuple[str, 
     return x, w
 
 
-def semantic_distances(samples: dict[str, FeatureSamples], keys: Sequence[tuple[str, int]], solver: str = "exact",
-                       progress: bool = False, **solver_kw: Any) -> Tensor:
+def semantic_distances(samples: dict[str, FeatureSamples], keys: Sequence[tuple[str, int]],
+                       solver: W2Solver | None = None, progress: bool = False) -> Tensor:
     r"""``[N, N]`` float64 :math:`W_2^2` between the features ``keys`` (symmetrised, zero
-    diagonal); rows and columns of features without samples are ``inf``."""
-    from saeot.transport import pairwise_w2
-
+    diagonal) under ``solver`` (default :class:`~saeot.transport.ExactW2`); rows and
+    columns of features without samples are ``inf``."""
     x, w = stack_samples(samples, keys)
-    D = pairwise_w2(x, w, x, w, solver=solver, progress=progress, **solver_kw).double().cpu()
+    D = (solver or ExactW2()).pairwise(x, w, x, w, progress=progress).double().cpu()
     D = 0.5 * (D + D.T)
     alive = w.sum(1) > 0
     D.fill_diagonal_(0.0)
@@ -252,7 +252,7 @@ def compress_graph(graph: CircuitGraph, *, samples: dict[str, FeatureSamples] | 
                    hook_for_layer: str | Callable[[int], str] = "blocks.{layer}.hook_resid_post",
                    distances: Tensor | None = None, n_supernodes: int | None = None,
                    compression: float | None = None, distance_threshold: float | None = None,
-                   method: str = "average", solver: str = "exact", solver_kwargs: dict | None = None,
+                   method: str = "average", solver: W2Solver | None = None,
                    decode: Callable[[list[int]], str] | None = None) -> tuple[CircuitGraph, Clustering]:
     """Cluster a graph's nodes into supernodes and return a copy of it that carries them.
 
@@ -268,7 +268,7 @@ def compress_graph(graph: CircuitGraph, *, samples: dict[str, FeatureSamples] | 
         n_supernodes / compression / distance_threshold: how to cut (see
             :func:`target_count`, :func:`agglomerate`); ``n_supernodes`` counts all units.
         method: linkage.
-        solver, solver_kwargs: the transport solver for the semantic distance.
+        solver: the transport solver of the semantic distance (default :class:`~saeot.transport.ExactW2`).
         decode: token ids -> text, for labels.
 
     Returns:
@@ -283,7 +283,7 @@ def compress_graph(graph: CircuitGraph, *, samples: dict[str, FeatureSamples] | 
     if distances is None:
         if samples is None:
             raise ValueError("compress_graph needs samples (hook -> FeatureSamples) or distances")
-        distances = (semantic_distances(samples, keys, solver=solver, **(solver_kwargs or {}))
+        distances = (semantic_distances(samples, keys, solver=solver)
                      if keys else torch.zeros(0, 0, dtype=torch.float64))
     if distances.shape != (len(keys), len(keys)):
         raise ValueError(f"distances {tuple(distances.shape)} must be [{len(keys)}, {len(keys)}] (feature nodes)")

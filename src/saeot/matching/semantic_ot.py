@@ -7,7 +7,7 @@ space (``ctx.samples``, already projected):
     D(i, j) = W2(mu_i, nu_j),  W2^2 = min_{P in U(w_i, w_j)} sum_{k,l} P_kl ||x_ik - y_jl||^2.
 
 The nearest candidates are exact under the chosen solver: lower bounds prune the
-pairs that cannot be among the ``k`` nearest (see :func:`saeot.transport.w2_nearest`).
+pairs that cannot be among the ``k`` nearest (see :meth:`saeot.transport.W2Solver.nearest`).
 ``distance`` in the outputs is W2 (not squared), so it is a metric.
 """
 
@@ -17,14 +17,16 @@ import torch
 from torch import Tensor
 
 from saeot.matching.base import MatchContext, Matcher, topk_from_dense
+from saeot.transport import ExactW2, W2Solver
 
 
 class SemanticOT(Matcher):
     """Wasserstein distance between feature distributions in the reference space.
 
     Args:
-        solver: ``exact`` (POT network simplex), ``sinkhorn`` or ``sliced``.
-        solver_kwargs: passed to the solver (e.g. ``reg``, ``n_projections``).
+        solver: a :class:`~saeot.transport.W2Solver` (Hydra: ``${transport}``, e.g.
+            ``ExactW2()``, ``SinkhornW2(reg=0.05)``, ``SlicedW2(n_projections=128)``);
+            default :class:`~saeot.transport.ExactW2`.
         progress: show a progress bar over rows.
         (others: see :class:`~saeot.matching.base.Matcher`)
     """
@@ -32,12 +34,14 @@ class SemanticOT(Matcher):
     name = "semantic_ot"
     requires = frozenset({"samples"})
 
-    def __init__(self, solver: str = "exact", solver_kwargs: dict | None = None, progress: bool = True, **kw) -> None:
+    def __init__(self, solver: W2Solver | None = None, progress: bool = True, **kw) -> None:
         super().__init__(**kw)
-        if solver not in ("exact", "sinkhorn", "sliced"):
-            raise ValueError(f"transport.solver={solver!r}; expected exact, sinkhorn or sliced")
+        if solver is None:
+            solver = ExactW2()
+        if not isinstance(solver, W2Solver):
+            raise ValueError(f"matcher.solver must be a saeot.transport.W2Solver (set transport=exact, sinkhorn or "
+                            f"sliced), got {type(solver).__name__}")
         self.solver = solver
-        self.solver_kwargs = dict(solver_kwargs or {})
         self.progress = progress
         self.last_stats: dict = {}
 
@@ -45,24 +49,20 @@ class SemanticOT(Matcher):
         return ctx.samples[hook].alive
 
     def candidates(self, ctx: MatchContext, hook_a: str, hook_b: str, k: int) -> tuple[Tensor, Tensor]:
-        from saeot.transport import w2_nearest
-
         sa, sb = ctx.samples[hook_a], ctx.samples[hook_b]
         dev = ctx.device
-        res = w2_nearest(
+        res = self.solver.nearest(
             sa.points.to(dev), sa.weights.to(dev), sb.points.to(dev), sb.weights.to(dev),
-            k=k, solver=self.solver, progress=self.progress, **self.solver_kwargs,
+            k=k, progress=self.progress,
         )
         self.last_stats = {"n_solved": int(res.n_solved), "n_pairs": int(res.n_pairs)}
         return res.cost.double().clamp_min(0).sqrt().cpu(), res.index.cpu()
 
     def pair_costs(self, ctx: MatchContext, hook_a: str, hook_b: str, ia: Tensor, ib: Tensor) -> Tensor:
-        from saeot.transport import pair_w2
-
         sa, sb = ctx.samples[hook_a], ctx.samples[hook_b]
         dev = ctx.device
-        c = pair_w2(sa.points.to(dev), sa.weights.to(dev), sb.points.to(dev), sb.weights.to(dev),
-                    ia.to(dev), ib.to(dev), solver=self.solver, **self.solver_kwargs)
+        c = self.solver.pair(sa.points.to(dev), sa.weights.to(dev), sb.points.to(dev), sb.weights.to(dev),
+                             ia.to(dev), ib.to(dev))
         return c.double().clamp_min(0).sqrt().cpu()
 
     def match_assignments(self, ctx: MatchContext, hook_a: str, hook_b: str, assignments=("nearest", "hungarian")):

@@ -1,0 +1,230 @@
+r"""Exact k nearest neighbours under a solver, without solving every pair.
+
+For each row of A the features of B are visited in increasing lower bound (see
+:mod:`saeot.transport._bounds`); the search stops as soon as the next bound exceeds
+the current k-th best cost, so the result equals brute force under the same solver.
+:func:`_search_nearest` is the loop over chunks of rows; a solver's pair evaluator
+visits the candidates of a chunk, either one by one on threads
+(:func:`_nearest_exact_chunk`, the network simplex) or in batched rounds
+(:func:`_nearest_batched_chunk`, Sinkhorn and sliced).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saeot.transport._bounds import _bound_embeddings, _bound_rows, _centre
+from saeot.transport._cost import _alive
+from saeot.transport._parallel import _bar, _parallel_map, _split
+
+# Pruning keeps a candidate unless bound * (1 - rtol) - atol > k-th best cost, so rounding
+# in the bound or the solver can never prune a pair that might belong to the top k.
+_SLACK = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+@dataclass
+class NearestResult:
+    """The k nearest features of B for every feature of A under one solver.
+
+    Attributes:
+        cost: ``[Fa, k]`` ascending along dim 1 (ties broken by the smaller index in B);
+            ``inf`` where fewer than k alive features exist or the row is dead.
+        index: ``[Fa, k]`` long into B, -1 where ``cost`` is inf.
+        n_solved: number of pairs the solver actually evaluated.
+        n_pairs: number of (alive A, alive B) pairs brute force would have evaluated.
+        bound: the lower bound that was used for pruning (``none`` if none).
+    """
+
+    cost: Tensor
+    index: Tensor
+    n_solved: int
+    n_pairs: int
+    bound: str = "none"
+
+    @property
+    def solved_fraction(self) -> float:
+        return self.n_solved / self.n_pairs if self.n_pairs else 0.0
+
+
+def _search_nearest(pairs, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int, bound: str, chunk: int,
+                    progress: bool = False, desc: str = "W2 nearest") -> NearestResult:
+    """The pruned search of :meth:`~saeot.transport.W2Solver.nearest` (inputs already checked).
+
+    ``pairs`` is the solver's pair evaluator (``dtype``, ``theta``, ``nearest_chunk``);
+    ``bound`` the bound it may use (``none`` disables pruning). Bounds are computed for
+    ``chunk`` rows of A at a time (memory ``chunk * Fb`` float64).
+    """
+    Fa, Fb = xa.shape[0], xb.shape[0]
+    alive_a, alive_b = _alive(wa), _alive(wb)
+    n_pairs = int(alive_a.sum()) * int(alive_b.sum())
+    dtype = pairs.dtype
+    prune = bound != "none"
+    atol = 0.0
+    if prune:
+        theta = pairs.theta if bound == "sliced" else None
+        ua, ub, c = _centre(*_bound_embeddings(bound, xa, wa, xb, wb, theta))
+        atol = _SLACK[dtype] * c * float(torch.cat([(ua * ua).sum(1), (ub * ub).sum(1)]).max())
+    cost = torch.full((Fa, k), math.inf, dtype=dtype)
+    index = torch.full((Fa, k), -1, dtype=torch.long)
+    n_solved = 0
+    bar = _bar(progress, Fa, desc)
+    try:
+        for s in range(0, Fa, chunk):
+            rows = torch.arange(s, min(Fa, s + chunk), device=xa.device)
+            if prune:
+                lb = _bound_rows(ua, ub, c, alive_b, slice(s, s + chunk))
+            else:
+                lb = torch.zeros(len(rows), Fb, dtype=torch.float64, device=xa.device)
+                lb.masked_fill_(~alive_b.unsqueeze(0), math.inf)
+            lb.masked_fill_(~alive_a[rows].unsqueeze(1), math.inf)
+            c_, i_, n_ = pairs.nearest_chunk(lb, rows, k, prune, atol, bar)
+            cost[s:s + len(rows)] = c_
+            index[s:s + len(rows)] = i_
+            n_solved += n_
+    finally:
+        if bar is not None:
+            bar.close()
+    return NearestResult(cost.to(xa.device), index.to(xa.device), int(n_solved), n_pairs, bound)
+
+
+def _sorted_bounds(lb: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The m smallest bounds of each row of ``lb [n, Fb]`` ascending, and their columns."""
+    if m >= lb.shape[1]:
+        return lb.sort(dim=1, stable=True)
+    v, i = torch.topk(lb, m, dim=1, largest=False, sorted=True)
+    return v, i
+
+
+def _nearest_exact_chunk(ex, lb: Tensor, rows: Tensor, k: int, n_jobs: int, prune: bool,
+                         atol: float, bar) -> tuple[Tensor, Tensor, int]:
+    """Exact top-k of ``rows [n]`` given their bounds ``lb [n, Fb]`` (inf = skip).
+
+    ``ex`` is the exact pair evaluator (``side_a``, ``side_b``, ``cost_trimmed``); each
+    row visits its candidates one by one, rows are spread over ``n_jobs`` threads.
+    """
+    row_ids = rows.tolist()
+    n_rows, Fb = lb.shape
+    v, i = _sorted_bounds(lb, min(Fb, max(8 * k, 32)))
+    lb_v, lb_i = v.cpu().numpy(), i.cpu().numpy()
+    rtol = _SLACK[torch.float64]
+
+    def one_row(r: int) -> tuple[list, int]:
+        vals, idx = lb_v[r], lb_i[r]
+        pa = ex.side_a(row_ids[r])
+        best: list[tuple[float, int]] = []  # (cost, j) ascending: ties broken by index
+        seen: list[int] = []
+        n, t = 0, 0
+        while True:
+            if t == len(idx):
+                if len(seen) >= Fb or len(idx) >= Fb:
+                    break
+                # the short list ran out before the stopping rule fired: sort the whole row
+                full = lb[r].cpu().numpy()
+                order = np.argsort(full, kind="stable")
+                order = order[~np.isin(order, np.asarray(seen))]
+                vals, idx, t = full[order], order, 0
+                if len(idx) == 0:
+                    break
+            lbv = float(vals[t])
+            if not math.isfinite(lbv):
+                break
+            if prune and len(best) == k and lbv * (1.0 - rtol) - atol > best[-1][0]:
+                break
+            j = int(idx[t])
+            t += 1
+            seen.append(j)
+            item = (ex.cost_trimmed(pa, ex.side_b(j)), j)
+            n += 1
+            if len(best) < k:
+                best.append(item)
+                best.sort()
+            elif item < best[-1]:
+                best[-1] = item
+                best.sort()
+        return best, n
+
+    res = _parallel_map(lambda rows: [one_row(int(r)) for r in rows], _split(n_rows, 8), n_jobs, bar)
+    cost = torch.full((n_rows, k), math.inf, dtype=torch.float64)
+    index = torch.full((n_rows, k), -1, dtype=torch.long)
+    n_total, r = 0, 0
+    for blk in res:
+        for best, n in blk:
+            n_total += n
+            for q, (cv, j) in enumerate(best):
+                if math.isfinite(cv):
+                    cost[r, q], index[r, q] = cv, j
+            r += 1
+    return cost, index, n_total
+
+
+def _merge_topk(bc: Tensor, bi: Tensor, nc: Tensor, ni: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k smallest of ``[bc | nc]`` per row, ties by index (stable sort by index, then by cost)."""
+    c = torch.cat([bc, nc], 1)
+    i = torch.cat([bi, ni], 1)
+    c = torch.where(i < 0, torch.full_like(c, math.inf), c)
+    key = torch.where(i < 0, torch.full_like(i, torch.iinfo(torch.long).max), i)
+    o = key.sort(dim=1, stable=True).indices
+    c, i = c.gather(1, o), i.gather(1, o)
+    o = c.sort(dim=1, stable=True).indices[:, :k]
+    c, i = c.gather(1, o), i.gather(1, o)
+    return c, torch.where(torch.isfinite(c), i, torch.full_like(i, -1))
+
+
+def _nearest_batched_chunk(pairs, lb: Tensor, rows: Tensor, k: int, prune: bool,
+                           atol: float, bar, max_step: int = 64) -> tuple[Tensor, Tensor, int]:
+    """Top-k of ``rows`` with a batched solver: rounds of k, 2k, ... (<= max_step) candidates per row.
+
+    ``pairs`` is the batched pair evaluator (``dtype``, ``costs(ia, ib)``); all active
+    rows of the chunk are solved together.
+
+    ``lb [n, Fb]`` is overwritten (visited entries become -inf).
+    """
+    n_rows, Fb = lb.shape
+    dev = lb.device
+    lb_v, lb_i = _sorted_bounds(lb, min(Fb, max(8 * k, 64)))
+    best_c = torch.full((n_rows, k), math.inf, dtype=pairs.dtype, device=dev)
+    best_i = torch.full((n_rows, k), -1, dtype=torch.long, device=dev)
+    rtol = _SLACK[pairs.dtype]
+
+    def pruned(v: Tensor) -> Tensor:  # bound exceeds the current k-th best: cannot enter the top k
+        if not prune:
+            return torch.zeros_like(v, dtype=torch.bool)
+        return (v * (1.0 - rtol) - atol) > best_c[:, -1:].to(torch.float64)
+
+    active = torch.isfinite(lb_v[:, 0]) if Fb else torch.zeros(n_rows, dtype=torch.bool, device=dev)
+    if bar is not None:
+        bar.update(n_rows - int(active.sum()))
+    pos, step, n_solved = 0, k, 0
+    while pos < Fb and bool(active.any()):
+        if pos + step > lb_v.shape[1] and lb_v.shape[1] < Fb:
+            lb_v, lb_i = _sorted_bounds(lb, min(Fb, max(4 * lb_v.shape[1], pos + step + 1)))
+        hi = min(pos + step, Fb)
+        wv, wi = lb_v[:, pos:hi], lb_i[:, pos:hi]
+        want = active.unsqueeze(1) & torch.isfinite(wv) & ~pruned(wv)
+        rr, cc = want.nonzero(as_tuple=True)
+        new_c = torch.full(wv.shape, math.inf, dtype=pairs.dtype, device=dev)
+        if rr.numel():
+            new_c[rr, cc] = pairs.costs(rows[rr], wi[rr, cc]).to(device=dev, dtype=pairs.dtype)
+            n_solved += int(rr.numel())
+        best_c, best_i = _merge_topk(best_c, best_i, new_c, torch.where(want, wi, torch.full_like(wi, -1)), k)
+        # visited columns sort first from now on, so a longer list re-sorted later keeps them in [0, pos)
+        lb.scatter_(1, wi, -math.inf)
+        pos = hi
+        if pos >= Fb:
+            break
+        if pos >= lb_v.shape[1]:
+            lb_v, lb_i = _sorted_bounds(lb, min(Fb, max(4 * lb_v.shape[1], pos + 1)))
+        nxt = lb_v[:, pos:pos + 1]
+        still = (torch.isfinite(nxt) & ~pruned(nxt)).squeeze(1)
+        if bar is not None:
+            bar.update(int((active & ~still).sum()))
+        active &= still
+        step = min(2 * step, max_step)
+    if bar is not None:
+        bar.update(int(active.sum()))
+    return best_c.cpu(), best_i.cpu(), n_solved
