@@ -238,6 +238,12 @@ def test_evaluate_runs_writes_metrics_table_and_report_without_training(tmp_path
     md = (tmp_path / "eval" / "functional_table.md").read_text()
     assert md.count("| 1→2 |") == 2 and "EV sub" in md
     assert len((tmp_path / "eval" / "functional_table.csv").read_text().strip().splitlines()) == 3
+    run = RunDir.load(dirs[0])  # the rest of what the run wrote reads back as it was written
+    assert run.matcher == "sae_match" and run.hooks == ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
+    samples = run.samples(run.hooks[0])
+    assert samples.n_features == run.load_saes()[run.hooks[0]].cfg.d_sae
+    assert torch.equal(run.alive()[run.hooks[0]], samples.n_fire > 0)
+    assert run.reference().dim is not None
 
 
 def test_a_run_dir_without_saes_json_is_refused_with_the_fix(tmp_path, compose_cfg):

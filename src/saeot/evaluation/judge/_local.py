@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from saeot.dtypes import resolve_dtype
 from saeot.evaluation.judge._base import Judge
@@ -65,9 +66,6 @@ class LocalHFJudge(Judge):
     def _load(self) -> None:
         if self._model is not None:
             return
-        # transformers' Auto classes are imported only when a local judge is used (slow to import)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         d = self.model_dir()
         self._tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
         self._model = AutoModelForCausalLM.from_pretrained(d, dtype=resolve_dtype(self.dtype, "judge.dtype"),
