@@ -17,7 +17,8 @@ import time
 from hydra import compose, initialize_config_dir
 
 from saeot.cli import CONF_DIR
-from saeot.evaluation.benchmark import affected_accuracy, build_saes, build_world, evaluate_world
+from saeot.evaluation.benchmark import build_saes, build_world, evaluate_world
+from saeot.evaluation.synthetic import affected_accuracy
 
 VARIANTS = {
     "default": [],

@@ -7,17 +7,22 @@ import types
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from saeot.evaluation import benchmark
 from saeot.evaluation.synthetic import (
     KINDS,
     SCENARIOS,
     SyntheticConfig,
     SyntheticSAEs,
     explained_variance,
+    express_in_latents,
     make_world,
     oracle_saes,
     trained_saes,
 )
+from saeot.hooks import hook_name
+from saeot.saes import training
 
 SMALL = dict(n_features=128, d_model=32, n_tokens=8192, chunk_size=2048)
 
@@ -296,8 +301,6 @@ def test_bad_settings_fail_early():
 
 
 def test_latent_truth_prefers_the_closest_duplicate_and_skips_unmapped():
-    from saeot.evaluation.synthetic import express_in_latents
-
     world = make_world(SyntheticConfig(n_features=8, d_model=8, n_tokens=64))
     (a, b), = world.pairs
     # A: latent 0 -> true 3, latent 1 unmapped; B: latents 0 and 2 both stand for true 3
@@ -307,3 +310,43 @@ def test_latent_truth_prefers_the_closest_duplicate_and_skips_unmapped():
     assert out.truth[(a, b)].tolist() == [2, -1]
     assert out.truth_sets[(a, b)].tolist() == [[True, False, True], [False, False, False]]
     assert out.kinds[(a, b)] == ("persists", "unmapped")
+
+
+def test_hooks_are_residual_stream_hook_names():
+    world = make_world(SyntheticConfig(n_features=8, d_model=8, n_tokens=64, n_layers=3))
+    assert world.hooks == [hook_name(i) for i in range(3)] == [f"blocks.{i}.hook_resid_post" for i in range(3)]
+
+
+def test_trained_saes_train_through_the_one_training_path(monkeypatch):
+    """trained_saes uses saeot.saes.training.train_sae (the path LocalTrainedSAEs uses), unscaled, seeded per layer."""
+    calls = []
+    real = training.train_sae
+
+    def spy(acts, cfg, **kw):
+        calls.append((acts.shape, cfg, kw))
+        return real(acts, cfg, **kw)
+
+    monkeypatch.setattr("saeot.evaluation.synthetic.trained.train_sae", spy)
+    world = make_world(SyntheticConfig(n_features=16, d_model=8, n_tokens=1024, chunk_size=512))
+    saes = trained_saes(world, steps=5, batch_size=64)
+    assert len(calls) == world.n_layers
+    for (shape, cfg, kw), hook in zip(calls, world.hooks):
+        assert shape == (320, 8) and cfg.architecture == "topk" and not cfg.normalize_inputs
+        assert cfg.d_sae == world.n_true(hook) and kw["name"] == hook
+    assert calls[0][2]["seed"] != calls[1][2]["seed"]
+    assert all(saes[h].cfg.metadata.hook_name == h for h in world.hooks)
+    again = trained_saes(world, steps=5, batch_size=64)
+    assert all(torch.equal(saes[h].W_dec, again[h].W_dec) for h in world.hooks)
+
+
+def test_benchmark_sae_registry_and_quiet_matchers():
+    world = make_world(SyntheticConfig(n_features=16, d_model=8, n_tokens=256, chunk_size=256))
+    scfg = OmegaConf.create({"sae": "oracle", "oracle_perturb": 0.0, "seed": 0})
+    assert set(benchmark.SAE_BUILDERS) == {"oracle", "trained"}
+    assert isinstance(benchmark.build_saes(scfg, world), SyntheticSAEs)
+    with pytest.raises(ValueError, match=r"synthetic.sae='nope'.*oracle"):
+        benchmark.build_saes(OmegaConf.merge(scfg, {"sae": "nope"}), world)
+    loud = types.SimpleNamespace(progress=True)
+    assert benchmark._quiet(loud).progress is False
+    silent = types.SimpleNamespace()
+    assert benchmark._quiet(silent) is silent

@@ -1,0 +1,80 @@
+"""Tables and plots of the synthetic benchmark (:mod:`saeot.evaluation.benchmark`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+
+from saeot.evaluation.synthetic import affected_accuracy
+from saeot.plots import _save  # also selects matplotlib's Agg backend
+
+__all__ = ["markdown_table", "plot_benchmark", "plot_sweep"]
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.3f}"
+
+
+def markdown_table(results: dict) -> str:
+    scenarios = list(results)
+    matchers = list(next(iter(results.values())))
+    lines = ["**top1_accuracy on the affected features** (split/merged features for split_merge, the "
+             "near-duplicate pairs for near_duplicates; all features elsewhere)\n",
+             "| matcher | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    for m in matchers:
+        cells = [_fmt(affected_accuracy(results[s].get(m), s)) if results[s].get(m) is not None else "not applicable"
+                 for s in scenarios]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for metric in ("top1_accuracy", "hungarian_accuracy", "nomatch_precision", "nomatch_recall"):
+        lines.append(f"**{metric}**\n")
+        lines.append("| matcher | " + " | ".join(scenarios) + " |")
+        lines.append("|---|" + "---|" * len(scenarios))
+        for m in matchers:
+            cells = [_fmt((results[s].get(m) or {}).get(metric)) if results[s].get(m) is not None else "not applicable"
+                     for s in scenarios]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_benchmark(results: dict, path: Path) -> Path:
+    scenarios = list(results)
+    matchers = list(next(iter(results.values())))
+    grid = torch.full((len(matchers), len(scenarios)), float("nan"))
+    for j, s in enumerate(scenarios):
+        for i, m in enumerate(matchers):
+            r = results[s].get(m)
+            if r is not None and r.get("top1_accuracy") is not None:
+                grid[i, j] = r["top1_accuracy"]
+    fig, ax = plt.subplots(figsize=(1.3 * len(scenarios) + 2.5, 0.55 * len(matchers) + 1.5))
+    im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn")
+    for i in range(len(matchers)):
+        for j in range(len(scenarios)):
+            v = float(grid[i, j])
+            ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(scenarios)), scenarios, rotation=30, ha="right")
+    ax.set_yticks(range(len(matchers)), matchers)
+    ax.set_title("top-1 accuracy on planted ground truth")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    return _save(fig, path)
+
+
+def plot_sweep(sweep: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for noise in sweep["noise"]:
+        row = sweep["top1_accuracy"][str(noise)]
+        ax.plot(sweep["k"], [row[str(k)] for k in sweep["k"]], marker="o", label=f"noise {noise}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("samples per feature K")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"semantic OT, finite samples ({sweep['scenario']})")
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,152 @@
+"""Settings of the planted model: :class:`SyntheticConfig`, the scenarios, splits and kinds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sae_lens.synthetic import ZipfianFiringProbabilityConfig
+
+__all__ = ["SCENARIOS", "SPLITS", "PILOT", "KINDS", "SyntheticConfig"]
+
+SCENARIOS: tuple[str, ...] = (
+    "identity",
+    "rotation",
+    "rescale",
+    "birth_death",
+    "split_merge",
+    "near_duplicates",
+    "disjoint_tokens",
+)
+#: split name -> code used in the seeds of its chunks (0 is the pilot chunk)
+SPLITS: dict[str, int] = {"train": 1, "profile": 2, "heldout": 3}
+#: split code of the pilot chunk that estimates signal scale and firing rates
+PILOT = 0
+
+#: labels of layer-A features in ``kinds`` (one per feature and pair), in priority order
+KINDS: tuple[str, ...] = ("dies", "splits", "merges", "near_duplicate", "persists")
+
+
+@dataclass
+class SyntheticConfig:
+    """Knobs of the planted model (see :mod:`saeot.evaluation.synthetic` for the semantics).
+
+    Attributes:
+        n_features: true features (= concepts) at layer 0.
+        d_model: width d of the hidden states.
+        n_layers: layers 0..n_layers-1; truth for every adjacent pair and (0, last).
+        n_tokens: tokens per split (``train``, ``profile``, ``heldout``) and layer stream.
+        noise: std of the isotropic hidden-state noise relative to the per-coordinate
+            RMS of the noise-free signal (0.05: noise energy 0.25% of the signal's).
+        scenarios: any of :data:`SCENARIOS`, combined.
+        seed: seed of everything (structure and streams).
+        firing_exponent, firing_max_prob, firing_min_prob: Zipfian firing
+            probabilities (``sae_lens`` ``ZipfianFiringProbabilityConfig``), assigned to
+            concepts in random order.
+        magnitude_mean, magnitude_std: firing magnitude ``max(0, N(mean, std^2))``.
+        correlation_rank, correlation_scale: low-rank copula of co-firing
+            (``correlation_scale = 0`` makes concepts independent).
+        drift: per-transition direction noise (``cos(D^l, D^{l+1}) ~ 1/sqrt(1+drift^2)``).
+        spread_steps: gradient steps spreading the directions apart (0: plain random
+            unit vectors; skipped above 4096 concepts).
+        rotation_angle: rotation of every plane per transition, radians (pi/2: every
+            direction ends orthogonal to where it was).
+        rescale_growth, rescale_range: layer-wide magnitude growth per transition and
+            log-uniform range of per-feature magnitude factors.
+        birth_death_fraction: features (of ``n_features``) dying, and born, per transition.
+        split_merge_fraction: features (of ``n_features``) splitting per transition;
+            half as many pairs merge.
+        split_context_prob: P(context fires | split parent fires).
+        split_spread: size of the offset separating the two children of a split
+            (``cos(child, parent) = 1/sqrt(1+spread^2)``).
+        near_duplicate_fraction: features (of ``n_features``) in near-duplicate pairs (as
+            many more are reserved as their context partners).
+        near_duplicate_cos: range of the pairs' direction cosine.
+        near_duplicate_context_prob: P(own context partner fires | member fires).
+        bias: norm of a random per-layer offset b^l, in units of the layer's typical
+            feature magnitude (0: centred hidden states).
+        chunk_size: tokens per generated chunk (content never depends on batch sizes).
+        threads: torch intra-op threads while this module computes (its tensors are
+            small, where thread synchronisation costs more than it gains, badly so on a
+            busy machine); torch's own setting is restored afterwards. None: leave it.
+    """
+
+    n_features: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_tokens: int = 20000
+    noise: float = 0.05
+    scenarios: tuple[str, ...] = ("identity",)
+    seed: int = 0
+    firing_exponent: float = 1.0
+    firing_max_prob: float = 0.2
+    firing_min_prob: float = 0.005
+    magnitude_mean: float = 1.0
+    magnitude_std: float = 0.25
+    correlation_rank: int = 8
+    correlation_scale: float = 0.075
+    drift: float = 0.2
+    spread_steps: int = 60
+    rotation_angle: float = math.pi / 2
+    rescale_growth: float = 2.0
+    rescale_range: tuple[float, float] = (0.67, 1.5)
+    birth_death_fraction: float = 0.1
+    split_merge_fraction: float = 0.06
+    split_context_prob: float = 0.35
+    split_spread: float = 0.75
+    near_duplicate_fraction: float = 0.1
+    near_duplicate_cos: tuple[float, float] = (0.95, 0.99)
+    near_duplicate_context_prob: float = 0.95
+    bias: float = 0.0
+    chunk_size: int = 4096
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scenarios, str):
+            self.scenarios = (self.scenarios,)
+        self.scenarios = tuple(str(s) for s in self.scenarios)
+        self.rescale_range = tuple(float(x) for x in self.rescale_range)  # type: ignore[assignment]
+        self.near_duplicate_cos = tuple(float(x) for x in self.near_duplicate_cos)  # type: ignore[assignment]
+        unknown = [s for s in self.scenarios if s not in SCENARIOS]
+        if unknown:
+            raise ValueError(f"synthetic.scenarios: unknown {unknown}; choose from {list(SCENARIOS)}")
+        checks = [
+            (self.n_features >= 2, "synthetic.n_features must be >= 2"),
+            (self.d_model >= 2, "synthetic.d_model must be >= 2"),
+            (self.n_layers >= 2, "synthetic.n_layers must be >= 2"),
+            (self.n_tokens >= 1, "synthetic.n_tokens must be >= 1"),
+            (self.noise >= 0, "synthetic.noise must be >= 0"),
+            (0 < self.firing_min_prob < self.firing_max_prob <= 1,
+             "synthetic.firing_min_prob / firing_max_prob must satisfy 0 < min < max <= 1"),
+            (self.magnitude_mean > 0 and self.magnitude_std >= 0,
+             "synthetic.magnitude_mean must be > 0 and magnitude_std >= 0"),
+            (self.correlation_rank >= 1 and self.correlation_scale >= 0,
+             "synthetic.correlation_rank must be >= 1 and correlation_scale >= 0"),
+            (self.drift >= 0, "synthetic.drift must be >= 0"),
+            (len(self.rescale_range) == 2 and 0 < self.rescale_range[0] <= self.rescale_range[1],
+             "synthetic.rescale_range must be (lo, hi) with 0 < lo <= hi"),
+            (self.rescale_growth > 0, "synthetic.rescale_growth must be > 0"),
+            (0 <= self.birth_death_fraction < 1, "synthetic.birth_death_fraction must be in [0, 1)"),
+            (0 <= self.split_merge_fraction < 1, "synthetic.split_merge_fraction must be in [0, 1)"),
+            (0 < self.split_context_prob < 1, "synthetic.split_context_prob must be in (0, 1)"),
+            (0 <= self.near_duplicate_fraction < 1, "synthetic.near_duplicate_fraction must be in [0, 1)"),
+            (len(self.near_duplicate_cos) == 2 and 0 < self.near_duplicate_cos[0] <= self.near_duplicate_cos[1] < 1,
+             "synthetic.near_duplicate_cos must be (lo, hi) with 0 < lo <= hi < 1"),
+            (0 < self.near_duplicate_context_prob <= 1, "synthetic.near_duplicate_context_prob must be in (0, 1]"),
+            (self.bias >= 0, "synthetic.bias must be >= 0"),
+            (self.chunk_size >= 1, "synthetic.chunk_size must be >= 1"),
+            (self.threads is None or self.threads >= 1, "synthetic.threads must be >= 1 or null"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def has(self, scenario: str) -> bool:
+        return scenario in self.scenarios
+
+    @property
+    def firing(self) -> ZipfianFiringProbabilityConfig:
+        """The ``sae_lens`` firing-probability config these knobs describe."""
+        return ZipfianFiringProbabilityConfig(
+            exponent=self.firing_exponent, max_prob=self.firing_max_prob, min_prob=self.firing_min_prob
+        )
