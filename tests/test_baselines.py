@@ -23,7 +23,7 @@ from saeot.matching.assignment import (
     linear_assignment_sparse,
 )
 from saeot.matching.base import MatchContext
-from saeot.matching.correlation import ActivationCorrelation
+from saeot.matching.activation_correlation import ActivationCorrelation
 from saeot.profiling import CorrelationAccumulator
 from saeot.matching.feature_flow import FeatureFlow
 from saeot.matching.sae_match import SAEMatch
@@ -397,3 +397,18 @@ def test_compose_matches():
     assert torch.equal(out, expected)
     with pytest.raises(ValueError):
         compose_matches(torch.tensor([0, 5]), torch.tensor([0, 1]))
+
+
+def test_matcher_settings_are_a_config_dataclass_that_names_bad_keys():
+    from saeot.matching import MatcherConfig, SAEMatchConfig
+
+    m = SAEMatch(w_enc=0.5, assignment="nearest")
+    assert isinstance(m.cfg, SAEMatchConfig) and isinstance(m.cfg, MatcherConfig)
+    assert m.cfg.w_enc == 0.5 and m.cfg.assignment == "nearest" and m.cfg.n_candidates == 32  # its own default
+    assert SAEMatch(SAEMatchConfig(w_enc=0.5)).cfg == SAEMatchConfig(w_enc=0.5)
+    with pytest.raises(ValueError, match=r"matcher.w_encc is not a setting of matcher sae_match"):
+        SAEMatch(w_encc=0.5)
+    with pytest.raises(ValueError, match="matcher.null_alpha"):
+        FeatureFlow(null_alpha=2)
+    with pytest.raises(ValueError, match="matcher.long_range"):
+        SAEMatch(long_range="sideways")

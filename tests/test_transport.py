@@ -397,7 +397,7 @@ def test_transport_config_builds_its_solver_and_the_matcher_gets_it(option, cls,
     cfg = compose_cfg(f"transport={option}")
     solver = instantiate(cfg.transport)
     assert type(solver) is cls
-    assert instantiate(cfg.matcher).solver == solver  # matcher.solver: ${transport}
+    assert instantiate(cfg.matcher).cfg.solver == solver  # matcher.solver: ${transport}
     # every setting of the yaml reaches the object
     for key, value in cfg.transport.items():
         if key != "_target_":
@@ -407,7 +407,7 @@ def test_transport_config_builds_its_solver_and_the_matcher_gets_it(option, cls,
 def test_benchmark_experiment_composes_the_exact_solver(compose_cfg):
     cfg = compose_cfg("experiment=synthetic_benchmark", config_name="evaluate")
     assert instantiate(cfg.transport) == ExactW2()
-    assert instantiate(cfg.matchers.semantic_ot, progress=False).solver == ExactW2()
+    assert instantiate(cfg.matchers.semantic_ot, progress=False).cfg.solver == ExactW2()
 
 
 @pytest.mark.parametrize("option", ["exact", "sinkhorn", "sliced"])

@@ -18,12 +18,13 @@ decision) is shared, so all matchers produce comparable :class:`MatchResult`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from saeot.matching.assignment import linear_assignment_sparse
 from saeot.types import FeatureSamples, MatchResult
 
 
@@ -50,10 +51,15 @@ class MatcherNotApplicable(RuntimeError):
     """The matcher cannot run on this input (e.g. needs shared tokens that do not exist)."""
 
 
-class Matcher(ABC):
-    """Base class of all matchers.
+ASSIGNMENTS = ("nearest", "hungarian")
 
-    Args:
+
+@dataclass
+class MatcherConfig:
+    """Settings every matcher shares; a matcher's own settings extend it in a subclass
+    (``SAEMatchConfig(MatcherConfig)``), whose fields are the keys of its ``conf/matcher/`` file.
+
+    Attributes:
         assignment: ``nearest`` (each feature of A takes its cheapest partner; many-to-one)
             or ``hungarian`` (one-to-one linear assignment over the candidates).
         n_candidates: partners kept per feature for the one-to-one assignment.
@@ -71,35 +77,58 @@ class Matcher(ABC):
         seed: seed of the null's random pairs.
     """
 
+    assignment: str = "nearest"
+    n_candidates: int = 8
+    null_quantile: float | None = None
+    null_alpha: float = 0.05
+    n_null: int = 2048
+    min_margin: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"matcher.assignment must be 'nearest' or 'hungarian', got {self.assignment!r}")
+        if self.null_quantile is not None and not 0.0 < self.null_quantile <= 1.0:
+            raise ValueError(f"matcher.null_quantile must be in (0, 1], got {self.null_quantile}")
+        if not 0.0 < self.null_alpha <= 1.0:
+            raise ValueError(f"matcher.null_alpha must be in (0, 1], got {self.null_alpha}")
+        if self.n_candidates < 2:
+            raise ValueError(f"matcher.n_candidates must be >= 2, got {self.n_candidates}")
+        if self.n_null < 10:
+            raise ValueError(f"matcher.n_null must be >= 10, got {self.n_null}")
+        if self.min_margin < 0:
+            raise ValueError(f"matcher.min_margin must be >= 0, got {self.min_margin}")
+
+
+
+class Matcher(ABC):
+    """Base class of all matchers.
+
+    Built from its settings, ``SAEMatch(assignment="hungarian", w_enc=0.5)`` (what Hydra's
+    ``conf/matcher/*.yaml`` does), or from a ready config, ``SAEMatch(cfg)``; the settings
+    are the fields of :attr:`config_class` and live in ``self.cfg``. An unknown setting
+    is an error naming it.
+    """
+
     name: ClassVar[str] = "matcher"
     #: which fields of MatchContext the matcher reads: {"saes", "samples", "correlations"}
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: the dataclass of this matcher's settings
+    config_class: ClassVar[type[MatcherConfig]] = MatcherConfig
 
-    def __init__(
-        self,
-        assignment: str = "nearest",
-        n_candidates: int = 8,
-        null_quantile: float | None = None,
-        null_alpha: float = 0.05,
-        n_null: int = 2048,
-        min_margin: float = 0.0,
-        seed: int = 0,
-    ) -> None:
-        if assignment not in ("nearest", "hungarian"):
-            raise ValueError(f"matcher.assignment must be 'nearest' or 'hungarian', got {assignment!r}")
-        if null_quantile is not None and not 0.0 < null_quantile <= 1.0:
-            raise ValueError(f"matcher.null_quantile must be in (0, 1], got {null_quantile}")
-        if not 0.0 < null_alpha <= 1.0:
-            raise ValueError(f"matcher.null_alpha must be in (0, 1], got {null_alpha}")
-        if n_candidates < 2:
-            raise ValueError(f"matcher.n_candidates must be >= 2, got {n_candidates}")
-        self.assignment = assignment
-        self.n_candidates = n_candidates
-        self.null_quantile = null_quantile
-        self.null_alpha = null_alpha
-        self.n_null = n_null
-        self.min_margin = min_margin
-        self.seed = seed
+    def __init__(self, cfg: MatcherConfig | None = None, **settings: Any) -> None:
+        if cfg is None:
+            known = {f.name for f in fields(self.config_class)}
+            unknown = sorted(set(settings) - known)
+            if unknown:
+                raise ValueError(f"matcher.{unknown[0]} is not a setting of matcher {self.name}; "
+                                 f"its settings: {sorted(known)}")
+            cfg = self.config_class(**settings)
+        elif settings:
+            raise TypeError(f"{type(self).__name__}: pass either a config or settings, not both")
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.cfg = cfg
 
     # ------------------------------------------------------------------ subclass API
     @abstractmethod
@@ -143,15 +172,15 @@ class Matcher(ABC):
             exclude: ``[F_a, k]`` candidate indices into B per feature of A; random pairs
                 that hit them are dropped from the null (they may be true partners).
         """
-        if (self.null_quantile or self.null_alpha) >= 1.0:
+        if (self.cfg.null_quantile or self.cfg.null_alpha) >= 1.0:
             return float("inf")
         alive_a = self.alive(ctx, hook_a).nonzero().flatten()
         alive_b = self.alive(ctx, hook_b).nonzero().flatten()
         if len(alive_a) == 0 or len(alive_b) == 0:
             return float("nan")
-        g = torch.Generator().manual_seed(self.seed)
-        ia = alive_a[torch.randint(len(alive_a), (self.n_null,), generator=g)]
-        ib = alive_b[torch.randint(len(alive_b), (self.n_null,), generator=g)]
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        ia = alive_a[torch.randint(len(alive_a), (self.cfg.n_null,), generator=g)]
+        ib = alive_b[torch.randint(len(alive_b), (self.cfg.n_null,), generator=g)]
         if exclude is not None:
             keep = ~(exclude[ia] == ib[:, None]).any(1)
             ia, ib = ia[keep], ib[keep]
@@ -159,27 +188,25 @@ class Matcher(ABC):
         costs = costs[torch.isfinite(costs)]
         if costs.numel() < 10:
             return float("nan")
-        if self.null_quantile is not None:
-            return float(torch.quantile(costs, self.null_quantile))
-        q = null_level(self.null_alpha, len(alive_b))
+        if self.cfg.null_quantile is not None:
+            return float(torch.quantile(costs, self.cfg.null_quantile))
+        q = null_level(self.cfg.null_alpha, len(alive_b))
         return float(tail_quantile(costs, q))
 
     def match(self, ctx: MatchContext, hook_a: str, hook_b: str) -> MatchResult:
         """Match every feature of A to B; see the class docstring for the decision rule."""
-        return self.match_assignments(ctx, hook_a, hook_b, (self.assignment,))[self.assignment]
+        return self.match_assignments(ctx, hook_a, hook_b, (self.cfg.assignment,))[self.cfg.assignment]
 
     def match_assignments(
         self, ctx: MatchContext, hook_a: str, hook_b: str, assignments: tuple[str, ...] = ("nearest", "hungarian")
     ) -> dict[str, MatchResult]:
         """Direct matches of A to B under several assignments, sharing one candidate search
         and one null (the expensive parts)."""
-        from saeot.matching.assignment import linear_assignment_sparse
-
         for a in assignments:
-            if a not in ("nearest", "hungarian"):
+            if a not in ASSIGNMENTS:
                 raise ValueError(f"matcher.assignment must be 'nearest' or 'hungarian', got {a!r}")
         self.check(ctx, hook_a, hook_b)
-        k = self.n_candidates if "hungarian" in assignments else 2
+        k = self.cfg.n_candidates if "hungarian" in assignments else 2
         cost, index = self.candidates(ctx, hook_a, hook_b, k)
         cost = cost.double().cpu()
         index = index.long().cpu()
@@ -204,9 +231,9 @@ class Matcher(ABC):
             matched = torch.isfinite(distance) & (feature_b >= 0)
             if threshold == threshold:  # not nan
                 matched &= distance <= threshold
-            if self.min_margin > 0:
+            if self.cfg.min_margin > 0:
                 rel = margin / best.abs().clamp_min(1e-12)
-                matched &= rel >= self.min_margin
+                matched &= rel >= self.cfg.min_margin
             out[assignment] = MatchResult(
                 hook_a=hook_a,
                 hook_b=hook_b,
@@ -243,20 +270,6 @@ def tail_quantile(costs: Tensor, q: float, min_count: int = 20) -> Tensor:
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(q, dtype=torch.float64))
     t = med + z * sigma
     return t.exp() if positive else t
-
-
-def topk_from_dense(cost: Tensor, k: int, alive_b: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``k`` smallest entries per row of a dense ``[F_a, F_b]`` cost (``inf`` = impossible)."""
-    if alive_b is not None:
-        cost = cost.masked_fill(~alive_b.to(cost.device)[None, :], float("inf"))
-    k_eff = min(k, cost.shape[1])
-    values, index = torch.topk(cost, k_eff, dim=1, largest=False)
-    index = index.masked_fill(~torch.isfinite(values), -1)
-    if k_eff < k:
-        pad = k - k_eff
-        values = torch.cat([values, values.new_full((cost.shape[0], pad), float("inf"))], dim=1)
-        index = torch.cat([index, index.new_full((cost.shape[0], pad), -1)], dim=1)
-    return values, index
 
 
 def _n_features(ctx: MatchContext, hook: str) -> int:

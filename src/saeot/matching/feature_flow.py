@@ -13,12 +13,14 @@ Features with an all-zero decoder row have no direction and are treated as dead.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from saeot.dtypes import resolve_dtype
-from saeot.matching.base import Matcher, MatchContext
-from saeot.matching.sae_match import chunked_candidates
+from saeot.matching.base import MatchContext, Matcher, MatcherConfig
+from saeot.matching.candidates import chunked_candidates
 
 __all__ = ["FeatureFlow", "unit_decoder_rows"]
 
@@ -30,44 +32,36 @@ def unit_decoder_rows(sae, device: torch.device | str = "cpu", dtype: torch.dtyp
     return torch.where(norm > 0, W / norm.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(W))
 
 
-class FeatureFlow(Matcher):
-    """Cosine distance between unit decoder rows.
+@dataclass
+class FeatureFlowConfig(MatcherConfig):
+    """Settings of :class:`FeatureFlow` (and the shared ones of :class:`MatcherConfig`).
 
-    Args:
-        assignment, n_candidates, null_quantile, n_null, min_margin, seed: see :class:`Matcher`
-            (default assignment here is ``nearest``).
+    Attributes:
         chunk_size: rows of A per chunk of the dense cost.
         dtype: ``float32`` or ``float64``.
     """
 
+    n_null: int = 4096
+    chunk_size: int = 1024
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        resolve_dtype(self.dtype, "matcher.dtype", allowed=(torch.float32, torch.float64))
+        if self.chunk_size < 1:
+            raise ValueError(f"matcher.chunk_size must be >= 1, got {self.chunk_size}")
+
+
+class FeatureFlow(Matcher):
+    """Cosine distance between unit decoder rows. Settings: :class:`FeatureFlowConfig`."""
+
     name = "feature_flow"
     requires = frozenset({"saes"})
+    config_class = FeatureFlowConfig
 
-    def __init__(
-        self,
-        assignment: str = "nearest",
-        n_candidates: int = 8,
-        null_quantile: float | None = None,
-        null_alpha: float = 0.05,
-        n_null: int = 4096,
-        min_margin: float = 0.0,
-        seed: int = 0,
-        chunk_size: int = 1024,
-        dtype: str = "float32",
-    ) -> None:
-        super().__init__(
-            assignment=assignment,
-            n_candidates=n_candidates,
-            null_quantile=null_quantile,
-            null_alpha=null_alpha,
-            n_null=n_null,
-            min_margin=min_margin,
-            seed=seed,
-        )
-        self.dtype = resolve_dtype(dtype, "matcher.dtype", allowed=(torch.float32, torch.float64))
-        if chunk_size < 1:
-            raise ValueError(f"matcher.chunk_size must be >= 1, got {chunk_size}")
-        self.chunk_size = chunk_size
+    def __init__(self, cfg: FeatureFlowConfig | None = None, **settings) -> None:
+        super().__init__(cfg, **settings)
+        self.dtype = resolve_dtype(self.cfg.dtype, "matcher.dtype")
 
     def _directions(self, ctx: MatchContext, hook_a: str, hook_b: str) -> tuple[Tensor, Tensor]:
         d_a, d_b = int(ctx.saes[hook_a].cfg.d_in), int(ctx.saes[hook_b].cfg.d_in)
@@ -94,7 +88,7 @@ class FeatureFlow(Matcher):
             return (1.0 - ua[start:stop] @ ubT).clamp_(0.0, 2.0)
 
         return chunked_candidates(
-            rows, ua.shape[0], k, self.chunk_size, self.alive(ctx, hook_a), self.alive(ctx, hook_b)
+            rows, ua.shape[0], k, self.cfg.chunk_size, self.alive(ctx, hook_a), self.alive(ctx, hook_b)
         )
 
     def pair_costs(self, ctx: MatchContext, hook_a: str, hook_b: str, ia: Tensor, ib: Tensor) -> Tensor:

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -36,54 +37,14 @@ from torch import Tensor
 from saeot.dtypes import resolve_dtype
 from saeot.hooks import hook_layer, hooks_between
 from saeot.matching.assignment import compose_matches
-from saeot.matching.base import Matcher, MatchContext, topk_from_dense
+from saeot.matching.base import MatchContext, Matcher, MatcherConfig
+from saeot.matching.candidates import chunked_candidates
 from saeot.saes import encoder_bias, fold_threshold
 from saeot.types import MatchResult
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "SAEMatch",
-    "chunked_candidates",
-    "rerank_exact",
-]
-
-# ---------------------------------------------------------------------------- chunked candidates
-def chunked_candidates(
-    cost_rows: Callable[[int, int], Tensor],
-    n_a: int,
-    k: int,
-    chunk_size: int,
-    alive_a: Tensor | None = None,
-    alive_b: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``k`` cheapest partners of every row, computing the dense cost one chunk of rows at a time.
-
-    Args:
-        cost_rows: ``(start, stop) -> [stop - start, F_b]`` dense cost of rows ``start:stop``.
-        n_a: number of rows (features of A).
-        k: candidates kept per row.
-        chunk_size: rows per chunk; peak memory O(chunk_size * F_b).
-        alive_a: ``[F_a]`` bool; dead rows get no candidates (all ``inf`` / -1).
-        alive_b: ``[F_b]`` bool; dead columns are never candidates.
-
-    Returns:
-        ``cost [F_a, k]`` ascending (``inf`` padding) and ``index [F_a, k]`` long (-1 padding).
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    costs, indices = [], []
-    for start in range(0, n_a, chunk_size):
-        stop = min(start + chunk_size, n_a)
-        cost = cost_rows(start, stop)
-        if alive_a is not None:
-            cost = cost.masked_fill(~alive_a[start:stop].to(cost.device)[:, None], float("inf"))
-        c, i = topk_from_dense(cost, k, alive_b)
-        costs.append(c)
-        indices.append(i)
-    if not costs:
-        return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
-    return torch.cat(costs), torch.cat(indices)
+__all__ = ["SAEMatch", "SAEMatchConfig", "rerank_exact"]
 
 
 def rerank_exact(va: Tensor, vb: Tensor, cost: Tensor, index: Tensor, max_elements: int = 1 << 22) -> Tensor:
@@ -115,12 +76,12 @@ def rerank_exact(va: Tensor, vb: Tensor, cost: Tensor, index: Tensor, max_elemen
 
 
 # ---------------------------------------------------------------------------- matcher
-class SAEMatch(Matcher):
-    """SAE Match: squared distance between folded SAE parameters, one-to-one assignment.
+@dataclass
+class SAEMatchConfig(MatcherConfig):
+    """Settings of :class:`SAEMatch` (and the shared ones of :class:`MatcherConfig`;
+    the assignment defaults to ``hungarian``, as in the paper).
 
-    Args:
-        assignment, n_candidates, null_quantile, n_null, min_margin, seed: see :class:`Matcher`
-            (default assignment here is ``hungarian``, as in the paper).
+    Attributes:
         w_dec, w_enc, w_bias: weights of the decoder-row, encoder-column and encoder-bias
             terms of the cost (module docstring). Non-negative, not all zero.
         fold: fold thresholds / scales before comparing (False: raw weights; an ablation).
@@ -132,65 +93,58 @@ class SAEMatch(Matcher):
         dtype: ``float32`` or ``float64``, precision of the cost computation.
     """
 
-    name = "sae_match"
-    requires = frozenset({"saes"})
+    assignment: str = "hungarian"
+    n_candidates: int = 32
+    n_null: int = 4096
+    w_dec: float = 1.0
+    w_enc: float = 1.0
+    w_bias: float = 1.0
+    fold: bool = True
+    long_range: str = "compose"
+    chain: Sequence[str] | None = None
+    chunk_size: int = 1024
+    dtype: str = "float32"
 
-    def __init__(
-        self,
-        assignment: str = "hungarian",
-        n_candidates: int = 32,
-        null_quantile: float | None = None,
-        null_alpha: float = 0.05,
-        n_null: int = 4096,
-        min_margin: float = 0.0,
-        seed: int = 0,
-        w_dec: float = 1.0,
-        w_enc: float = 1.0,
-        w_bias: float = 1.0,
-        fold: bool = True,
-        long_range: str = "compose",
-        chain: Sequence[str] | None = None,
-        chunk_size: int = 1024,
-        dtype: str = "float32",
-    ) -> None:
-        super().__init__(
-            assignment=assignment,
-            n_candidates=n_candidates,
-            null_quantile=null_quantile,
-            null_alpha=null_alpha,
-            n_null=n_null,
-            min_margin=min_margin,
-            seed=seed,
-        )
-        weights = (w_dec, w_enc, w_bias)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        weights = (self.w_dec, self.w_enc, self.w_bias)
         if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
             raise ValueError(f"matcher.w_dec/w_enc/w_bias must be >= 0 and not all 0, got {weights}")
-        if long_range not in ("compose", "direct"):
-            raise ValueError(f"matcher.long_range must be 'compose' or 'direct', got {long_range!r}")
-        self.dtype = resolve_dtype(dtype, "matcher.dtype", allowed=(torch.float32, torch.float64))
-        if chunk_size < 1:
-            raise ValueError(f"matcher.chunk_size must be >= 1, got {chunk_size}")
-        self.w_dec, self.w_enc, self.w_bias = float(w_dec), float(w_enc), float(w_bias)
-        self.fold = fold
-        self.long_range = long_range
-        self.chain = list(chain) if chain is not None else None
-        self.chunk_size = chunk_size
+        if self.long_range not in ("compose", "direct"):
+            raise ValueError(f"matcher.long_range must be 'compose' or 'direct', got {self.long_range!r}")
+        resolve_dtype(self.dtype, "matcher.dtype", allowed=(torch.float32, torch.float64))
+        if self.chunk_size < 1:
+            raise ValueError(f"matcher.chunk_size must be >= 1, got {self.chunk_size}")
+        self.chain = list(self.chain) if self.chain is not None else None
+
+
+class SAEMatch(Matcher):
+    """SAE Match: squared distance between folded SAE parameters, one-to-one assignment.
+    Settings: :class:`SAEMatchConfig`."""
+
+    name = "sae_match"
+    requires = frozenset({"saes"})
+    config_class = SAEMatchConfig
+
+    def __init__(self, cfg: SAEMatchConfig | None = None, **settings) -> None:
+        super().__init__(cfg, **settings)
+        self.dtype = resolve_dtype(self.cfg.dtype, "matcher.dtype")
 
     # ------------------------------------------------------------------ features as vectors
     def feature_vectors(self, ctx: MatchContext, hook: str) -> Tensor:
         """``[d_sae, 2 d_in + 1]`` the weighted folded parameters ``v_i`` of every feature, on ``ctx.device``."""
         sae = ctx.saes[hook]
-        if self.fold:
+        if self.cfg.fold:
             W_enc, b_enc, W_dec = fold_threshold(sae)
         else:
             W_enc, b_enc, W_dec = sae.W_enc.detach(), encoder_bias(sae).detach(), sae.W_dec.detach()
         parts = []
-        if self.w_dec > 0:
-            parts.append(math.sqrt(self.w_dec) * W_dec.to(ctx.device, self.dtype))
-        if self.w_enc > 0:
-            parts.append(math.sqrt(self.w_enc) * W_enc.to(ctx.device, self.dtype).T)
-        if self.w_bias > 0:
-            parts.append(math.sqrt(self.w_bias) * b_enc.to(ctx.device, self.dtype)[:, None])
+        if self.cfg.w_dec > 0:
+            parts.append(math.sqrt(self.cfg.w_dec) * W_dec.to(ctx.device, self.dtype))
+        if self.cfg.w_enc > 0:
+            parts.append(math.sqrt(self.cfg.w_enc) * W_enc.to(ctx.device, self.dtype).T)
+        if self.cfg.w_bias > 0:
+            parts.append(math.sqrt(self.cfg.w_bias) * b_enc.to(ctx.device, self.dtype)[:, None])
         return torch.cat(parts, dim=1)
 
     def _pair_vectors(self, ctx: MatchContext, hook_a: str, hook_b: str) -> tuple[Tensor, Tensor]:
@@ -217,7 +171,7 @@ class SAEMatch(Matcher):
             return cost.clamp_min_(0.0)
 
         cost, index = chunked_candidates(
-            rows, va.shape[0], k, self.chunk_size, self.alive(ctx, hook_a), self.alive(ctx, hook_b)
+            rows, va.shape[0], k, self.cfg.chunk_size, self.alive(ctx, hook_a), self.alive(ctx, hook_b)
         )
         return rerank_exact(va, vb, cost, index)
 
@@ -225,7 +179,7 @@ class SAEMatch(Matcher):
         va, vb = self._pair_vectors(ctx, hook_a, hook_b)
         ia, ib = ia.long().to(va.device), ib.long().to(va.device)
         out = torch.empty(ia.shape[0], dtype=va.dtype, device=va.device)
-        step = max(1, self.chunk_size * 4)
+        step = max(1, self.cfg.chunk_size * 4)
         for start in range(0, ia.shape[0], step):
             sl = slice(start, start + step)
             out[sl] = (va[ia[sl]] - vb[ib[sl]]).pow(2).sum(1)
@@ -235,7 +189,7 @@ class SAEMatch(Matcher):
     # ------------------------------------------------------------------ long range
     def route(self, ctx: MatchContext, hook_a: str, hook_b: str) -> list[str]:
         """``[hook_a, *intermediate hooks, hook_b]``: the hops that ``compose`` matches through."""
-        if self.long_range == "direct":
+        if self.cfg.long_range == "direct":
             return [hook_a, hook_b]
         try:
             hook_layer(hook_a), hook_layer(hook_b)
@@ -243,7 +197,7 @@ class SAEMatch(Matcher):
             # no layer order: nothing lies "between"; the match is direct
             log.warning("sae_match: %s or %s has no 'blocks.<layer>.'; matching directly", hook_a, hook_b)
             return [hook_a, hook_b]
-        pool = self.chain if self.chain is not None else list(ctx.saes)
+        pool = self.cfg.chain if self.cfg.chain is not None else list(ctx.saes)
         return [hook_a, *hooks_between(pool, hook_a, hook_b), hook_b]
 
     def match(self, ctx: MatchContext, hook_a: str, hook_b: str) -> MatchResult:

@@ -118,7 +118,7 @@ def match(run: RunSetup, streams: Streams, reference: ReferenceFit,
         results.append(res)
         per_pair[f"{a}|{b}"] = summarize(res)
         log.info("%s -> %s: %d/%d matched (%.1fs)", a, b, int(res.matched.sum()), res.n_features, res.extras["seconds"])
-    metrics = {"matcher": run.matcher.name, "assignment": run.matcher.assignment, "pairs": per_pair}
+    metrics = {"matcher": run.matcher.name, "assignment": run.matcher.cfg.assignment, "pairs": per_pair}
     return Matches(results=results, metrics=metrics)
 
 

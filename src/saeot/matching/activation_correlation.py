@@ -7,16 +7,17 @@ over batches of tokens during the held-out pass (exact across DDP shards);
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from saeot.matching.base import MatchContext, Matcher
-from saeot.matching.sae_match import chunked_candidates
+from saeot.matching.base import MatchContext, Matcher, MatcherConfig
+from saeot.matching.candidates import chunked_candidates
 from saeot.profiling.statistics import CorrelationAccumulator
 
-__all__ = ["ActivationCorrelation"]
+__all__ = ["ActivationCorrelation", "ActivationCorrelationConfig"]
 
 
 def _as_correlation(value: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -28,6 +29,23 @@ def _as_correlation(value: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
     raise TypeError(f"ctx.correlations values must be tensors or CorrelationAccumulator, got {type(value).__name__}")
 
 
+@dataclass
+class ActivationCorrelationConfig(MatcherConfig):
+    """Settings of :class:`ActivationCorrelation` (and the shared ones of :class:`MatcherConfig`).
+
+    Attributes:
+        chunk_size: rows of A per chunk of the top-k.
+    """
+
+    n_null: int = 4096
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk_size < 1:
+            raise ValueError(f"matcher.chunk_size must be >= 1, got {self.chunk_size}")
+
+
 class ActivationCorrelation(Matcher):
     """Match by Pearson correlation of activations on shared tokens: ``C[i, j] = 1 - corr[i, j]`` in ``[0, 2]``.
 
@@ -36,39 +54,12 @@ class ActivationCorrelation(Matcher):
     features are those that fired (and were not constant): taken from the accumulator
     if given, else a feature is alive if its row (column) has a non-zero entry,
     which is how :meth:`CorrelationAccumulator.correlation` marks dead features.
-
-    Args:
-        assignment, n_candidates, null_quantile, n_null, min_margin, seed: see :class:`Matcher`
-            (default assignment here is ``nearest``).
-        chunk_size: rows of A per chunk of the top-k.
+    Settings: :class:`ActivationCorrelationConfig`.
     """
 
     name = "activation_correlation"
     requires = frozenset({"correlations"})
-
-    def __init__(
-        self,
-        assignment: str = "nearest",
-        n_candidates: int = 8,
-        null_quantile: float | None = None,
-        null_alpha: float = 0.05,
-        n_null: int = 4096,
-        min_margin: float = 0.0,
-        seed: int = 0,
-        chunk_size: int = 4096,
-    ) -> None:
-        super().__init__(
-            assignment=assignment,
-            n_candidates=n_candidates,
-            null_quantile=null_quantile,
-            null_alpha=null_alpha,
-            n_null=n_null,
-            min_margin=min_margin,
-            seed=seed,
-        )
-        if chunk_size < 1:
-            raise ValueError(f"matcher.chunk_size must be >= 1, got {chunk_size}")
-        self.chunk_size = chunk_size
+    config_class = ActivationCorrelationConfig
 
     def _get(self, ctx: MatchContext, hook_a: str, hook_b: str) -> tuple[Tensor, Tensor, Tensor]:
         corr, fired_a, fired_b = _as_correlation(ctx.correlations[(hook_a, hook_b)])
@@ -94,7 +85,7 @@ class ActivationCorrelation(Matcher):
             c = corr[start:stop].to(torch.float32)
             return (1.0 - torch.nan_to_num(c, nan=0.0)).clamp_(0.0, 2.0)
 
-        return chunked_candidates(rows, corr.shape[0], k, self.chunk_size, alive_a, alive_b)
+        return chunked_candidates(rows, corr.shape[0], k, self.cfg.chunk_size, alive_a, alive_b)
 
     def pair_costs(self, ctx: MatchContext, hook_a: str, hook_b: str, ia: Tensor, ib: Tensor) -> Tensor:
         corr, alive_a, alive_b = self._get(ctx, hook_a, hook_b)
