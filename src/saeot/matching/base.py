@@ -17,6 +17,7 @@ decision) is shared, so all matchers produce comparable :class:`MatchResult`.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -52,6 +53,28 @@ class MatcherNotApplicable(RuntimeError):
 
 
 ASSIGNMENTS = ("nearest", "hungarian")
+NULL_METHODS = ("fit", "empirical")
+#: null_method=empirical: each feature of A's nearest partners excluded from the random pairs
+NULL_EXCLUDE = 1
+#: null pairs needed below a quantile for it to be taken empirically
+MIN_TAIL_COUNT = 20
+#: null_method=fit: the band of the random-pair costs the log-normal is fitted to
+FIT_BAND = (0.01, 0.25)
+
+
+@dataclass(frozen=True)
+class NullEstimate:
+    """The no-match threshold and how it was estimated.
+
+    ``method``: ``fit`` (log-normal fitted to the band :data:`FIT_BAND`, extrapolated),
+    ``empirical`` (quantile of the random-pair costs), ``quantile`` (a raw ``null_quantile``),
+    ``off`` (decision disabled: threshold inf) or ``none`` (too few usable pairs: NaN).
+    """
+
+    threshold: float
+    n_pairs: int
+    level: float
+    method: str
 
 
 @dataclass
@@ -66,12 +89,23 @@ class MatcherConfig:
         null_alpha: the chance that a feature of A with no true partner in B is still
             called a match. Its best cost is the minimum over the ``F_b`` features of B,
             so the threshold is the ``q = 1 - (1 - null_alpha)^(1 / F_b)`` quantile (Sidak)
-            of the costs of random pairs, estimated from ``n_null`` random pairs that
-            exclude each feature's own candidates (so true partners do not enter the
-            null); where ``n_null * q < 20`` the quantile is extrapolated from a normal
-            fit of the lower half of the null. ``1.0`` disables the decision.
+            of the costs of random pairs. ``1.0`` disables the decision.
+        null_method: how that quantile is estimated from random pairs:
+            ``fit`` (default): a log-normal fitted to the 1%-25% band of the random-pair
+            costs, extrapolated to ``q``. True partners make up about 1/F_b of random
+            pairs, more than ``q`` itself (``null_alpha / F_b``), so they sit exactly in
+            the tail an empirical quantile would read; the band they cannot reach is
+            fitted instead, and no pair needs to be excluded.
+            ``empirical``: the empirical ``q`` quantile of up to ``n_null_max`` random
+            pairs that exclude each feature's nearest partner (its likely true partner).
+            Excluding it also removes the best null pair of every feature that has no
+            partner, which is most of the null's mass below ``q``: the threshold comes
+            out high (lenient). Kept as the comparison (tests/test_null.py measures it).
+            Either way the threshold does not depend on the assignments computed.
         null_quantile: if set, use this raw quantile of the random-pair costs instead.
-        n_null: number of random pairs drawn for the null.
+        n_null: random pairs drawn for the null (``fit``; at least, for ``empirical``).
+        n_null_max: random pairs drawn at most for ``empirical`` (as many as give 20
+            pairs below ``q``, when affordable; else it falls back to ``fit``).
         min_margin: a pair is a match only if the second-best candidate costs at
             least this much more (relative to the best: ``margin / best``).
         seed: seed of the null's random pairs.
@@ -81,7 +115,9 @@ class MatcherConfig:
     n_candidates: int = 8
     null_quantile: float | None = None
     null_alpha: float = 0.05
+    null_method: str = "fit"
     n_null: int = 2048
+    n_null_max: int = 400_000
     min_margin: float = 0.0
     seed: int = 0
 
@@ -94,8 +130,12 @@ class MatcherConfig:
             raise ValueError(f"matcher.null_alpha must be in (0, 1], got {self.null_alpha}")
         if self.n_candidates < 2:
             raise ValueError(f"matcher.n_candidates must be >= 2, got {self.n_candidates}")
+        if self.null_method not in NULL_METHODS:
+            raise ValueError(f"matcher.null_method must be one of {NULL_METHODS}, got {self.null_method!r}")
         if self.n_null < 10:
             raise ValueError(f"matcher.n_null must be >= 10, got {self.n_null}")
+        if self.n_null_max < self.n_null:
+            raise ValueError(f"matcher.n_null_max={self.n_null_max} must be >= matcher.n_null={self.n_null}")
         if self.min_margin < 0:
             raise ValueError(f"matcher.min_margin must be >= 0, got {self.min_margin}")
 
@@ -165,33 +205,39 @@ class Matcher(ABC):
 
     def null_threshold(
         self, ctx: MatchContext, hook_a: str, hook_b: str, exclude: Tensor | None = None
-    ) -> float:
-        """Cost below which a best match is unlikely to be chance (see ``null_alpha``).
+    ) -> NullEstimate:
+        """Cost below which a best match is unlikely to be chance (see ``null_alpha``, ``null_method``).
 
         Args:
-            exclude: ``[F_a, k]`` candidate indices into B per feature of A; random pairs
-                that hit them are dropped from the null (they may be true partners).
+            exclude: ``[F_a, k]`` partner indices into B per feature of A, nearest first
+                (``null_method=empirical`` drops random pairs that hit the first
+                :data:`NULL_EXCLUDE` of their row).
         """
-        if (self.cfg.null_quantile or self.cfg.null_alpha) >= 1.0:
-            return float("inf")
+        cfg = self.cfg
+        if (cfg.null_quantile or cfg.null_alpha) >= 1.0:
+            return NullEstimate(float("inf"), 0, 1.0, "off")
         alive_a = self.alive(ctx, hook_a).nonzero().flatten()
         alive_b = self.alive(ctx, hook_b).nonzero().flatten()
         if len(alive_a) == 0 or len(alive_b) == 0:
-            return float("nan")
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        ia = alive_a[torch.randint(len(alive_a), (self.cfg.n_null,), generator=g)]
-        ib = alive_b[torch.randint(len(alive_b), (self.cfg.n_null,), generator=g)]
-        if exclude is not None:
-            keep = ~(exclude[ia] == ib[:, None]).any(1)
+            return NullEstimate(float("nan"), 0, float("nan"), "none")
+        q = cfg.null_quantile if cfg.null_quantile is not None else null_level(cfg.null_alpha, len(alive_b))
+        empirical = cfg.null_quantile is None and cfg.null_method == "empirical"
+        n = min(max(cfg.n_null, math.ceil(1.25 * MIN_TAIL_COUNT / q)), cfg.n_null_max) if empirical else cfg.n_null
+        g = torch.Generator().manual_seed(cfg.seed)
+        ia = alive_a[torch.randint(len(alive_a), (n,), generator=g)]
+        ib = alive_b[torch.randint(len(alive_b), (n,), generator=g)]
+        if empirical and exclude is not None:
+            keep = ~(exclude[ia, :NULL_EXCLUDE] == ib[:, None]).any(1)
             ia, ib = ia[keep], ib[keep]
         costs = self.pair_costs(ctx, hook_a, hook_b, ia, ib).double()
         costs = costs[torch.isfinite(costs)]
         if costs.numel() < 10:
-            return float("nan")
-        if self.cfg.null_quantile is not None:
-            return float(torch.quantile(costs, self.cfg.null_quantile))
-        q = null_level(self.cfg.null_alpha, len(alive_b))
-        return float(tail_quantile(costs, q))
+            return NullEstimate(float("nan"), int(costs.numel()), q, "none")
+        if cfg.null_quantile is not None:
+            return NullEstimate(float(torch.quantile(costs, q)), int(costs.numel()), q, "quantile")
+        if empirical and q * costs.numel() >= MIN_TAIL_COUNT:
+            return NullEstimate(float(torch.quantile(costs, q)), int(costs.numel()), q, "empirical")
+        return NullEstimate(float(lognormal_quantile(costs, q)), int(costs.numel()), q, "fit")
 
     def match(self, ctx: MatchContext, hook_a: str, hook_b: str) -> MatchResult:
         """Match every feature of A to B; see the class docstring for the decision rule."""
@@ -206,7 +252,7 @@ class Matcher(ABC):
             if a not in ASSIGNMENTS:
                 raise ValueError(f"matcher.assignment must be 'nearest' or 'hungarian', got {a!r}")
         self.check(ctx, hook_a, hook_b)
-        k = self.cfg.n_candidates if "hungarian" in assignments else 2
+        k = self.cfg.n_candidates if "hungarian" in assignments else max(2, NULL_EXCLUDE)
         cost, index = self.candidates(ctx, hook_a, hook_b, k)
         cost = cost.double().cpu()
         index = index.long().cpu()
@@ -216,7 +262,8 @@ class Matcher(ABC):
         best, second = cost[:, 0], cost[:, 1]
         margin = second - best
         margin[~torch.isfinite(best)] = float("nan")
-        threshold = self.null_threshold(ctx, hook_a, hook_b, exclude=index)
+        null = self.null_threshold(ctx, hook_a, hook_b, exclude=index)
+        threshold = null.threshold
 
         out = {}
         for assignment in assignments:
@@ -243,7 +290,8 @@ class Matcher(ABC):
                 margin=margin.clone(),
                 matched=matched,
                 null_threshold=threshold,
-                extras={"assignment": assignment},
+                extras={"assignment": assignment, "null_pairs": null.n_pairs, "null_level": null.level,
+                        "null_method": null.method},
             )
         return out
 
@@ -254,21 +302,26 @@ def null_level(alpha: float, n_b: int) -> float:
     return float(-torch.expm1(torch.log1p(torch.tensor(-alpha, dtype=torch.float64)) / max(n_b, 1)))
 
 
-def tail_quantile(costs: Tensor, q: float, min_count: int = 20) -> Tensor:
-    """The ``q`` quantile of ``costs``: empirical where at least ``min_count`` samples lie
-    below it, else extrapolated from a normal fitted to the lower half of ``log(costs)``
-    (costs of all matchers here are positive; of ``costs`` itself otherwise), using the
-    median and the 2.5% quantile."""
+def lognormal_quantile(costs: Tensor, q: float, band: tuple[float, float] = FIT_BAND) -> Tensor:
+    """The ``q`` quantile of a log-normal fitted to ``costs`` by least squares on the normal
+    QQ plot of the ``band`` of their sorted logs: ``log c_(i) ~ mu + sigma z_i``,
+    ``z_i = Phi^-1((i + 1/2) / n)`` for plotting positions in ``band``; returns
+    ``exp(mu + sigma Phi^-1(q))``. On the raw costs (a normal) when some are not positive.
+    """
     costs = costs.double()
-    if q * costs.numel() >= min_count:
-        return torch.quantile(costs, q)
     positive = bool((costs > 0).all())
-    x = costs.log() if positive else costs
-    med = torch.quantile(x, 0.5)
-    lo = torch.quantile(x, 0.025)
-    sigma = (med - lo) / 1.959963984540054
-    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(q, dtype=torch.float64))
-    t = med + z * sigma
+    x = (costs.log() if positive else costs).sort().values
+    n = x.numel()
+    normal = torch.distributions.Normal(0.0, 1.0)
+    p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    sel = (p >= band[0]) & (p <= band[1])
+    if int(sel.sum()) < 3:
+        raise ValueError(f"lognormal_quantile needs more costs: {n} give {int(sel.sum())} in the band {band}")
+    z, y = normal.icdf(p[sel]), x[sel]
+    zc = z - z.mean()
+    sigma = (zc * (y - y.mean())).sum() / (zc * zc).sum()
+    mu = y.mean() - sigma * z.mean()
+    t = mu + sigma * normal.icdf(torch.tensor(q, dtype=torch.float64))
     return t.exp() if positive else t
 
 

@@ -32,10 +32,12 @@ class SemanticOTConfig(MatcherConfig):
             ``ExactW2()``, ``SinkhornW2(reg=0.05)``, ``SlicedW2(n_projections=128)``);
             default :class:`~saeot.transport.ExactW2`.
         progress: show a progress bar over rows.
+        n_null_max: fewer null pairs than the cheap matchers (each is an exact OT solve).
     """
 
     solver: W2Solver | None = None
     progress: bool = True
+    n_null_max: int = 32768
 
     def __post_init__(self) -> None:
         super().__post_init__()

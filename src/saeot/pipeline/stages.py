@@ -131,6 +131,7 @@ def summarize(res: MatchResult) -> dict:
         "fraction_matched": float(res.matched.float().mean()),
         "n_distinct_targets": int(fb.unique().numel()),
         "null_threshold": res.null_threshold,
+        "null_method": res.extras.get("null_method"),
         "median_distance_matched": float(res.distance[res.matched].median()) if len(fb) else float("nan"),
         **{k: v for k, v in res.extras.items() if isinstance(v, (int, float))},
     }
