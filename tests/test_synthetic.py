@@ -22,6 +22,8 @@ from saeot.evaluation.synthetic import (
     trained_saes,
 )
 from saeot.hooks import hook_name
+from saeot.matching.sae_match import SAEMatch
+from saeot.matching.semantic_ot import SemanticOT
 from saeot.saes import training
 
 SMALL = dict(n_features=128, d_model=32, n_tokens=8192, chunk_size=2048)
@@ -346,7 +348,6 @@ def test_benchmark_sae_registry_and_quiet_matchers():
     assert isinstance(benchmark.build_saes(scfg, world), SyntheticSAEs)
     with pytest.raises(ValueError, match=r"synthetic.sae='nope'.*oracle"):
         benchmark.build_saes(OmegaConf.merge(scfg, {"sae": "nope"}), world)
-    loud = types.SimpleNamespace(progress=True)
-    assert benchmark._quiet(loud).progress is False
-    silent = types.SimpleNamespace()
-    assert benchmark._quiet(silent) is silent
+    assert SemanticOT(progress=True).cfg.progress and benchmark._quiet(SemanticOT(progress=True)).cfg.progress is False
+    plain = SAEMatch()
+    assert benchmark._quiet(plain) is plain

@@ -8,7 +8,8 @@ fitted on held-out tokens, and every configured matcher runs twice: with
 ``assignment=nearest`` and ``assignment=hungarian``. Scores over the features of A
 (top-1 and one-to-one accuracy, precision / recall of "no match", per kind of
 feature) are :func:`saeot.evaluation.synthetic.match_scores`. The SAEs come from the
-registry :data:`SAE_BUILDERS` (``synthetic.sae=oracle|trained``).
+registry :data:`SAE_BUILDERS` (``synthetic.sae=oracle|trained``); a matcher whose settings
+have a ``progress`` field runs without its own progress bar.
 
 Under ``disjoint_tokens`` the layers share no token: matchers that need the same
 tokens (activation correlation) are reported as not applicable (``null``), and a
@@ -18,11 +19,12 @@ by ``standardize``, which does not; the metrics say so.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -42,7 +44,7 @@ from saeot.evaluation.synthetic import (
 )
 from saeot.evaluation.benchmark_report import markdown_table, plot_benchmark, plot_sweep
 from saeot.io import atomic_write_json, atomic_write_text
-from saeot.matching.base import MatchContext, MatcherNotApplicable
+from saeot.matching.base import MatchContext, Matcher, MatcherNotApplicable
 from saeot.profiling import CorrelationConsumer, ProfileConsumer, flatten_batch
 from saeot.reference import Standardize, project_samples
 
@@ -152,17 +154,10 @@ def evaluate_world(cfg: DictConfig, world: Any, saes: Any, matchers: dict[str, D
     return out, info
 
 
-@runtime_checkable
-class ShowsProgress(Protocol):
-    """A matcher with a progress bar it can switch off."""
-
-    progress: bool
-
-
-def _quiet(matcher: Any) -> Any:
-    """``matcher`` with its progress bar off (the benchmark shows one bar over scenarios)."""
-    if isinstance(matcher, ShowsProgress):
-        matcher.progress = False
+def _quiet(matcher: Matcher) -> Matcher:
+    """``matcher`` with its progress bar off, if its settings have one (the benchmark shows one bar over scenarios)."""
+    if any(f.name == "progress" for f in dataclasses.fields(matcher.cfg)):
+        matcher.cfg.progress = False
     return matcher
 
 
