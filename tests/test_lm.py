@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from saeot.dtypes import resolve_dtype
-from saeot.io import default_cache_dir
+from saeot.io import CACHE_FORMAT, COMPLETE_MARKER, default_cache_dir
 from saeot.models import (
-    COMPLETE_MARKER,
     ByteCodec,
     HFCodec,
     LanguageModel,
@@ -26,9 +25,9 @@ from saeot.models import (
     load_pretrained,
     load_smollm2_135m,
     load_tiny_random,
+    loaders,
     resolve_official_name,
 )
-from saeot.models import loaders
 from saeot.models import smollm2 as smollm2_mod
 
 
@@ -330,7 +329,7 @@ def test_marked_but_truncated_cache_is_rebuilt(tmp_path, fake_converter, no_netw
     (target / COMPLETE_MARKER).write_text("{not json")  # a corrupt marker is no marker
     ensure_smollm2_hf_dir(tmp_path)
     assert len(fake_converter) == 3
-    assert json.loads((target / COMPLETE_MARKER).read_text())["format"] == smollm2_mod.CACHE_FORMAT
+    assert json.loads((target / COMPLETE_MARKER).read_text())["format"] == CACHE_FORMAT
 
 
 def test_interrupted_conversion_leaves_nothing_to_trust(tmp_path, monkeypatch, no_network):

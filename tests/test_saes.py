@@ -5,6 +5,7 @@ import pytest
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
+from saeot.io import COMPLETE_MARKER
 from saeot.saes import (
     DiskSAEs,
     LocalTrainedSAEs,
@@ -14,8 +15,8 @@ from saeot.saes import (
     inference_sae,
     load_recorded,
     train_sae,
+    training,
 )
-from saeot.saes import training
 
 
 def _jumprelu(d_in, d_sae, seed=0):
@@ -94,7 +95,7 @@ def test_interrupted_training_is_not_trusted(tmp_path, tiny_dm, tiny_lm):
     (path / "cfg.json").write_text("{half")  # a half-written entry without the completion marker
     prov.load(tiny_lm, tiny_dm.hooks, tiny_dm)
     assert prov.n_trained == 2
-    assert (path / "SAEOT_COMPLETE").is_file()
+    assert (path / COMPLETE_MARKER).is_file()
 
 
 # ---------------------------------------------------------------------------- records

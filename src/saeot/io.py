@@ -10,12 +10,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+try:  # POSIX only; elsewhere builds rely on the atomic rename alone
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 
 class CorruptFileError(RuntimeError):
@@ -104,3 +111,98 @@ def load_safetensors_checked(
     if missing:
         raise CorruptFileError(f"{path} lacks tensors {missing}; delete it and rerun")
     return tensors, meta
+
+
+COMPLETE_MARKER = "saeot_complete.json"
+"""File written last into a cached directory (a converted model, a trained SAE); without it
+the directory is never trusted. It records the source and the size of every file."""
+CACHE_FORMAT = 1
+
+# ---------------------------------------------------------------------------- atomic directories
+
+
+def _read_marker(directory: Path) -> dict | None:
+    try:
+        marker = json.loads((directory / COMPLETE_MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def is_complete_dir(directory: Path, source: dict[str, Any]) -> bool:
+    """True iff ``directory`` has a completion marker for ``source`` and every file the
+    marker lists is present with its recorded size (catches truncated copies)."""
+    marker = _read_marker(directory)
+    if marker is None or marker.get("format") != CACHE_FORMAT or marker.get("source") != source:
+        return False
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for rel, size in files.items():
+        try:
+            if (directory / rel).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path) -> Iterator[None]:
+    """Inter-process exclusive lock (POSIX ``flock``; a no-op where unavailable).
+
+    Serialises conversions so that e.g. DDP ranks starting together convert once."""
+    if fcntl is None:  # pragma: no cover - Windows: rely on atomic rename alone
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def build_dir_atomically(target: Path, source: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    """Return ``target`` after making sure it is a complete build of ``source``.
+
+    If ``target`` carries a valid completion marker it is returned untouched.
+    Otherwise ``build(tmp)`` fills a fresh temporary directory next to ``target``, the
+    marker (source + file sizes) is written last, and the directory is renamed onto
+    ``target``; an incomplete ``target`` is moved aside and deleted, as are leftovers
+    of interrupted builds. Readers therefore see either nothing or a complete
+    directory. Builds are serialised across processes by a lock file.
+    """
+    target = Path(target)
+    if is_complete_dir(target, source):
+        return target
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(parent / f".{target.name}.lock"):
+        if is_complete_dir(target, source):  # built by another process meanwhile
+            return target
+        for leftover in parent.glob(f".{target.name}.*"):
+            if leftover.is_dir() and leftover.suffix in (".tmp", ".stale"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+        try:
+            build(tmp)
+            files = {
+                str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+            }
+            marker = {"format": CACHE_FORMAT, "source": source, "files": files}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
+            if target.exists() or target.is_symlink():
+                stale = parent / f".{target.name}.{uuid.uuid4().hex[:8]}.stale"
+                os.replace(target, stale)
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink()
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -29,7 +29,6 @@ from saeot.models.loaders import (
     resolve_official_name,
 )
 from saeot.models.smollm2 import (
-    COMPLETE_MARKER,
     ensure_smollm2_hf_dir,
     load_smollm2_135m,
     smollm2_gguf_path,
@@ -48,5 +47,4 @@ __all__ = [
     "smollm2_gguf_path",
     "resolve_device",
     "resolve_official_name",
-    "COMPLETE_MARKER",
 ]

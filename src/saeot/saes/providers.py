@@ -18,9 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,7 @@ from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_direc
 from tqdm.auto import tqdm
 
 from saeot.hooks import hook_layer
-from saeot.io import default_cache_dir
+from saeot.io import build_dir_atomically, default_cache_dir, is_complete_dir
 from saeot.saes.records import disk_record, pretrained_record
 from saeot.saes.training import ARCHITECTURES, SAETrainingConfig, train_sae
 
@@ -39,7 +36,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SAEProvider", "PretrainedSAEs", "DiskSAEs", "LocalTrainedSAEs"]
 
-_COMPLETE = "SAEOT_COMPLETE"
 
 
 class SAEProvider(ABC):
@@ -232,13 +228,14 @@ class LocalTrainedSAEs(SAEProvider):
             raise ValueError("sae=train_local needs the data module to stream hidden states")
         fp = datamodule.fingerprint()
         paths = {h: self.cache_path(lm, h, fp) for h in hooks}
-        missing = [h for h in hooks if not (paths[h] / _COMPLETE).is_file()]
+        sources = {h: {"sae": paths[h].name} for h in hooks}
+        missing = [h for h in hooks if not is_complete_dir(paths[h], sources[h])]
         self.n_trained = 0
         if missing:
             buffers = self.collect(datamodule, missing)
             for h in missing:
                 sae = self.train_one(buffers[h], h)
-                _save_atomic(sae, paths[h])
+                build_dir_atomically(paths[h], sources[h], sae.save_inference_model)
                 self.n_trained += 1
                 log.info("trained SAE for %s -> %s", h, paths[h])
         out = {}
@@ -276,22 +273,3 @@ class LocalTrainedSAEs(SAEProvider):
     def train_one(self, acts: torch.Tensor, hook: str) -> Any:
         """Train a fresh training SAE on ``acts [N, d]``; returns it with the input scale folded in."""
         return train_sae(acts, self.training_config(acts.shape[1]), seed=self.seed, name=hook)
-
-
-def _save_atomic(sae: Any, path: Path) -> None:
-    """Save an inference SAE into ``path`` through a temporary directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        sae.save_inference_model(tmp)
-        (tmp / _COMPLETE).write_text("ok\n")
-        if path.exists() and not (path / _COMPLETE).is_file():
-            shutil.rmtree(path)  # an unfinished entry: never trusted, replaced
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not (path / _COMPLETE).is_file():  # another process (e.g. a DDP rank) finished first: keep its copy
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
