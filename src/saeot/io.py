@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 try:  # POSIX only; elsewhere builds rely on the atomic rename alone
@@ -88,8 +90,6 @@ def read_json(path: str | Path) -> dict:
 def atomic_save_safetensors(
     tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
-    from safetensors.torch import save_file
-
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
@@ -98,8 +98,6 @@ def load_safetensors_checked(
     path: str | Path, required: tuple[str, ...] = ()
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Load a safetensors file; raise :class:`CorruptFileError` naming it if unreadable."""
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -7,14 +7,16 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # files only, no display: select the backend before pyplot loads
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from saeot.hooks import hook_layer  # noqa: E402
 from saeot.io import atomic_path  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
@@ -33,7 +35,7 @@ def plot_distances(results: list, path: Path) -> Path:
         ax.set_title(f"{r.hook_a.split('.hook')[0]} -> {r.hook_b.split('.hook')[0]}\n{int(r.matched.sum())}/{r.n_features} matched", fontsize=9)
         ax.set_xlabel(f"{r.matcher} distance")
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _top_token(samples: Any, codec: Any, i: int) -> str:
@@ -54,8 +56,6 @@ def plot_flow(results: list, path: Path, samples: dict | None = None, codec: Any
     Nodes are (layer, feature), labelled with the feature's most common top token; an edge is
     the match of its left end, coloured by distance (matched) or dashed grey (below the null).
     """
-    from saeot.hooks import hook_layer
-
     by_a: dict[str, list] = {}
     for r in results:
         by_a.setdefault(r.hook_a, []).append(r)
@@ -114,7 +114,7 @@ def plot_flow(results: list, path: Path, samples: dict | None = None, codec: Any
                  "(colour: distance, dashed: no match)", fontsize=9)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, vmax))
     fig.colorbar(sm, ax=ax, fraction=0.04, label=f"{results[0].matcher} distance")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_run(run: Any) -> dict[str, Path]:

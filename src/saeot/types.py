@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from saeot.io import atomic_save_safetensors, load_safetensors_checked
+
 
 @dataclass
 class FeatureSamples:
@@ -107,16 +109,12 @@ class FeatureSamples:
 
     def save(self, path: str | Path) -> None:
         """Write as safetensors atomically (temporary file, then rename)."""
-        from saeot.io import atomic_save_safetensors
-
         atomic_save_safetensors(
             self.tensors(), path, metadata={"hook": self.hook, "n_tokens": str(self.n_tokens)}
         )
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureSamples":
-        from saeot.io import load_safetensors_checked
-
         tensors, meta = load_safetensors_checked(path, required=("points", "weights", "n_fire"))
         return cls(hook=meta["hook"], n_tokens=int(meta["n_tokens"]), **tensors)
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from saeot.hooks import hook_layer
+from saeot.plots import plt  # matplotlib with the Agg backend selected
 from saeot.io import atomic_path, atomic_write_text, json_default
 
 __all__ = [
@@ -318,11 +319,6 @@ def plot_supernode_graph(graph: CircuitGraph, path: str | Path, title: str = "",
     column; circle area ~ ``|sum of member influences|`` (blue > 0, red < 0); lines =
     summed link weights between units (width ~ ``|weight|``, same colours). The
     ``max_units`` largest units are drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     nodes = graph.node_map()
     units = graph.units()
     unit_of = {m: i for i, u in enumerate(units) for m in u.members}

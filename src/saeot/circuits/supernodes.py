@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
 from torch import Tensor
 
 from saeot.circuits.graph import CircuitGraph, GraphNode, Supernode
@@ -139,8 +141,6 @@ def agglomerate(D: Tensor, n_clusters: int | None = None, threshold: float | Non
     Returns:
         ``[N]`` int labels ``0..M-1``, numbered in order of first appearance.
     """
-    from scipy.cluster.hierarchy import fcluster, linkage
-    from scipy.spatial.distance import squareform
 
     if (n_clusters is None) == (threshold is None):
         raise ValueError("give exactly one of n_clusters (circuit.n_supernodes / compression) or threshold "

@@ -122,7 +122,7 @@ class HFDataset:
         return f"hf_dataset:{self.path}:{self.name}:{self.split}:{self.text_field}:{self.max_docs}"
 
     def __iter__(self) -> Iterator[str]:
-        from datasets import load_dataset
+        from datasets import load_dataset  # optional (data=hf_dataset only) and slow to import
 
         ds = load_dataset(self.path, self.name, split=self.split, streaming=True)
         for i, row in enumerate(ds):

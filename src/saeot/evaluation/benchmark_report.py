@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from saeot.evaluation.synthetic import affected_accuracy
-from saeot.plots import _save  # also selects matplotlib's Agg backend
+from saeot.plots import save_figure  # also selects matplotlib's Agg backend
 
 __all__ = ["markdown_table", "plot_benchmark", "plot_sweep"]
 
@@ -63,7 +63,7 @@ def plot_benchmark(results: dict, path: Path) -> Path:
     ax.set_yticks(range(len(matchers)), matchers)
     ax.set_title("top-1 accuracy on planted ground truth")
     fig.colorbar(im, ax=ax, fraction=0.03)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sweep(sweep: dict, path: Path) -> Path:
@@ -77,4 +77,4 @@ def plot_sweep(sweep: dict, path: Path) -> Path:
     ax.set_ylim(0, 1.02)
     ax.set_title(f"semantic OT, finite samples ({sweep['scenario']})")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
