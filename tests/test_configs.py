@@ -68,6 +68,12 @@ def test_option_composes_and_builds(group, option, tmp_path, compose_cfg):
         overrides.append(f"data.text.paths=[{tmp_path}/*.txt]")
     if group == "sae" and option == "from_disk":
         overrides.append(f"sae.path={tmp_path}")
+    if group == "model" and option == "hf_local":
+        overrides.append(f"model.path={tmp_path}")
+    if group == "circuit" and option == "jsonl":
+        jsonl = tmp_path / "task.jsonl"
+        jsonl.write_text('{"clean": "a b", "corrupted": "c b", "correct": " x", "wrong": " y"}\n')
+        overrides.append(f"circuit.path={jsonl}")
     cfg = compose_cfg(*overrides, config_name="evaluate" if group == "judge" else "train")
     node = _node(cfg, group)
     if node is None:  # an option that turns the group off (logger=none, judge=none, callbacks=none)
