@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +28,22 @@ from torch import Tensor
 
 from saeot.matching.assignment import linear_assignment_sparse
 from saeot.types import FeatureSamples, MatchResult
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a search sharded over ``world_size`` ranks: a contiguous block of
+    A's features (:meth:`rows`); ``gather(obj)`` returns every rank's ``obj`` in rank order
+    (e.g. ``torch.distributed.all_gather_object``)."""
+
+    rank: int
+    world_size: int
+    gather: Callable[[Any], list[Any]]
+
+    def rows(self, n: int) -> Tensor:
+        """``[m]`` this rank's rows of ``0..n-1``: blocks of ``ceil(n / world_size)``, the last ones shorter or empty."""
+        step = -(-n // self.world_size)
+        return torch.arange(min(n, self.rank * step), min(n, (self.rank + 1) * step))
 
 
 @dataclass
@@ -40,12 +57,15 @@ class MatchContext:
         correlations: ``(hook_a, hook_b)`` -> ``[F_a, F_b]`` Pearson correlation of
             the two SAEs' activations on the same tokens (activation correlation).
         device: where matchers should compute.
+        shard: under DDP, this rank's part of the candidate search (matchers with
+            ``shardable``); the gathered result equals one process's.
     """
 
     saes: dict[str, Any] = field(default_factory=dict)
     samples: dict[str, FeatureSamples] | None = None
     correlations: dict[tuple[str, str], Tensor] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    shard: Shard | None = None
 
 
 class MatcherNotApplicable(RuntimeError):
@@ -155,6 +175,8 @@ class Matcher(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
     #: the dataclass of this matcher's settings
     config_class: ClassVar[type[MatcherConfig]] = MatcherConfig
+    #: ``candidates`` takes ``rows`` (a subset of A's features), so its search can be sharded over ranks
+    shardable: ClassVar[bool] = False
 
     def __init__(self, cfg: MatcherConfig | None = None, **settings: Any) -> None:
         if cfg is None:
@@ -183,6 +205,10 @@ class Matcher(ABC):
     @abstractmethod
     def pair_costs(self, ctx: MatchContext, hook_a: str, hook_b: str, ia: Tensor, ib: Tensor) -> Tensor:
         """``[n]`` cost of the pairs ``(ia[j], ib[j])``; ``inf`` for pairs with a dead feature."""
+
+    def candidate_stats(self) -> dict[str, int]:
+        """Counters of the last :meth:`candidates` call (e.g. exact solves), summed over shards."""
+        return {}
 
     def alive(self, ctx: MatchContext, hook: str) -> Tensor:
         """``[F]`` bool: features that can take part in a match (default: all)."""
@@ -253,7 +279,7 @@ class Matcher(ABC):
                 raise ValueError(f"matcher.assignment must be 'nearest' or 'hungarian', got {a!r}")
         self.check(ctx, hook_a, hook_b)
         k = self.cfg.n_candidates if "hungarian" in assignments else max(2, NULL_EXCLUDE)
-        cost, index = self.candidates(ctx, hook_a, hook_b, k)
+        cost, index, stats = self._candidates(ctx, hook_a, hook_b, k)
         cost = cost.double().cpu()
         index = index.long().cpu()
         if cost.shape[1] < 2:  # B has a single feature: pad so that the margin is defined
@@ -291,9 +317,27 @@ class Matcher(ABC):
                 matched=matched,
                 null_threshold=threshold,
                 extras={"assignment": assignment, "null_pairs": null.n_pairs, "null_level": null.level,
-                        "null_method": null.method},
+                        "null_method": null.method, **stats},
             )
         return out
+
+
+    def _candidates(self, ctx: MatchContext, hook_a: str, hook_b: str, k: int) -> tuple[Tensor, Tensor, dict]:
+        """:meth:`candidates` of every feature of A, sharded over ``ctx.shard`` when the matcher allows."""
+        shard = ctx.shard
+        if shard is None or shard.world_size == 1 or not self.shardable:
+            cost, index = self.candidates(ctx, hook_a, hook_b, k)
+            return cost, index, self.candidate_stats()
+        n = _n_features(ctx, hook_a)
+        rows = shard.rows(n)
+        cost, index = self.candidates(ctx, hook_a, hook_b, k, rows=rows)
+        parts = shard.gather((rows, cost.cpu(), index.cpu(), self.candidate_stats()))
+        full_cost = torch.empty(n, cost.shape[1], dtype=cost.dtype)
+        full_index = torch.empty(n, index.shape[1], dtype=index.dtype)
+        for r, c, i, _ in parts:
+            full_cost[r], full_index[r] = c, i
+        stats = {key: sum(p[3].get(key, 0) for p in parts) for key in parts[0][3]}
+        return full_cost, full_index, stats
 
 
 def null_level(alpha: float, n_b: int) -> float:

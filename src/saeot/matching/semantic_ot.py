@@ -55,6 +55,7 @@ class SemanticOT(Matcher):
     name = "semantic_ot"
     requires = frozenset({"samples"})
     config_class = SemanticOTConfig
+    shardable = True
 
     def __init__(self, cfg: SemanticOTConfig | None = None, **settings) -> None:
         super().__init__(cfg, **settings)
@@ -63,12 +64,17 @@ class SemanticOT(Matcher):
     def alive(self, ctx: MatchContext, hook: str) -> Tensor:
         return ctx.samples[hook].alive
 
-    def candidates(self, ctx: MatchContext, hook_a: str, hook_b: str, k: int) -> tuple[Tensor, Tensor]:
+    def candidate_stats(self) -> dict[str, int]:
+        return dict(self.last_stats)
+
+    def candidates(self, ctx: MatchContext, hook_a: str, hook_b: str, k: int,
+                   rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The ``k`` nearest features of B (exact under the solver) of A's features ``rows`` (default all)."""
         sa, sb = ctx.samples[hook_a], ctx.samples[hook_b]
         dev = ctx.device
+        pa, wa = (sa.points, sa.weights) if rows is None else (sa.points[rows], sa.weights[rows])
         res = self.cfg.solver.nearest(
-            sa.points.to(dev), sa.weights.to(dev), sb.points.to(dev), sb.weights.to(dev),
-            k=k, progress=self.cfg.progress,
+            pa.to(dev), wa.to(dev), sb.points.to(dev), sb.weights.to(dev), k=k, progress=self.cfg.progress,
         )
         self.last_stats = {"n_solved": int(res.n_solved), "n_pairs": int(res.n_pairs)}
         return res.cost.double().clamp_min(0).sqrt().cpu(), res.index.cpu()
@@ -79,9 +85,3 @@ class SemanticOT(Matcher):
         c = self.cfg.solver.pair(sa.points.to(dev), sa.weights.to(dev), sb.points.to(dev), sb.weights.to(dev),
                              ia.to(dev), ib.to(dev))
         return c.double().clamp_min(0).sqrt().cpu()
-
-    def match_assignments(self, ctx: MatchContext, hook_a: str, hook_b: str, assignments=("nearest", "hungarian")):
-        results = super().match_assignments(ctx, hook_a, hook_b, assignments)
-        for r in results.values():
-            r.extras.update(self.last_stats)
-        return results

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from saeot.matching.base import MatchContext
+from saeot.matching.base import MatchContext, Shard
 from saeot.pipeline.config import build, check_layers, layer_ids, run_hooks
 from saeot.pipeline.state import Matches, ReferenceFit, RunSetup, Streams
 from saeot.profiling import (
@@ -34,7 +34,7 @@ from saeot.reference import project_samples
 from saeot.saes import check_sae_widths
 from saeot.types import MatchResult
 
-__all__ = ["setup", "stream", "fit_reference", "match", "summarize"]
+__all__ = ["setup", "stream", "fit_reference", "match", "summarize", "trainer_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,11 @@ def fit_reference(cfg: DictConfig, streams: Streams, logger: Any = None) -> Refe
 
 
 def match(run: RunSetup, streams: Streams, reference: ReferenceFit,
-          pairs: tuple[tuple[str, str], ...] | None = None) -> Matches:
-    """Stage 5: every layer pair (default ``run.pairs``) through ``run.matcher``."""
+          pairs: tuple[tuple[str, str], ...] | None = None, shard: Shard | None = None) -> Matches:
+    """Stage 5: every layer pair (default ``run.pairs``) through ``run.matcher``; under DDP
+    (``shard``) each rank searches a block of A's features and the result is gathered."""
     ctx = MatchContext(saes=run.saes, samples=reference.projected, correlations=streams.correlations,
-                       device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                       device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), shard=shard)
     results, per_pair = [], {}
     for a, b in run.pairs if pairs is None else pairs:
         t0 = time.perf_counter()
@@ -135,3 +136,16 @@ def summarize(res: MatchResult) -> dict:
         "median_distance_matched": float(res.distance[res.matched].median()) if len(fb) else float("nan"),
         **{k: v for k, v in res.extras.items() if isinstance(v, (int, float))},
     }
+
+
+def trainer_shard(trainer: Any) -> Shard | None:
+    """The matching shard of this process under a multi-process Trainer (None on one process)."""
+    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+
+    def gather(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    return Shard(rank=trainer.global_rank, world_size=trainer.world_size, gather=gather)

@@ -16,7 +16,7 @@ from saeot.io import update_json
 from saeot.pipeline.artifacts import save_artifacts
 from saeot.pipeline.callbacks import RunCallback
 from saeot.pipeline.config import build
-from saeot.pipeline.stages import fit_reference, match, setup, stream
+from saeot.pipeline.stages import fit_reference, match, setup, stream, trainer_shard
 from saeot.pipeline.state import TrainResult
 from saeot.plots import plot_run
 
@@ -36,7 +36,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                     callbacks=[c for c in callbacks if isinstance(c, L.Callback)])
     streams = stream(run, trainer)
     reference = fit_reference(cfg, streams, logger)
-    matches = match(run, streams, reference)
+    matches = match(run, streams, reference, shard=trainer_shard(trainer))
     result = TrainResult(setup=run, streams=streams, reference=reference, matches=matches, logger=logger,
                          metrics={"profiling": streams.metrics, "reference": reference.metrics,
                                   "matching": matches.metrics})
