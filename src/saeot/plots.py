@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 from saeot.hooks import hook_layer  # noqa: E402
 from saeot.io import atomic_path  # noqa: E402
+from saeot.matching.flows import Chain, Flows  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -117,10 +118,59 @@ def plot_flow(results: list, path: Path, samples: dict | None = None, codec: Any
     return save_figure(fig, path)
 
 
-def plot_run(run: Any) -> dict[str, Path]:
+def plot_chains(flows: Flows, path: Path, samples: dict | None = None, codec: Any = None, n: int = 40) -> Path:
+    """The ``n`` longest chains through all layers (ties: most frequent first feature), one row
+    each, coloured by distance; labelled with the top token at both ends; the births and
+    deaths per layer as bars underneath. Stays readable for 30 layers."""
+    by_layer = {hook_layer(h): s for h, s in (samples or {}).items()}
+
+    def freq(chain: Chain) -> float:
+        la, i = chain.nodes[0]
+        s = by_layer.get(la)
+        return float(s.n_fire[i]) if s is not None else 0.0
+
+    chains = sorted(flows.chains, key=lambda c: (-c.length, -freq(c)))[:n]
+    layers = sorted(flows.layers)
+    dists = [d for c in chains for d in c.distances]
+    vmax = max(dists) if dists else 1.0
+    width = min(22.0, max(8.0, 0.55 * len(layers) + 4))
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(width, 0.26 * len(chains) + 4.5), sharex=True,
+                                 gridspec_kw={"height_ratios": [max(3, 0.26 * len(chains)), 1.6]})
+    cmap = plt.get_cmap("viridis")
+    for y, c in enumerate(chains):
+        xs = [la for la, _ in c.nodes]
+        for k, d in enumerate(c.distances[: len(xs) - 1]):
+            ax.plot(xs[k:k + 2], [y, y], color=cmap(min(d / vmax, 1.0)), lw=2.2)
+        ax.scatter(xs, [y] * len(xs), s=8, color="k", zorder=3)
+        (la0, i0), (la1, i1) = c.nodes[0], c.nodes[-1]
+        ax.annotate(f"{la0}:{i0} {_top_token(by_layer.get(la0), codec, i0)}", (la0, y), xytext=(-4, 0),
+                    textcoords="offset points", fontsize=6, ha="right", va="center")
+        ax.annotate(f"{_top_token(by_layer.get(la1), codec, i1)} ({c.end})", (la1, y), xytext=(4, 0),
+                    textcoords="offset points", fontsize=6, va="center")
+    ax.set_yticks([])
+    ax.invert_yaxis()
+    ax.set_title(f"the {len(chains)} longest feature chains across {len(layers)} layers "
+                 f"({len(flows.chains)} chains in all; colour: distance)", fontsize=9)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, vmax))
+    fig.colorbar(sm, ax=[ax, bx], fraction=0.03, label="distance")
+    born = [flows.layers[la]["born"] for la in layers]
+    dies = [-flows.layers[la]["dies"] for la in layers]
+    bx.bar(layers, born, color="#4c72b0", label="born")
+    bx.bar(layers, dies, color="#c44e52", label="dies")
+    bx.axhline(0, color="k", lw=0.5)
+    bx.set_xticks(layers)
+    bx.set_xlabel("layer")
+    bx.set_ylabel("features")
+    bx.legend(fontsize=7, loc="upper right")
+    return save_figure(fig, path)
+
+
+def plot_run(run: Any, flows: Flows | None = None) -> dict[str, Path]:
     out: dict[str, Path] = {}
     if run.results:
         out["distances"] = plot_distances(run.results, run.run_dir / "plots" / "distances.png")
         codec = getattr(run.lm, "codec", None)
         out["flow"] = plot_flow(run.results, run.run_dir / "plots" / "flow.png", samples=run.samples, codec=codec)
+        if flows is not None and len(flows.layers) > 2:
+            out["chains"] = plot_chains(flows, run.run_dir / "plots" / "chains.png", samples=run.samples, codec=codec)
     return out

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from saeot.io import update_json
+from saeot.matching.flows import build_flows, write_flows
 from saeot.pipeline.artifacts import save_artifacts
 from saeot.pipeline.callbacks import RunCallback
 from saeot.pipeline.config import build
@@ -40,6 +41,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     result = TrainResult(setup=run, streams=streams, reference=reference, matches=matches, logger=logger,
                          metrics={"profiling": streams.metrics, "reference": reference.metrics,
                                   "matching": matches.metrics})
+    flows = build_flows(matches.results, alive={h: s.alive for h, s in streams.samples.items()})
+    result.metrics["flows"] = flows.summary()
     if trainer.is_global_zero:
         for cb in callbacks:
             if isinstance(cb, RunCallback):
@@ -48,7 +51,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                     result.metrics[cb.key] = out
         result.metrics["seconds_total"] = time.perf_counter() - t_start
         save_artifacts(result)
-        plots = plot_run(result)
+        write_flows(flows, result.run_dir / "flows.csv")
+        plots = plot_run(result, flows)
         for key, value in result.metrics.items():
             update_json(result.run_dir / "metrics.json", key, value)
         log_run(result, plots)
