@@ -1,4 +1,5 @@
-"""Functional evaluation (layer substitution, co-activation, coverage), the LLM judge and report.html."""
+"""Functional evaluation (layer substitution, co-activation, coverage) and report.html; the judge is in
+test_judge.py, the equal-coverage curves in test_equal_coverage.py."""
 
 from __future__ import annotations
 
@@ -7,10 +8,7 @@ import json
 import math
 import shutil
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,18 +16,17 @@ import torch
 
 from omegaconf import OmegaConf
 
-from saeot.evaluation.contexts import Context, FeatureContexts, feature_contexts
+from saeot.evaluation.contexts import Context
 from saeot.evaluation.functional import (
-    CoactivationAccumulator, FunctionalSettings, evaluate_functional, evaluate_runs, evaluation_data, format_markdown,
-    identity_matching, judge_row, one_to_one, pair_matching, run_from_hook, substitute_codes, write_table,
-)
-from saeot.evaluation.judge import (
-    LABELS, Judge, JudgeCache, OpenAICompatibleJudge, build_prompt, judge_run, mean_ci, parse_answer,
+    CoactivationAccumulator, CoverageCurves, FunctionalSettings, RankedPairs, curve_auc, evaluate_functional,
+    evaluate_runs, evaluation_data, format_markdown, full_assignment, identity_matching, one_to_one, pair_matching,
+    rank_pairs, run_from_hook, substitute_codes,
 )
 from saeot.evaluation.report import render_report
 from saeot.evaluation.runner import _expand, run_evaluate, select_evaluation
 from saeot.pipeline import run_train
 from saeot.pipeline.rundir import RunDir
+from test_judge import _ctx
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 QUIET = FunctionalSettings(progress=False, split="heldout")  # evaluate_functional reads an existing split
@@ -171,6 +168,81 @@ def test_settings_reject_unknown_keys():
         FunctionalSettings(code_scale="sideways")
 
 
+# ---------------------------------------------------------------------------- equal coverage
+def test_pairs_rank_by_cost_with_forced_pairs_last_and_levels_round_half_up():
+    fa, fb = torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0])
+    cost = torch.tensor([0.5, math.nan, 0.1, 0.1], dtype=torch.float64)
+    order = rank_pairs(fa, fb, cost, torch.tensor([False, False, False, True]))
+    assert order.tolist() == [2, 0, 1, 3]  # 0.1 (A2), 0.5 (A0), NaN (A1), then the forced A3 despite its 0.1
+    rp = RankedPairs(H0, H1, fa[order], fb[order], cost[order], n_features_a=5, n_features_b=4, n_forced=1)
+    assert [rp.n_at(f) for f in (0.1, 0.5, 0.6, 1.0)] == [1, 3, 3, 4]  # 0.5 -> 1, 2.5 -> 3; at most the 4 pairs
+    with pytest.raises(ValueError, match="one-to-one"):
+        RankedPairs(H0, H1, fa, torch.tensor([0, 0, 1, 2]), cost, n_features_a=4, n_features_b=4)
+    assert curve_auc([0.0, 0.5, 1.0], [0.0, 1.0, 1.0]) == pytest.approx(0.75)
+    assert curve_auc([0.0, 0.5, 1.0], [0.0, math.nan, 1.0]) == pytest.approx(0.5)
+    assert math.isnan(curve_auc([1.0], [2.0]))
+
+
+def test_full_assignment_assigns_every_feature_whatever_the_matchers_null():
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from saeot.matching import FeatureFlow
+    from saeot.matching.assignment import linear_assignment_dense
+    from saeot.matching.base import MatchContext
+
+    g = torch.Generator().manual_seed(0)
+    F = 24
+    saes = {}
+    for h in (H0, H1):
+        sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=F))
+        sae.W_dec.data = torch.randn(F, 16, generator=g)
+        saes[h] = sae.eval().requires_grad_(False)
+    ctx = MatchContext(saes=saes)
+    strict = FeatureFlow(assignment="nearest", null_alpha=1e-6)
+    assert int(strict.match(ctx, H0, H1).matched.sum()) < F  # the run's own null leaves features out
+    rp = full_assignment(strict, ctx, H0, H1, n_candidates=F)
+    assert rp.n_pairs == F and rp.n_forced == 0 and sorted(rp.feature_a.tolist()) == list(range(F))
+    assert torch.all(rp.cost[1:] >= rp.cost[:-1])  # best first
+    full = strict.pair_costs(ctx, H0, H1, torch.arange(F).repeat_interleave(F), torch.arange(F).repeat(F)).view(F, F)
+    dense = linear_assignment_dense(full)  # with every candidate, the sparse LAP is the dense one
+    assert dict(zip(rp.feature_a.tolist(), rp.feature_b.tolist())) == dict(enumerate(dense.tolist()))
+    few = full_assignment(strict, ctx, H0, H1, n_candidates=2)  # forced pairs complete what the LAP leaves
+    assert few.n_pairs == F and len(set(few.feature_b.tolist())) == F
+    assert strict.cfg.assignment == "nearest" and strict.cfg.null_alpha == 1e-6  # the run's matcher is unchanged
+
+
+def test_equal_coverage_curves_equal_the_substitution_of_the_same_pairs(tiny_lm, tiny_saes, dm):
+    F = tiny_saes[H1].cfg.d_sae
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(F, generator=g)  # identity pairs of H1 onto itself, ranked in a random order
+    rp = RankedPairs(H1, H1, perm, perm, torch.arange(F, dtype=torch.float64), n_features_a=F, n_features_b=F)
+    grid = (0.25, 0.5, 1.0)
+    curves = CoverageCurves([rp], tiny_saes, grid, code_scale="fold", with_ce=True)
+    no_ce = CoverageCurves([rp], tiny_saes, grid, code_scale="fold", with_ce=False)
+    half = rp.n_at(0.5)
+    rows = [{"feature_a": i, "feature_b": i, "distance": 0.0, "margin": 1.0, "matched": int(i in perm[:half].tolist())}
+            for i in range(F)]
+    res = evaluate_functional(tiny_lm, tiny_saes, dm, {"half": [pair_matching(H1, H1, rows, F, F)],
+                                                       "id": [identity_matching(H1, F)]}, QUIET,
+                              consumers=[curves, no_ce])
+    c = curves.results()[rp.key]
+    key = f"{H1}|{H1}"
+    assert c["n_pairs"] == [F // 4, F // 2, F] and c["fraction"] == [0.25, 0.5, 1.0] and len(c["corr"]) == 3
+    for f, label in ((0.5, "half"), (1.0, "id")):
+        sub = res[label]["pairs"][key]["substitution"]
+        i = grid.index(f)
+        assert c["explained_variance"][i] == pytest.approx(sub["explained_variance"], abs=1e-9)
+        assert c["delta_ce"][i] == pytest.approx(sub["delta_ce"], abs=1e-9)
+    assert c["full"]["explained_variance"] == res["id"]["pairs"][key]["reference"]["sae"]["explained_variance"]
+    assert c["explained_variance"][0] < c["explained_variance"][1] < c["explained_variance"][2]
+    assert c["corr"][2] == pytest.approx(1.0) and c["precision"][2] == pytest.approx(1.0)
+    assert c["auc"]["explained_variance"] == pytest.approx(curve_auc(c["fraction"], c["explained_variance"]))
+    n = no_ce.results()[rp.key]
+    assert n["explained_variance"] == c["explained_variance"] and all(math.isnan(x) for x in n["delta_ce"])
+    with pytest.raises(ValueError, match="coverage_grid"):
+        FunctionalSettings(coverage_grid=(0.5, 0.2))
+
+
 # ---------------------------------------------------------------------------- end to end on run dirs
 def _train_run(compose_cfg, run_dir: Path, cache_dir: Path, matcher: str) -> None:
     """A finished ``train.py experiment=smoke`` run in ``run_dir`` (with its ``.hydra/config.yaml``)."""
@@ -238,6 +310,14 @@ def test_evaluate_runs_writes_metrics_table_and_report_without_training(tmp_path
     md = (tmp_path / "eval" / "functional_table.md").read_text()
     assert md.count("| 1→2 |") == 2 and "EV sub" in md
     assert len((tmp_path / "eval" / "functional_table.csv").read_text().strip().splitlines()) == 3
+    for p in funcs:  # equal coverage: sae_match's full assignment, whatever its own null decided
+        c = p["equal_coverage"]
+        assert c["full"]["n_pairs"] == c["n_features_a"] and c["full"]["fraction"] == 1.0
+        assert c["grid"] == pytest.approx([0.1 * i for i in range(1, 11)]) and len(c["delta_ce"]) == 10
+    cov = (tmp_path / "eval" / "equal_coverage.md").read_text()
+    assert cov.count("| 1→2 |") == 2 and "AUC EV" in cov
+    assert (tmp_path / "eval" / "plots" / "equal_coverage.png").stat().st_size > 5000
+    assert "explained_variance@0.5" in (tmp_path / "eval" / "equal_coverage.csv").read_text().splitlines()[0]
     run = RunDir.load(dirs[0])  # the rest of what the run wrote reads back as it was written
     assert run.matcher == "sae_match" and run.hooks == ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
     samples = run.samples(run.hooks[0])
@@ -274,198 +354,6 @@ def test_evaluate_py_chooses_one_evaluation():
         select_evaluation(cfg(run_dir="a", evaluation="bogus"))
     with pytest.raises(ValueError, match="needs run_dirs="):
         select_evaluation(cfg(run_dir="a", evaluation="run_dirs"))
-
-
-# ---------------------------------------------------------------------------- judge
-def _ctx(token: str, left: str = "the ", right: str = " end", act: float = 1.0) -> Context:
-    return Context(left=left, token=token, right=right, activation=act)
-
-
-def test_prompt_shows_both_features_with_marked_tokens():
-    msgs = build_prompt([_ctx("cat"), _ctx("dog")], [_ctx("kitten")], "layer 3 #1", "layer 4 #9")
-    assert [m["role"] for m in msgs] == ["system", "user"]
-    user = msgs[1]["content"]
-    assert "the <<cat>> end" in user and "the <<dog>> end" in user and "the <<kitten>> end" in user
-    assert user.index("<<cat>>") < user.index("Feature B") < user.index("<<kitten>>")
-    assert "layer 3 #1" in user and "layer 4 #9" in user
-    assert all(w in user for w in LABELS)
-
-
-def test_feature_contexts_highlight_the_firing_token():
-    from saeot.models import ByteCodec
-
-    codec = ByteCodec()
-    ctx = torch.tensor([[256] + codec.encode("hello world\nand more"), [256] + codec.encode("x" * 20)])
-    loc = torch.tensor([[0, 7], [1, 3], [0, 7], [-1, -1]])
-    acts = torch.tensor([2.0, 5.0, 2.0, 0.0])
-    out = feature_contexts(loc, acts, ctx, codec, n=5, window=6, right=3, skip_ids=[256])
-    assert len(out) == 2  # duplicates and padding dropped
-    assert out[0].activation == 5.0 and out[0].token == "x"
-    assert out[1].token == "w" and out[1].left == "hello " and out[1].right == "orl"
-    assert out[1].marked() == "hello <<w>>orl"
-
-
-@pytest.mark.parametrize("text,label", [
-    ("same", "same"), ("Same.", "same"), ("  **Maybe**", "maybe"), ("DIFFERENT", "different"),
-    ("They are not the same.", "different"), ("not the same concept, different", "different"),
-    ("Answer: different", "different"), ("Final answer: **same**", "same"),
-    ("<think>same? maybe</think>Different", "different"), ("3", "same"), ("2", "maybe"), ("(1)", "different"),
-    ("I'd say they're related", "maybe"), ("Maybe; they look different to me", "maybe"),
-    ("Yes", "same"), ("No.", "different"), ("The two features are the same", "same"),
-    ("banana", None), ("", None), (None, None),
-])
-def test_parse_answer(text, label):
-    assert parse_answer(text) == label
-
-
-class _CountingJudge(Judge):
-    name = "counting"
-
-    def __init__(self, answer: str = "Same!", **kw):
-        super().__init__(**kw)
-        self.answer = answer
-
-    def identity(self) -> dict:
-        return {"backend": self.name, "answer": self.answer}
-
-    def complete(self, messages):
-        return self.answer, None
-
-
-def test_judge_cache_second_call_does_not_call_the_model(tmp_path):
-    j = _CountingJudge(cache_dir=str(tmp_path))
-    a, b = [_ctx("cat")], [_ctx("kitten")]
-    first = j.judge_pair(a, b)
-    assert (first.label, first.score, first.cached) == ("same", 3.0, False) and j.n_calls == 1
-    second = j.judge_pair(a, b)
-    assert (second.label, second.score, second.cached) == ("same", 3.0, True) and j.n_calls == 1
-    j.judge_pair(a, [_ctx("dog")])
-    assert j.n_calls == 2
-    fresh = _CountingJudge(cache_dir=str(tmp_path))  # another process, same cache dir
-    assert fresh.judge_pair(a, b).cached and fresh.n_calls == 0
-    other = _CountingJudge(answer="different", cache_dir=str(tmp_path))  # another backend: its own entries
-    assert other.judge_pair(a, b).label == "different" and other.n_calls == 1
-    files = list(tmp_path.rglob("*.json"))
-    assert len(files) == 3 and not list(tmp_path.rglob("*.tmp"))
-    key = JudgeCache.key(j.identity(), build_prompt(a, b))
-    (tmp_path / key[:2] / f"{key}.json").write_text("{corrupt")  # never trusted: recomputed
-    assert not j.judge_pair(a, b).cached and j.n_calls == 3
-
-
-def test_mean_ci():
-    r = mean_ci([3, 3, 2, 1, 3, 2, 3, 3, float("nan")], seed=1)
-    assert r["n"] == 8 and r["n_invalid"] == 1
-    assert r["mean"] == pytest.approx(2.5)
-    assert r["ci"][0] < 2.5 < r["ci"][1] and r["ci_t"][0] < r["ci"][0] + 0.5
-    assert mean_ci([2, 2, 2])["ci"] == [2.0, 2.0]
-    assert math.isnan(mean_ci([])["mean"])
-
-
-def test_openai_compatible_judge_over_http(tmp_path, monkeypatch):
-    seen = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            seen["path"] = self.path
-            seen["auth"] = self.headers.get("Authorization")
-            seen["body"] = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Maybe."}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *a):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("TEST_JUDGE_URL", f"http://127.0.0.1:{server.server_port}/v1/")
-        monkeypatch.setenv("TEST_JUDGE_MODEL", "tiny-judge")
-        monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test")
-        j = OpenAICompatibleJudge(base_url_env="TEST_JUDGE_URL", model_env="TEST_JUDGE_MODEL",
-                                  api_key_env="TEST_JUDGE_KEY", cache_dir=str(tmp_path))
-        jd = j.judge_pair([_ctx("cat")], [_ctx("kitten")])
-    finally:
-        server.shutdown()
-    assert (jd.label, jd.score) == ("maybe", 2.0)
-    assert seen["path"] == "/v1/chat/completions" and seen["auth"] == "Bearer sk-test"
-    assert seen["body"]["model"] == "tiny-judge" and seen["body"]["messages"][1]["content"].count("<<") == 2
-    assert "sk-test" not in "".join(p.read_text() for p in tmp_path.rglob("*.json"))
-    monkeypatch.delenv("TEST_JUDGE_URL")
-    with pytest.raises(ValueError, match="TEST_JUDGE_URL"):
-        OpenAICompatibleJudge(base_url_env="TEST_JUDGE_URL", model_env="TEST_JUDGE_MODEL")
-
-
-def _fake_run(tmp_path: Path, codec, texts_a: list[str], texts_b: list[str]):
-    """A run dir with features/<hook>.safetensors over contexts built from ``texts`` (token 3 of each fires)."""
-    from safetensors.torch import save_file
-
-    T = 16
-    rows = []
-    for t in texts_a + texts_b:
-        ids = codec.encode(t)[:T]
-        rows.append(ids + [ids[-1]] * (T - len(ids)))
-    contexts = torch.tensor(rows)
-    n = len(texts_a)
-    (tmp_path / "features").mkdir(parents=True, exist_ok=True)
-    for hook, offset in ((H0, 0), (H1, n)):
-        F, K = n, 2
-        loc = torch.full((F, K, 2), -1, dtype=torch.long)
-        for f in range(F):
-            loc[f, 0] = torch.tensor([offset + f, 3])
-        save_file({"locations": loc, "activations": torch.ones(F, K), "n_fire": torch.ones(F)},
-                  str(tmp_path / "features" / f"{hook}.safetensors"))
-    rows_m = [{"feature_a": i, "feature_b": i, "distance": 0.1, "margin": 1.0, "matched": 1} for i in range(n)]
-    pm = pair_matching(H0, H1, rows_m, n, n)
-    run = SimpleNamespace(path=tmp_path, label="fake", matcher="fake")
-    return run, [pm], FeatureContexts(tmp_path, contexts, codec)
-
-
-def test_judge_run_summarises_scores_with_control(tmp_path):
-    from saeot.models import ByteCodec
-
-    run, pms, contexts = _fake_run(tmp_path / "run", ByteCodec(), ["the cat sat on the mat"] * 6, ["a dog ran far"] * 6)
-    j = _CountingJudge(answer="different", n_pairs=4, n_control=3, cache_dir=str(tmp_path / "c"))
-    out = judge_run(j, run, pms, contexts)
-    p = out["pairs"][pms[0].key]
-    assert p["n"] == 4 and p["mean"] == 1.0 and p["counts"]["different"] == 4
-    assert p["control"]["n"] == 3 and len(p["items"]) == 4
-    assert out["overall"]["n"] == 4
-
-
-@pytest.mark.slow
-def test_local_hf_judge_on_offline_smollm2(tmp_path):
-    from saeot.evaluation.judge import LocalHFJudge
-    from saeot.models import HFCodec, smollm2_gguf_path
-
-    try:
-        smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-
-    judge = LocalHFJudge(n_pairs=3, n_control=2, cache_dir=str(tmp_path / "judge"))
-    judge._load()
-    codec = HFCodec(judge._tok)
-    texts_a = ["The capital of France is Paris, a city", "import os\nimport sys\nimport json",
-               "She walked to the store and bought milk"]
-    texts_b = ["The capital of Italy is Rome, a city", "from math import sqrt, pi, e",
-               "He drove to the market and sold fish"]
-    run, pms, contexts = _fake_run(tmp_path / "run", codec, texts_a, texts_b)
-    out = judge_run(judge, run, pms, contexts)
-    p = out["pairs"][pms[0].key]
-    items = p["items"] + p["control_items"]
-    assert len(p["items"]) == 3 and len(p["control_items"]) == 2
-    for it in items:
-        assert it["label"] in LABELS and it["score"] in (1.0, 2.0, 3.0)
-        assert sum(it["probs"].values()) == pytest.approx(1.0, abs=1e-6)
-    assert 1.0 <= p["mean"] <= 3.0 and p["n_invalid"] == 0
-    calls = judge.n_calls
-    again = judge_run(judge, run, pms, contexts)  # every judgement now comes from the cache
-    assert judge.n_calls == calls and again["n_model_calls"] == 0
-    assert [i["label"] for i in again["pairs"][pms[0].key]["items"]] == [i["label"] for i in p["items"]]
 
 
 # ---------------------------------------------------------------------------- report
@@ -541,17 +429,6 @@ def test_markdown_table_has_one_row_per_run_and_pair():
     lines = [x for x in md.splitlines() if x.startswith("| ")]
     assert len(lines) == 3 and "| m | 3→4 | 0.500 | 0.100 |" in lines[1] and "judge" not in lines[0]
 
-
-
-def test_judge_table_is_appended_with_its_control(tmp_path):
-    j = _CountingJudge(answer="maybe", n_pairs=3, n_control=2, cache_dir=str(tmp_path / "c"))
-    from saeot.models import ByteCodec
-
-    run, pms, contexts = _fake_run(tmp_path / "run", ByteCodec(), ["the cat sat on the mat"] * 4, ["a dog ran far"] * 4)
-    row = judge_row(run, judge_run(j, run, pms, contexts))
-    md = write_table([], tmp_path / "out", [row]).read_text()
-    assert "| fake | counting | 3 | 2.00 | [2.00, 2.00] | 0 / 3 / 0 | 2.00 [2.00, 2.00] (n=2) |" in md
-    assert (tmp_path / "out" / "judge_table.csv").read_text().startswith("matcher,")
 
 
 def test_run_dirs_accept_glob_patterns(tmp_path):

@@ -75,13 +75,32 @@ pair, a few ``[n_pairs]`` accumulators); nothing grows with the number of tokens
 Entry point: :func:`evaluate_runs` (``python evaluate.py run_dir=... | 'run_dirs=[...]'``),
 which reads each run with :class:`saeot.pipeline.rundir.RunDir` and never retrains.
 
+**Equal coverage** (``functional.coverage``, default on): the coverage above rewards a
+lenient null (unmatched features are dropped from the substitution). So every matcher
+is also compared at the same coverage: its full one-to-one assignment with the null off
+(SAE Match's Eq. 5 protocol: every feature of A assigned, the cost decides the order,
+not membership) is computed from the run's directory, its pairs ranked by the
+matcher's own cost, and substitution EV / ΔCE and co-activation correlation measured
+for the best fraction ``f`` of A on ``functional.coverage_grid``, all levels in the same
+streaming pass; the area under each curve summarises it. Output: ``equal_coverage``
+per layer pair in the metrics, ``equal_coverage.md`` / ``.csv`` and
+``plots/equal_coverage.png`` in the evaluation dir.
+
 Modules: ``_settings`` (the ``functional:`` settings), ``_matchings`` (a run's matches as
 index arrays, the one-to-one subset), ``_substitution`` (Eq. 5 and its accumulator),
-``_coactivation`` (the co-activation accumulator), ``_pass`` (the one streaming pass),
+``_coactivation`` (the co-activation accumulator), ``_batch`` (what the pass hands extra
+consumers), ``_pass`` (the one streaming pass), ``_coverage`` (full assignments, ranked),
+``_curves`` (the equal-coverage curves), ``_equal_coverage`` (their table and plot),
 ``_runs`` (run dirs -> grouped passes -> metrics, reports), ``_tables`` (the tables).
 """
 
 from saeot.evaluation.functional._coactivation import CoactivationAccumulator
+from saeot.evaluation.functional._batch import PassBatch, PassConsumer, PassTotals
+from saeot.evaluation.functional._coverage import RankedPairs, assign_run, full_assignment, full_matcher, rank_pairs
+from saeot.evaluation.functional._curves import CURVE_METRICS, CoverageCurves, PairCurve, curve_auc
+from saeot.evaluation.functional._equal_coverage import (
+    coverage_rows, format_coverage_markdown, plot_equal_coverage, write_coverage_table,
+)
 from saeot.evaluation.functional._matchings import (
     ONE_TO_ONE_DOC, PairMatching, identity_matching, matchings_from_rows, one_to_one, pair_matching,
 )
@@ -100,6 +119,10 @@ __all__ = [
     "PairMatching", "ONE_TO_ONE_DOC", "one_to_one", "pair_matching", "identity_matching", "matchings_from_rows",
     "code_ratio", "substitute_codes", "run_from_hook", "next_token_ce", "SubstitutionAccumulator",
     "CoactivationAccumulator",
+    "PassBatch", "PassConsumer", "PassTotals",
+    "RankedPairs", "rank_pairs", "full_matcher", "full_assignment", "assign_run",
+    "CURVE_METRICS", "curve_auc", "PairCurve", "CoverageCurves",
+    "coverage_rows", "format_coverage_markdown", "write_coverage_table", "plot_equal_coverage",
     "evaluate_functional",
     "EvaluationData", "evaluation_data", "label_runs", "evaluate_runs",
     "TABLE_COLUMNS", "table_rows", "judge_row", "format_markdown", "format_judge_markdown", "write_table",

@@ -5,12 +5,14 @@ codes and the references computed once per batch and shared)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from saeot.evaluation.functional._batch import PassBatch, PassConsumer, PassTotals
 from saeot.evaluation.functional._coactivation import CoactivationAccumulator
 from saeot.evaluation.functional._matchings import ONE_TO_ONE_DOC, PairMatching
 from saeot.evaluation.functional._settings import REFERENCE_DOC, FunctionalSettings
@@ -36,6 +38,7 @@ class _PairState:
 def evaluate_functional(
     lm: Any, saes: dict[str, Any], datamodule: Any, matchings: dict[str, list[PairMatching]],
     settings: FunctionalSettings | None = None, alive: dict[str, Tensor] | None = None,
+    consumers: Sequence[PassConsumer] = (),
 ) -> dict[str, dict]:
     """Substitution, references, co-activation and coverage of several runs that share
     ``lm``, ``saes`` and ``datamodule``, in one streaming pass over ``settings.split``.
@@ -47,6 +50,8 @@ def evaluate_functional(
         matchings: run label -> its :class:`PairMatching` list.
         settings: :class:`FunctionalSettings`.
         alive: hook -> ``[F]`` bool, features alive during the run's profiling (coverage).
+        consumers: extra consumers of every batch (:mod:`saeot.evaluation.functional._batch`),
+            e.g. the equal-coverage curves; their results stay in them.
 
     Returns:
         run label -> ``{"pairs": {"hook_a|hook_b": {...}}, "ce_clean": ..., ...}`` (the
@@ -58,8 +63,10 @@ def evaluate_functional(
     device = next(model.parameters()).device
     for sae in saes.values():
         sae.to(device)
-    hooks_b = sorted({pm.hook_b for pms in matchings.values() for pm in pms}, key=hook_layer)
-    hooks = sorted({h for pms in matchings.values() for pm in pms for h in (pm.hook_a, pm.hook_b)}, key=hook_layer)
+    hooks_b = sorted({pm.hook_b for pms in matchings.values() for pm in pms}
+                     | {h for c in consumers for h in c.hooks_b}, key=hook_layer)
+    hooks = sorted({h for pms in matchings.values() for pm in pms for h in (pm.hook_a, pm.hook_b)}
+                   | {h for c in consumers for h in c.hooks}, key=hook_layer)
     for h in hooks:
         if h not in saes:
             raise ValueError(f"no SAE loaded for {h}")
@@ -105,11 +112,14 @@ def evaluate_functional(
             codes = {h: encode(saes[h], hidden[h]) for h in hooks}
             keep = mask[..., None]
 
-            def replace(hb: str, h_hat: Tensor, acc: SubstitutionAccumulator) -> None:
+            def substituted(hb: str, h_hat: Tensor) -> tuple[Tensor, Tensor]:
                 h_b = hidden[hb]
                 h_sub = torch.where(keep, h_hat.expand_as(h_b), h_b)
-                ce = next_token_ce(run_from_hook(model, hb, h_sub, tokens), tokens)
-                acc.update(h_b, h_sub, mask, ce, ce_mask)
+                return h_sub, next_token_ce(run_from_hook(model, hb, h_sub, tokens), tokens)
+
+            def replace(hb: str, h_hat: Tensor, acc: SubstitutionAccumulator) -> None:
+                h_sub, ce = substituted(hb, h_hat)
+                acc.update(hidden[hb], h_sub, mask, ce, ce_mask)
 
             for hb, accs in ref_acc.items():
                 sst[hb] += float((hidden[hb] - mean[hb].to(device))[mask].double().pow(2).sum())
@@ -131,7 +141,11 @@ def evaluate_functional(
                     x = xa[:, pm.feature_a.to(device)]
                     st.coact.update(x, xb[:, pm.feature_b.to(device)])
                     st.chance.update(x, xb[:, st.chance_b.to(device)])
+            for c in consumers:
+                c.update(PassBatch(tokens, mask, ce_mask, hidden, codes, substituted))
     ce_clean = ce_clean_sum / max(n_ce, 1)
+    for c in consumers:
+        c.finish(PassTotals(sst=dict(sst), n_ce=n_ce, ce_clean=ce_clean))
     ref_res = {hb: {r: acc.result(sst[hb], n_ce, ce_clean) for r, acc in accs.items()} for hb, accs in ref_acc.items()}
     seconds = time.perf_counter() - t0
 

@@ -18,6 +18,9 @@ import torch
 from omegaconf import DictConfig
 
 from saeot.evaluation.contexts import FeatureContexts
+from saeot.evaluation.functional._coverage import assign_run
+from saeot.evaluation.functional._curves import CoverageCurves
+from saeot.evaluation.functional._equal_coverage import coverage_rows, plot_equal_coverage, write_coverage_table
 from saeot.evaluation.functional._matchings import matchings_from_rows
 from saeot.evaluation.functional._pass import evaluate_functional
 from saeot.evaluation.functional._settings import FunctionalSettings
@@ -25,6 +28,7 @@ from saeot.evaluation.functional._tables import judge_row, table_rows, write_tab
 from saeot.evaluation.judge import judge_run
 from saeot.evaluation.report import write_run_report
 from saeot.io import update_json
+from saeot.matching.base import MatcherNotApplicable
 from saeot.pipeline.config import build
 from saeot.pipeline.rundir import RunDir
 from saeot.saes import check_sae_widths
@@ -99,7 +103,11 @@ def evaluate_runs(cfg: DictConfig, run_dirs: Sequence[str | Path], out_dir: str 
     Every run dir gets ``metrics.json["functional"]`` (and ``["judge"]`` when ``judge=`` is
     set) and ``report.html``; ``out_dir`` gets ``functional_table.md`` / ``.csv``, one row
     per run x layer pair. Runs sharing model, data, SAEs and layers are evaluated in one
-    streaming pass. Returns ``{"rows": [...], "judge": [...], "table": <path>}``.
+    streaming pass. With ``functional.coverage`` (default), every run's full one-to-one
+    assignment is computed and its equal-coverage curves accumulated in the same pass
+    (``metrics.json["functional"]["pairs"][...]["equal_coverage"]``; ``out_dir`` gets
+    ``equal_coverage.md`` / ``.csv`` and ``plots/equal_coverage.png``).
+    Returns ``{"rows": [...], "judge": [...], "table": <path>, "coverage_rows": [...]}``.
     """
     settings = FunctionalSettings.from_cfg(cfg.get("functional"))
     judge = build(cfg.judge) if cfg.get("judge") is not None else None
@@ -110,6 +118,7 @@ def evaluate_runs(cfg: DictConfig, run_dirs: Sequence[str | Path], out_dir: str 
         groups.setdefault(r.setup_key(), []).append(r)
     all_rows: list[dict] = []
     judge_rows: list[dict] = []
+    cov_rows: list[dict] = []
     for group in groups.values():
         lead = group[0]
         log.info("evaluating %s (%d run(s) sharing model / data / SAEs)", [r.label for r in group], len(group))
@@ -120,8 +129,12 @@ def evaluate_runs(cfg: DictConfig, run_dirs: Sequence[str | Path], out_dir: str 
         data = evaluation_data(lead, lm, settings)
         setup_seconds = time.perf_counter() - t0
         matchings = {r.label: matchings_from_rows(r.rows, lead.site, saes) for r in group}
+        curves = _coverage_curves(group, matchings, saes, data.datamodule, settings) if settings.coverage else {}
         results = evaluate_functional(lm, saes, data.datamodule, matchings,
-                                      dataclasses.replace(settings, split=data.split))
+                                      dataclasses.replace(settings, split=data.split), consumers=list(curves.values()))
+        for label, c in curves.items():
+            for key, curve in c.results().items():
+                results[label]["pairs"][key]["equal_coverage"] = curve
         for r in group:  # coverage against the features alive in each run's own profiling
             alive = r.alive()
             for pm in matchings[r.label]:
@@ -140,9 +153,29 @@ def evaluate_runs(cfg: DictConfig, run_dirs: Sequence[str | Path], out_dir: str 
                 write_run_report(r.path / "report.html", r, matchings[r.label], contexts, settings, func, judged,
                                  model=getattr(lm, "name", "?"))
             all_rows.extend(table_rows(r, func, judged))
+            cov_rows.extend(coverage_rows(r.label, str(r.path), func))
             if judged is not None:
                 judge_rows.append(judge_row(r, judged))
         del lm, saes, data
     table = write_table(all_rows, out_dir, judge_rows)
     log.info("functional table: %s", table)
-    return {"rows": all_rows, "judge": judge_rows, "table": str(table)}
+    if cov_rows:
+        log.info("equal coverage: %s, %s", write_coverage_table(cov_rows, out_dir),
+                 plot_equal_coverage(cov_rows, out_dir / "plots" / "equal_coverage.png"))
+    return {"rows": all_rows, "judge": judge_rows, "table": str(table), "coverage_rows": cov_rows}
+
+
+def _coverage_curves(group: Sequence[RunDir], matchings: dict, saes: dict, datamodule: Any,
+                     settings: FunctionalSettings) -> dict[str, CoverageCurves]:
+    """run label -> the consumer of its equal-coverage curves (its full assignment computed
+    now); a run whose matcher cannot run again on what its directory holds is left out, said."""
+    out = {}
+    for r in group:
+        pairs = [(pm.hook_a, pm.hook_b) for pm in matchings[r.label]]
+        try:
+            ranked = assign_run(r, saes, datamodule, pairs, settings.coverage_candidates, settings.progress)
+        except MatcherNotApplicable as e:
+            log.warning("%s: no equal-coverage curves (%s)", r.label, e)
+            continue
+        out[r.label] = CoverageCurves(ranked, saes, settings.coverage_grid, settings.code_scale, settings.coverage_ce)
+    return out

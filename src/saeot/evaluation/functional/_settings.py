@@ -27,6 +27,13 @@ class FunctionalSettings:
         max_batches: cap on the batches streamed (None: the whole split).
         code_scale: ``fold`` (SAE Match Eq. 5 in folded parameters) or ``none``.
         references: which of ``sae``, ``bias``, ``mean`` to compute.
+        coverage: equal-coverage curves (every matcher's full one-to-one assignment with
+            the null off, ranked by its cost; :mod:`saeot.evaluation.functional._curves`).
+        coverage_grid: fractions of A matched at which the curves are measured (ascending, in [0, 1]).
+        coverage_ce: ΔCE on the curves (one forward pass from hook B per level and batch);
+            False: EV and co-activation only (no extra forward pass).
+        coverage_candidates: candidates per feature of A for the full assignment (at least
+            the matcher's own ``n_candidates``).
         report: write ``report.html`` into every run dir.
         report_pairs: matched pairs shown per layer pair in the report.
         report_no_match: no-match features shown with their contexts (all are listed).
@@ -42,6 +49,10 @@ class FunctionalSettings:
     max_batches: int | None = None
     code_scale: str = "fold"
     references: tuple[str, ...] = REFERENCES
+    coverage: bool = True
+    coverage_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    coverage_ce: bool = True
+    coverage_candidates: int = 32
     report: bool = True
     report_pairs: int = 24
     report_no_match: int = 8
@@ -61,6 +72,12 @@ class FunctionalSettings:
         if bad:
             raise ValueError(f"functional.references has {bad}; expected a subset of {list(REFERENCES)}")
         self.references = refs
+        grid = tuple(float(f) for f in self.coverage_grid)
+        if not grid or list(grid) != sorted(set(grid)) or not all(0.0 < f <= 1.0 for f in grid):
+            raise ValueError(f"functional.coverage_grid={list(grid)} must be distinct ascending fractions in (0, 1]")
+        self.coverage_grid = grid
+        if self.coverage_candidates < 2:
+            raise ValueError(f"functional.coverage_candidates={self.coverage_candidates} must be >= 2")
         if self.max_batches is not None and self.max_batches < 1:
             raise ValueError(f"functional.max_batches={self.max_batches} must be >= 1 or null")
 

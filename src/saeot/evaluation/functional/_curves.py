@@ -1,0 +1,161 @@
+r"""Equal coverage, step 2: substitution EV, ΔCE and co-activation correlation as a
+function of the fraction of A matched, accumulated for every coverage level in the one
+streaming pass.
+
+For a run's full one-to-one assignment ranked by its own cost
+(:class:`~saeot.evaluation.functional._coverage.RankedPairs`) and a grid of coverage
+levels ``f`` (``functional.coverage_grid``), level ``f`` keeps the best
+``n_f = round(f F_a)`` pairs: as if the matcher's threshold were swept until that many
+features of A are matched. Every matcher is thereby compared at the same coverage.
+Per level and batch:
+
+* **substitution** (SAE Match Eq. 5 with the partial permutation of the first ``n_f``
+  pairs, folded codes as in :mod:`saeot.evaluation.functional._substitution`): one decode
+  of the masked codes, its squared error against ``h^B`` (EV) and, when
+  ``functional.coverage_ce``, the model run on from hook B (ΔCE; one forward from B per
+  level and batch: the expensive part, so levels with equal ``n_f`` are computed once);
+* **co-activation**: one :class:`CoactivationAccumulator` over all ranked pairs; the
+  curve at ``f`` is the mean Pearson correlation (and precision / recall) over the
+  first ``n_f`` pairs where it is defined -- no extra cost per level.
+
+The area under each curve (``auc``) is the trapezoid area over the actual fractions
+(the same grid for every matcher, so areas compare directly; ΔCE: lower is better).
+The ``full`` entry is the last level (``f = 1``: the complete assignment, Eq. 5's
+protocol).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saeot.evaluation.functional._batch import PassBatch, PassTotals
+from saeot.evaluation.functional._coactivation import CoactivationAccumulator
+from saeot.evaluation.functional._coverage import RankedPairs
+from saeot.evaluation.functional._substitution import code_ratio, substitute_codes
+from saeot.hooks import hook_layer
+from saeot.saes.codes import decode
+
+__all__ = ["CURVE_METRICS", "curve_auc", "PairCurve", "CoverageCurves"]
+
+#: metric -> (label, higher is better)
+CURVE_METRICS = {"explained_variance": ("substitution EV", True), "delta_ce": ("substitution ΔCE (nats)", False),
+                 "corr": ("co-activation correlation", True)}
+
+
+def curve_auc(x: Sequence[float], y: Sequence[float]) -> float:
+    """Trapezoid area under ``y(x)`` (NaN points dropped; one point: NaN)."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    xs, ys = xs[ok], ys[ok]
+    if len(xs) < 2:
+        return float("nan")
+    return float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2))
+
+
+class PairCurve:
+    """The curves of one layer pair of one run (module docstring)."""
+
+    def __init__(self, ranked: RankedPairs, sae_a: Any, sae_b: Any, grid: Sequence[float], code_scale: str,
+                 with_ce: bool) -> None:
+        self.rp, self.sae_b, self.with_ce = ranked, sae_b, with_ce
+        self.grid = [float(f) for f in grid]
+        self.n = [ranked.n_at(f) for f in self.grid]
+        self.levels = sorted(set(self.n))  # distinct pair counts: each computed once
+        rank_of_b = torch.full((ranked.n_features_b,), ranked.n_pairs, dtype=torch.long)
+        rank_of_b[ranked.feature_b] = torch.arange(ranked.n_pairs)
+        self.col_masks = {n: (rank_of_b < n).float() for n in self.levels}  # [F_b] per level
+        self.ratio = code_ratio(sae_a, sae_b, ranked.feature_a, ranked.feature_b, code_scale)
+        self.sse = {n: 0.0 for n in self.levels}
+        self.ce_sum = {n: 0.0 for n in self.levels}
+        self.coact = CoactivationAccumulator(ranked.n_pairs)
+        self._result: dict | None = None
+
+    @torch.no_grad()
+    def update(self, b: PassBatch) -> None:
+        rp = self.rp
+        ca, cb = b.codes[rp.hook_a], b.codes[rp.hook_b]
+        dev = ca.device
+        fa, fb = rp.feature_a.to(dev), rp.feature_b.to(dev)
+        sub = substitute_codes(ca, fa, fb, self.ratio, rp.n_features_b)
+        h_b = b.hidden[rp.hook_b]
+        keep = b.mask[..., None]
+        for n in self.levels:
+            h_hat = decode(self.sae_b, sub * self.col_masks[n].to(dev))
+            if self.with_ce:
+                h_sub, ce = b.substituted(rp.hook_b, h_hat)
+                self.ce_sum[n] += float(ce[b.ce_mask].double().sum())
+            else:
+                h_sub = torch.where(keep, h_hat.expand_as(h_b), h_b)
+            self.sse[n] += float((h_b - h_sub)[b.mask].double().pow(2).sum())
+        self.coact.update(ca[b.mask][:, fa], cb[b.mask][:, fb])
+
+    def finish(self, t: PassTotals) -> dict:
+        rp = self.rp
+        sst = t.sst[rp.hook_b]
+        pp = self.coact.per_pair()
+
+        def prefix_mean(v: Tensor, n: int) -> float:
+            x = v[:n]
+            x = x[~x.isnan()]
+            return float(x.mean()) if x.numel() else float("nan")
+
+        frac = [n / max(rp.n_features_a, 1) for n in self.n]
+        ev = [1.0 - self.sse[n] / sst if sst > 0 else float("nan") for n in self.n]
+        dce = ([self.ce_sum[n] / max(t.n_ce, 1) - t.ce_clean for n in self.n] if self.with_ce
+               else [float("nan")] * len(self.n))
+        out = {
+            "layer_a": hook_layer(rp.hook_a), "layer_b": hook_layer(rp.hook_b),
+            "grid": self.grid, "fraction": frac, "n_pairs": self.n,
+            "explained_variance": ev, "delta_ce": dce,
+            "corr": [prefix_mean(pp["corr"], n) for n in self.n],
+            "precision": [prefix_mean(pp["precision"], n) for n in self.n],
+            "recall": [prefix_mean(pp["recall"], n) for n in self.n],
+            "n_pairs_total": rp.n_pairs, "n_forced": rp.n_forced, "n_features_a": rp.n_features_a,
+            "assignment_seconds": rp.seconds,
+        }
+        out["auc"] = {m: curve_auc(frac, out[m]) for m in CURVE_METRICS}
+        out["full"] = {k: out[k][-1] for k in ("fraction", "n_pairs", *CURVE_METRICS)} if self.n else {}
+        self._result = out
+        return out
+
+    @property
+    def result(self) -> dict:
+        if self._result is None:
+            raise RuntimeError("PairCurve.result before finish()")
+        return self._result
+
+
+class CoverageCurves:
+    """A :class:`~saeot.evaluation.functional._batch.PassConsumer`: the curves of every layer
+    pair of one run."""
+
+    def __init__(self, ranked: Sequence[RankedPairs], saes: dict[str, Any], grid: Sequence[float],
+                 code_scale: str = "fold", with_ce: bool = True) -> None:
+        if not grid:
+            raise ValueError("functional.coverage_grid is empty")
+        bad = [f for f in grid if not 0.0 <= float(f) <= 1.0]
+        if bad:
+            raise ValueError(f"functional.coverage_grid has {bad}: fractions of A must be in [0, 1]")
+        if list(grid) != sorted(grid):
+            raise ValueError(f"functional.coverage_grid={list(grid)} must be ascending")
+        self.curves = {rp.key: PairCurve(rp, saes[rp.hook_a], saes[rp.hook_b], grid, code_scale, with_ce)
+                       for rp in ranked}
+        self.hooks = tuple(sorted({h for rp in ranked for h in (rp.hook_a, rp.hook_b)}, key=hook_layer))
+        self.hooks_b = tuple(sorted({rp.hook_b for rp in ranked}, key=hook_layer))
+
+    def update(self, batch: PassBatch) -> None:
+        for c in self.curves.values():
+            c.update(batch)
+
+    def finish(self, totals: PassTotals) -> None:
+        for c in self.curves.values():
+            c.finish(totals)
+
+    def results(self) -> dict[str, dict]:
+        """``"hook_a|hook_b" ->`` the pair's curves (see :meth:`PairCurve.finish`)."""
+        return {k: c.result for k, c in self.curves.items()}
