@@ -5,6 +5,8 @@ context starts with BOS when the tokenizer has one. The contexts are split into
 ``profile`` (feature distributions, SAE training) and ``heldout`` (reference-space
 fitting, activation correlation), and optionally ``fresh``: contexts packed from the
 text *after* the run's last one, seen by no stage of a run (functional evaluation).
+A source that is split by document (it has ``split_documents(split)``, e.g. the
+packages corpus) gives each split its own documents instead: no document is in two splits.
 The splits are fixed when the module is set up; nothing changes them afterwards.
 A pass over one split (a Trainer ``predict``) reads a :class:`SplitView`, which
 says which split, which hooks and whether hidden states are computed; the module
@@ -145,13 +147,18 @@ class HiddenStateDataModule(L.LightningDataModule):
         if self.contexts is not None:
             return
         codec = self.lm.codec
-        wanted = None if self.max_contexts is None else self.max_contexts + self.fresh_contexts
-        contexts = pack_contexts(
-            iter(self.text), codec.encode, self.context_len, codec.bos_token_id, wanted,
-            sep_token_id=getattr(codec, "eos_token_id", None),
-        )
-        n_run = len(contexts) if self.max_contexts is None else min(len(contexts), self.max_contexts)
-        if n_run < 2:
+        by_document = self._pack_document_splits() if callable(getattr(self.text, "split_documents", None)) else None
+        if by_document is not None:
+            contexts, doc_splits = by_document
+            n_run = len(doc_splits["profile"]) + len(doc_splits["heldout"])
+        else:
+            wanted = None if self.max_contexts is None else self.max_contexts + self.fresh_contexts
+            contexts = pack_contexts(
+                iter(self.text), codec.encode, self.context_len, codec.bos_token_id, wanted,
+                sep_token_id=getattr(codec, "eos_token_id", None),
+            )
+            n_run = len(contexts) if self.max_contexts is None else min(len(contexts), self.max_contexts)
+        if n_run < 2 or (by_document is not None and min(len(doc_splits["profile"]), len(doc_splits["heldout"])) < 1):
             raise EmptyCorpusError(
                 f"data.text gave {n_run} context(s) of {self.context_len} tokens; "
                 "need at least 2 (one profile, one held-out): add text or lower data.context_len"
@@ -160,18 +167,43 @@ class HiddenStateDataModule(L.LightningDataModule):
         d_vocab = self.lm.model.cfg.d_vocab
         if int(contexts.max()) >= d_vocab:
             raise ValueError(f"token id {int(contexts.max())} >= model d_vocab {d_vocab} (tokenizer vocab {vocab})")
-        g = torch.Generator().manual_seed(self.seed)
-        perm = torch.randperm(n_run, generator=g)
-        n_held = max(1, int(round(self.heldout_fraction * n_run)))
-        n_held = min(n_held, n_run - 1)
         self.contexts = contexts
         self.n_run_contexts = n_run
-        self.splits = {"heldout": perm[:n_held].sort().values, "profile": perm[n_held:].sort().values}
+        if by_document is not None:
+            self.splits = {k: v for k, v in doc_splits.items() if k != "fresh" or self.fresh_contexts}
+        else:
+            g = torch.Generator().manual_seed(self.seed)
+            perm = torch.randperm(n_run, generator=g)
+            n_held = max(1, int(round(self.heldout_fraction * n_run)))
+            n_held = min(n_held, n_run - 1)
+            self.splits = {"heldout": perm[:n_held].sort().values, "profile": perm[n_held:].sort().values}
         if self.fresh_contexts:
             n_fresh = len(contexts) - n_run
             self.splits["fresh"] = torch.arange(n_run, n_run + n_fresh)
             self.fresh_note = (f"{n_fresh} contexts packed after the run's {n_run}"
                                + (f" (asked for {self.fresh_contexts})" if n_fresh < self.fresh_contexts else ""))
+
+    def _pack_document_splits(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """Contexts packed from each split's own documents (a source with ``split_documents``,
+        e.g. :class:`saeot.data.corpus.PackagesCorpus`): ``[profile | heldout | fresh]`` and
+        their indices. ``heldout_fraction`` of ``max_contexts`` (rounded, >= 1) come from the
+        held-out documents, the rest from the profile documents; ``fresh_contexts`` from the fresh ones."""
+        codec = self.lm.codec
+        n_held = n_prof = None
+        if self.max_contexts is not None:
+            n_held = min(max(1, int(round(self.heldout_fraction * self.max_contexts))), self.max_contexts - 1)
+            n_prof = self.max_contexts - n_held
+        wanted = {"profile": n_prof, "heldout": n_held, "fresh": self.fresh_contexts}
+        parts, splits, start = [], {}, 0
+        for split, n in wanted.items():
+            if split == "fresh" and not n:
+                continue
+            ctx = pack_contexts(self.text.split_documents(split), codec.encode, self.context_len, codec.bos_token_id,
+                                n, sep_token_id=getattr(codec, "eos_token_id", None))
+            parts.append(ctx)
+            splits[split] = torch.arange(start, start + len(ctx))
+            start += len(ctx)
+        return torch.cat(parts), splits
 
     def fingerprint(self) -> str:
         """Hash of the run's packed contexts (not the fresh ones): identifies the token stream (for cache keys)."""

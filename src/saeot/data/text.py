@@ -22,6 +22,24 @@ class EmptyCorpusError(ValueError):
     """The configured text source yields no usable text."""
 
 
+def iter_docstrings(tree: ast.Module) -> Iterator[tuple[str, str]]:
+    """``(qualified name, docstring)`` of a module and of its classes and functions, in
+    ``ast.walk`` order (the module first; ``"<module>"`` is its name). Empty docstrings are skipped."""
+    names: dict[ast.AST, str] = {tree: "<module>"}
+    for node in ast.walk(tree):
+        parent = names.get(node)
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names[child] = child.name if parent in (None, "<module>") else f"{parent}.{child.name}"
+            elif parent is not None and parent != "<module>":
+                names[child] = parent
+    for node in ast.walk(tree):
+        if node is tree or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield names.get(node, getattr(node, "name", "?")), doc
+
+
 class StdlibDocstrings:
     """Module, class and function docstrings of the Python standard library.
 
@@ -54,14 +72,8 @@ class StdlibDocstrings:
                 tree = ast.parse(path.read_text(encoding="utf-8"))
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
-            nodes = [tree] + [
-                node
-                for node in ast.walk(tree)
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            ]
-            for node in nodes:
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= self.min_chars:
+            for _, doc in iter_docstrings(tree):
+                if len(doc) >= self.min_chars:
                     yield doc
                     n += 1
                     if self.max_docs is not None and n >= self.max_docs:
