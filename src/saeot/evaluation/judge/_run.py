@@ -4,6 +4,7 @@ summarised as a mean score with bootstrap confidence intervals (``metrics.json["
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -20,7 +21,9 @@ from saeot.evaluation.judge._base import Judge
 from saeot.evaluation.judge._prompt import LABELS, SCORES
 from saeot.hooks import hook_layer
 
-__all__ = ["mean_ci", "sample_pairs", "control_pairs", "judge_run"]
+__all__ = ["mean_ci", "sample_pairs", "control_pairs", "discrimination", "judge_run"]
+
+log = logging.getLogger(__name__)
 
 
 def mean_ci(scores: Sequence[float], confidence: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -56,7 +59,39 @@ def _summary(items: list[dict], judge: Judge) -> dict:
     if expected:  # backends with label probabilities: the mean expected score, a finer-grained reading
         e = mean_ci(expected, judge.confidence, judge.n_boot, judge.seed)
         out["expected_score"] = {"mean": e["mean"], "ci": e["ci"], "n": e["n"]}
+    pct = [float(i["percentile"]) for i in items if i.get("percentile") is not None]
+    if pct:  # similarity judges: percentile among random pairs (0.5 = chance)
+        e = mean_ci(pct, judge.confidence, judge.n_boot, judge.seed)
+        out["percentile"] = {"mean": e["mean"], "ci": e["ci"], "n": e["n"]}
     return out
+
+
+def discrimination(matched: dict, control: dict | None, backend: str = "judge") -> dict:
+    """Can the judge tell the matched pairs from the random ones? Only if the matched pairs'
+    CI lies entirely above the random pairs' (``matched.ci[0] > control.ci[1]``); otherwise
+    ``warning`` says that its scores carry no information about the matches.
+
+    Args:
+        matched, control: summaries of :func:`mean_ci` (``mean``, ``ci``, ``n``).
+        backend: named in the warning.
+
+    Returns:
+        ``{"discriminates": bool | None, "warning": str | None, "rule": ...}`` (None: no control).
+    """
+    rule = "matched pairs' CI lower end above the random pairs' CI upper end"
+    if not control or not control.get("n") or not matched.get("n"):
+        return {"discriminates": None, "warning": None, "rule": rule, "note": "no random-pair control to compare with"}
+    lo, c_hi = matched["ci"][0], control["ci"][1]
+    ok = bool(lo > c_hi)
+    warning = None
+    if not ok:
+        why = ("the random pairs score as high as the matched ones" if control["mean"] >= matched["mean"]
+               else "the confidence intervals overlap")
+        warning = (f"judge {backend} cannot tell matched pairs from random ones here: matched {matched['mean']:.2f} "
+                   f"[{matched['ci'][0]:.2f}, {matched['ci'][1]:.2f}] (n={matched['n']}), random "
+                   f"{control['mean']:.2f} [{control['ci'][0]:.2f}, {control['ci'][1]:.2f}] (n={control['n']}): {why}; "
+                   "its scores say nothing about these matches")
+    return {"discriminates": ok, "warning": warning, "rule": rule}
 
 
 # ---------------------------------------------------------------------------- one run
@@ -105,6 +140,10 @@ def judge_run(judge: Judge, run: Any, matchings: Sequence[Any], contexts: Featur
         todo = [("match", p) for p in sample_pairs(pm.feature_a, pm.feature_b, ua, ub, judge.n_pairs,
                                                    _pair_seed(judge.seed, run.label + pm.key))]
         todo += [("control", p) for p in control_pairs(ua, ub, judge.n_control, _pair_seed(judge.seed, pm.key))]
+        if judge.n_calibration:  # judges calibrated on random pairs (other ones than the control's)
+            cal = control_pairs(ua, ub, judge.n_calibration, _pair_seed(judge.seed, pm.key + "|calibration"))
+            judge.calibrate([(contexts.get(pm.hook_a, i, n, window, right), contexts.get(pm.hook_b, j, n, window, right))
+                             for i, j in cal])
         items, control = [], []
         for kind, (i, j) in tqdm(todo, desc=f"judge {run.label} {la}->{lb}", disable=not progress, leave=False):
             jd = judge.judge_pair(contexts.get(pm.hook_a, i, n, window, right),
@@ -112,20 +151,27 @@ def judge_run(judge: Judge, run: Any, matchings: Sequence[Any], contexts: Featur
             rec = {"feature_a": i, "feature_b": j, "label": jd.label, "score": jd.score, "cached": jd.cached}
             if jd.probs:
                 rec["probs"] = jd.probs
+            if jd.similarity is not None:
+                rec["similarity"], rec["percentile"] = jd.similarity, jd.percentile
             if jd.label is None:
                 rec["raw"] = jd.raw[:200]
             (items if kind == "match" else control).append(rec)
         summ = _summary(items, judge)
         summ["control"] = _summary(control, judge) if control else None
+        summ["discrimination"] = discrimination(summ, summ["control"], judge.name)
         summ["items"] = items
         summ["control_items"] = control
         pairs[pm.key] = summ
         all_items += items
         all_control += control
     overall = _summary(all_items, judge)
+    control_overall = _summary(all_control, judge) if all_control else None
+    disc = discrimination(overall, control_overall, judge.name)
+    if disc["warning"]:
+        log.warning("%s: %s", run.label, disc["warning"])
     return {
         "backend": judge.identity(), "n_pairs_per_layer_pair": judge.n_pairs, "n_control": judge.n_control,
-        "scale": SCORES, "overall": overall, "control_overall": _summary(all_control, judge) if all_control else None,
+        "scale": SCORES, "overall": overall, "control_overall": control_overall, "discrimination": disc,
         "pairs": pairs, "n_model_calls": judge.n_calls - calls0, "seconds": time.perf_counter() - t0,
     }
 
