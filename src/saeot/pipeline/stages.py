@@ -49,6 +49,9 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> RunSetup:
     sae_provider.validate(hooks)
     datamodule = build(cfg.data, partial=True)(lm=lm, hooks=hooks)
     datamodule.setup()
+    if cfg.get("activation_store") is not None:  # hidden states read from disk (built here once)
+        datamodule = build(cfg.activation_store, partial=True)(parent=datamodule)
+        datamodule.setup()
     log.info("corpus: %d profile + %d held-out contexts of %d tokens",
              datamodule.n_contexts("profile"), datamodule.n_contexts("heldout"), datamodule.context_len)
     saes = sae_provider.load(lm, hooks, datamodule)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,8 @@ class LocalTrainedSAEs(SAEProvider):
     """Train one SAE per hook with sae_lens on streamed hidden states, cached on disk.
 
     One pass of the model over the ``profile`` split fills a buffer of at most
-    ``train_tokens`` hidden states per hook (all hooks at once); each SAE is then
+    ``train_tokens`` hidden states per hook (all hooks at once; from an activation
+    store, :mod:`saeot.data.activation_store`, one hook at a time); each SAE is then
     trained for ``steps`` Adam steps of ``batch_size`` tokens on that buffer, its
     inputs scaled so that their mean norm is ``sqrt(d)`` and the scale folded back
     into the weights afterwards (the saved SAE reads raw hidden states).
@@ -231,13 +233,22 @@ class LocalTrainedSAEs(SAEProvider):
         sources = {h: {"sae": paths[h].name} for h in hooks}
         missing = [h for h in hooks if not is_complete_dir(paths[h], sources[h])]
         self.n_trained = 0
-        if missing:
-            buffers = self.collect(datamodule, missing)
-            for h in missing:
-                sae = self.train_one(buffers[h], h)
-                build_dir_atomically(paths[h], sources[h], sae.save_inference_model)
+        # from an activation store, one hook's pool at a time (memory); live, one forward pass for all
+        stored = callable(getattr(datamodule, "stores_hidden", None)) and datamodule.stores_hidden("profile", missing)
+        for group in ([[h] for h in missing] if stored else [missing] if missing else []):
+            t0 = time.perf_counter()
+            buffers = self.collect(datamodule, group)
+            collect_minutes = (time.perf_counter() - t0) / 60 / len(group)
+            for h in group:
+                t1 = time.perf_counter()
+                acts = buffers.pop(h)
+                sae = self.train_one(acts, h)
+                record = {"n_train_tokens": int(acts.shape[0]), "minutes": (time.perf_counter() - t1) / 60,
+                          "minutes_collect": collect_minutes, "from_activation_store": bool(stored)}
+                del acts
+                build_dir_atomically(paths[h], sources[h], lambda tmp: _save_trained(sae, tmp, record))
                 self.n_trained += 1
-                log.info("trained SAE for %s -> %s", h, paths[h])
+                log.info("trained SAE for %s in %.1f min -> %s", h, record["minutes"], paths[h])
         out = {}
         for h in hooks:
             try:
@@ -273,3 +284,12 @@ class LocalTrainedSAEs(SAEProvider):
     def train_one(self, acts: torch.Tensor, hook: str) -> Any:
         """Train a fresh training SAE on ``acts [N, d]``; returns it with the input scale folded in."""
         return train_sae(acts, self.training_config(acts.shape[1]), seed=self.seed, name=hook)
+
+
+TRAINING_RECORD = "training.json"
+"""Written next to a trained SAE: ``n_train_tokens``, ``minutes`` (training), ``minutes_collect``."""
+
+
+def _save_trained(sae: Any, directory: Path, record: dict[str, Any]) -> None:
+    sae.save_inference_model(directory)
+    (Path(directory) / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")

@@ -6,7 +6,8 @@ the synthetic benchmark (:func:`saeot.evaluation.synthetic.trained_saes`) train 
 Given a pool ``X [N, d]`` of hidden states, :func:`train_sae`
 
 1. optionally rescales the inputs, ``x = c X`` with ``c = sqrt(d) / mean_t ||X_t||``
-   (the mean input norm becomes ``sqrt(d)``, sae_lens' ``expected_average_only_in``);
+   (the mean input norm becomes ``sqrt(d)``, sae_lens' ``expected_average_only_in``),
+   batch by batch: the pool (float32 or float16, millions of rows) is never copied;
 2. builds a fresh training SAE of the configured architecture (:data:`ARCHITECTURES`)
    with the global torch RNG seeded by ``seed`` inside a fork (the caller's RNG state
    is restored afterwards), and starts ``b_dec`` at the pool mean (a geometric-median
@@ -170,11 +171,13 @@ def train_sae(
     n, d = acts.shape
     with _forked_rng(cfg.device):
         torch.manual_seed(seed)
-        scale = math.sqrt(d) / float(acts.norm(dim=1).mean().clamp_min(1e-8)) if cfg.normalize_inputs else None
-        x_all = (acts * scale if scale is not None else acts).to(cfg.device)
+        mean_norm, mean = _pool_moments(acts)
+        scale = math.sqrt(d) / max(mean_norm, 1e-8) if cfg.normalize_inputs else None
+        # the pool is never copied (scaled batch by batch): millions of rows fit, in any float dtype
+        x_all = acts.to(cfg.device)
         sae = build_training_sae(cfg, d, metadata)
         with torch.no_grad():  # start the decoder bias at the data mean (geometric-median proxy)
-            sae.b_dec.copy_(x_all.mean(0))
+            sae.b_dec.copy_(mean * (scale if scale is not None else 1.0))
         opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
         coeff_cfg = sae.get_coefficients()
         g = torch.Generator(device="cpu").manual_seed(seed if order_seed is None else order_seed)
@@ -182,9 +185,10 @@ def train_sae(
         bar = tqdm(range(cfg.steps), desc=f"train SAE {name}", disable=not cfg.progress, leave=False, mininterval=2)
         for step in bar:
             idx = torch.randint(n, (min(cfg.batch_size, n),), generator=g)
+            x = x_all[idx.to(x_all.device)].float()
             out = sae.training_forward_pass(
                 TrainStepInput(
-                    sae_in=x_all[idx], coefficients=_coefficients(coeff_cfg, step),
+                    sae_in=x * scale if scale is not None else x, coefficients=_coefficients(coeff_cfg, step),
                     dead_neuron_mask=fired_recently > cfg.dead_window, n_training_steps=step, is_logging_step=False,
                 )
             )
@@ -199,6 +203,18 @@ def train_sae(
     if scale is not None:
         sae.fold_activation_norm_scaling_factor(scale)
     return sae
+
+
+@torch.no_grad()
+def _pool_moments(acts: Tensor, chunk: int = 1 << 16) -> tuple[float, Tensor]:
+    """Mean row norm and ``[d]`` mean of ``acts [N, d]``, in float64 chunk by chunk (float16 pools too)."""
+    norm_sum, total = 0.0, torch.zeros(acts.shape[1], dtype=torch.float64, device=acts.device)
+    for i in range(0, acts.shape[0], chunk):
+        x = acts[i:i + chunk].double()
+        norm_sum += float(x.norm(dim=1).sum())
+        total += x.sum(0)
+    n = max(acts.shape[0], 1)
+    return norm_sum / n, (total / n).float()
 
 
 @torch.no_grad()
