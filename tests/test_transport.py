@@ -363,6 +363,13 @@ def test_shape_and_option_errors_are_clear():
         EXACT.nearest(xa, wa, xa, wa, bound="tight")
     with pytest.raises(ValueError, match="transport bound 'sliced' only bounds the sliced solver"):
         SinkhornW2().nearest(xa, wa, xa, wa, bound="sliced")
+    with pytest.raises(ValueError, match="runs in ExactW2's cascade"):
+        SinkhornW2().nearest(xa, wa, xa, wa, bound="gelbrich")
+    with pytest.raises(ValueError, match="transport exact bound must be one of"):
+        ExactW2(bound="tight")
+    with pytest.raises(ValueError, match="certify_reg must be > 0"):
+        ExactW2(certify_reg=0.0)
+    assert EXACT.nearest(xa, wa, xa, wa).bound == ExactW2().bound == "fidelity"  # the solver's setting
     with pytest.raises(ValueError, match="no broadcasting"):
         T.w2_sinkhorn(xa, wa, xa[:2], wa[:2])
     with pytest.raises(ValueError, match="reg must be > 0"):

@@ -61,15 +61,17 @@ Modules: ``_checks`` (input checks), ``_cost`` (weights, ground cost), ``_exact`
 
 
 from saeot.transport._bounds import (
-    BOUNDS,
-    feature_moments,
     lower_bound_axis_spread,
     lower_bound_mean,
     lower_bound_mean_spread,
     lower_bound_sliced,
 )
+from saeot.transport._cascade import BOUNDS, CASCADES
 from saeot.transport._cost import cost_matrices
 from saeot.transport._exact import w2_exact_pair
+from saeot.transport._gelbrich import lower_bound_fidelity, lower_bound_gelbrich
+from saeot.transport._max_sliced import lower_bound_max_sliced
+from saeot.transport._moments import feature_moments
 from saeot.transport._nearest import NearestResult
 from saeot.transport._sinkhorn import w2_sinkhorn
 from saeot.transport._sliced import sliced_directions, w2_sliced
@@ -81,6 +83,7 @@ __all__ = [
     "SinkhornW2",
     "SlicedW2",
     "BOUNDS",
+    "CASCADES",
     "NearestResult",
     "cost_matrices",
     "w2_exact_pair",
@@ -92,4 +95,7 @@ __all__ = [
     "lower_bound_mean_spread",
     "lower_bound_axis_spread",
     "lower_bound_sliced",
+    "lower_bound_fidelity",
+    "lower_bound_gelbrich",
+    "lower_bound_max_sliced",
 ]

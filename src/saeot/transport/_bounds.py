@@ -1,9 +1,10 @@
 r"""Lower bounds of :math:`W_2^2` (and of the sliced value) from per-feature moments.
 
-Every bound is ``c * ||u_a - u_b||^2`` between small per-feature embeddings ``u``
+Every bound here is ``c * ||u_a - u_b||^2`` between small per-feature embeddings ``u``
 (means, spreads, per-axis or per-direction standard deviations), so a ``[Fa, Fb]``
 bound matrix is one float64 matmul per chunk of rows of A. Proofs are in the
-docstrings of the public functions.
+docstrings of the public functions. The tighter bounds of the cascade are in
+:mod:`saeot.transport._gelbrich` and :mod:`saeot.transport._max_sliced`.
 """
 
 from __future__ import annotations
@@ -14,39 +15,9 @@ import torch
 from torch import Tensor
 
 from saeot.transport._checks import _check_two
-from saeot.transport._cost import _alive, _normalize
+from saeot.transport._cost import _alive
+from saeot.transport._moments import _clean, feature_moments
 from saeot.transport._sliced import sliced_directions
-
-#: the pruning bounds of :meth:`~saeot.transport.W2Solver.nearest` (``none``: brute force)
-BOUNDS = ("none", "mean", "mean_spread", "axis_spread", "sliced")
-
-
-def feature_moments(x: Tensor, w: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Weighted mean, spread and per-axis spread of every feature.
-
-    .. math:: m = \sum_k w_k x_k,\quad s = \Big(\sum_k w_k \|x_k - m\|^2\Big)^{1/2},\quad
-              \sigma_j = \Big(\sum_k w_k (x_{kj} - m_j)^2\Big)^{1/2}
-
-    with ``w`` renormalised. Computed by centring (no cancellation), in float64, in
-    chunks of ``chunk`` features so memory stays ``O(chunk * K * r)``.
-
-    Args:
-        x: ``[F, K, r]``, w: ``[F, K]``.
-
-    Returns:
-        ``mean [F, r]``, ``spread [F]``, ``axis_spread [F, r]`` (float64, zeros for dead features).
-    """
-    F, _, r = x.shape
-    m = torch.empty(F, r, dtype=torch.float64, device=x.device)
-    var = torch.empty(F, r, dtype=torch.float64, device=x.device)
-    for s in range(0, F, chunk):
-        xs = x[s:s + chunk].to(torch.float64)
-        ws = _normalize(w[s:s + chunk].to(torch.float64))
-        ms = torch.einsum("fk,fkr->fr", ws, xs)
-        xc = xs - ms.unsqueeze(1)
-        m[s:s + chunk] = ms
-        var[s:s + chunk] = torch.einsum("fk,fkr->fr", ws, xc * xc)
-    return m, var.sum(1).sqrt(), var.sqrt()
 
 
 def _projected_moments(x: Tensor, w: Tensor, theta: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
@@ -56,8 +27,8 @@ def _projected_moments(x: Tensor, w: Tensor, theta: Tensor, chunk: int = 256) ->
     m = torch.empty(F, n, dtype=torch.float64, device=x.device)
     sd = torch.empty(F, n, dtype=torch.float64, device=x.device)
     for s in range(0, F, chunk):
-        p = x[s:s + chunk].to(torch.float64) @ theta.T  # [f, K, n]
-        ws = _normalize(w[s:s + chunk].to(torch.float64))
+        xs, ws = _clean(x[s:s + chunk], w[s:s + chunk])
+        p = xs @ theta.T  # [f, K, n]
         ms = torch.einsum("fk,fkn->fn", ws, p)
         pc = p - ms.unsqueeze(1)
         m[s:s + chunk] = ms
@@ -82,7 +53,7 @@ def _bound_embeddings(
         mb, sb = _projected_moments(xb, wb, theta)
         return torch.cat([ma, sa], 1), torch.cat([mb, sb], 1), xa.shape[2] / theta.shape[0]
     if bound not in ("mean", "mean_spread", "axis_spread"):
-        raise ValueError(f"transport bound must be one of {BOUNDS}, got {bound!r}")
+        raise ValueError(f"embedding bounds are mean, mean_spread, axis_spread and sliced, got {bound!r}")
     ma, spa, axa = feature_moments(xa, wa)
     mb, spb, axb = feature_moments(xb, wb)
     if bound == "mean":
@@ -90,6 +61,14 @@ def _bound_embeddings(
     if bound == "mean_spread":
         return torch.cat([ma, spa[:, None]], 1), torch.cat([mb, spb[:, None]], 1), 1.0
     return torch.cat([ma, axa], 1), torch.cat([mb, axb], 1), 1.0
+
+
+def _sqdist_direct(ua: Tensor, ub: Tensor) -> Tensor:
+    """``[Fa, Fb]`` squared distances between rows from their differences: no cancellation,
+    but ``Fa * Fb * D`` work (for the all-pairs functions, in blocks of about 2^22 numbers)."""
+    step = max(1, (1 << 22) // max(1, ub.shape[0] * ub.shape[1]))
+    parts = [((ua[s:s + step].unsqueeze(1) - ub.unsqueeze(0)) ** 2).sum(-1) for s in range(0, ua.shape[0], step)]
+    return torch.cat(parts) if parts else ua.new_zeros(0, ub.shape[0])
 
 
 def _bound_rows(ua: Tensor, ub: Tensor, c: float, alive_b: Tensor, rows: slice) -> Tensor:
@@ -105,7 +84,8 @@ def _bound_matrix(
     alive_a, alive_b = _alive(wa), _alive(wb)
     out = torch.empty(xa.shape[0], xb.shape[0], dtype=torch.float64, device=xa.device)
     for s in range(0, xa.shape[0], chunk):
-        out[s:s + chunk] = _bound_rows(ua, ub, c, alive_b, slice(s, s + chunk))
+        out[s:s + chunk] = _sqdist_direct(ua[s:s + chunk], ub) * c
+    out.masked_fill_(~alive_b.unsqueeze(0), math.inf)
     return out.masked_fill_(~alive_a.unsqueeze(1), math.inf)
 
 

@@ -14,7 +14,6 @@ import ot
 import torch
 from torch import Tensor
 
-from saeot.transport._nearest import _nearest_exact_chunk
 from saeot.transport._parallel import _parallel_map, _RowsToPairs, _split
 
 try:  # the C++ network simplex behind ot.emd2, without its per-call Python overhead
@@ -159,9 +158,3 @@ class _ExactPairs:
         blocks = _split(Fa, max(1, 4096 // max(Fb, 1)))
         res = _parallel_map(row_block, blocks, self.n_jobs, _RowsToPairs(bar, Fb))
         return torch.from_numpy(np.concatenate(res) if res else np.zeros((0, Fb))).to(self.device)
-
-    def nearest_chunk(self, lb: Tensor, rows: Tensor, k: int, prune: bool, atol: float,
-                      bar) -> tuple[Tensor, Tensor, int]:
-        """Top-k of ``rows``, visiting each row's candidates one by one (see :func:`_nearest_exact_chunk`)."""
-        return _nearest_exact_chunk(self, lb, rows, k, self.n_jobs, prune, atol, bar)
-

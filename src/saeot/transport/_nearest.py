@@ -1,12 +1,11 @@
-r"""Exact k nearest neighbours under a solver, without solving every pair.
+r"""Exact k nearest neighbours under a batched solver (Sinkhorn, sliced), without solving every pair.
 
 For each row of A the features of B are visited in increasing lower bound (see
 :mod:`saeot.transport._bounds`); the search stops as soon as the next bound exceeds
 the current k-th best cost, so the result equals brute force under the same solver.
-:func:`_search_nearest` is the loop over chunks of rows; a solver's pair evaluator
-visits the candidates of a chunk, either one by one on threads
-(:func:`_nearest_exact_chunk`, the network simplex) or in batched rounds
-(:func:`_nearest_batched_chunk`, Sinkhorn and sliced).
+:func:`_search_nearest` is the loop over chunks of rows; :func:`_nearest_batched_chunk`
+visits the candidates of a chunk in batched rounds. The exact solver's search (a
+cascade of bounds, optionally certified) is :mod:`saeot.transport._nearest_exact`.
 """
 
 from __future__ import annotations
@@ -14,13 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from saeot.transport._bounds import _bound_embeddings, _bound_rows, _centre
 from saeot.transport._cost import _alive
-from saeot.transport._parallel import _bar, _parallel_map, _split
+from saeot.transport._parallel import _bar
 
 # Pruning keeps a candidate unless bound * (1 - rtol) - atol > k-th best cost, so rounding
 # in the bound or the solver can never prune a pair that might belong to the top k.
@@ -38,6 +36,9 @@ class NearestResult:
         n_solved: number of pairs the solver actually evaluated.
         n_pairs: number of (alive A, alive B) pairs brute force would have evaluated.
         bound: the lower bound that was used for pruning (``none`` if none).
+        n_certified: rows of A whose k nearest were certified by Sinkhorn bounds before any
+            exact solve (only :class:`~saeot.transport.ExactW2` with ``certify=True``).
+        n_rows: alive rows of A.
     """
 
     cost: Tensor
@@ -45,10 +46,16 @@ class NearestResult:
     n_solved: int
     n_pairs: int
     bound: str = "none"
+    n_certified: int = 0
+    n_rows: int = 0
 
     @property
     def solved_fraction(self) -> float:
         return self.n_solved / self.n_pairs if self.n_pairs else 0.0
+
+    @property
+    def certified_fraction(self) -> float:
+        return self.n_certified / self.n_rows if self.n_rows else 0.0
 
 
 def _search_nearest(pairs, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int, bound: str, chunk: int,
@@ -89,7 +96,8 @@ def _search_nearest(pairs, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: in
     finally:
         if bar is not None:
             bar.close()
-    return NearestResult(cost.to(xa.device), index.to(xa.device), int(n_solved), n_pairs, bound)
+    return NearestResult(cost.to(xa.device), index.to(xa.device), int(n_solved), n_pairs, bound,
+                         n_rows=int(alive_a.sum()))
 
 
 def _sorted_bounds(lb: Tensor, m: int) -> tuple[Tensor, Tensor]:
@@ -98,68 +106,6 @@ def _sorted_bounds(lb: Tensor, m: int) -> tuple[Tensor, Tensor]:
         return lb.sort(dim=1, stable=True)
     v, i = torch.topk(lb, m, dim=1, largest=False, sorted=True)
     return v, i
-
-
-def _nearest_exact_chunk(ex, lb: Tensor, rows: Tensor, k: int, n_jobs: int, prune: bool,
-                         atol: float, bar) -> tuple[Tensor, Tensor, int]:
-    """Exact top-k of ``rows [n]`` given their bounds ``lb [n, Fb]`` (inf = skip).
-
-    ``ex`` is the exact pair evaluator (``side_a``, ``side_b``, ``cost_trimmed``); each
-    row visits its candidates one by one, rows are spread over ``n_jobs`` threads.
-    """
-    row_ids = rows.tolist()
-    n_rows, Fb = lb.shape
-    v, i = _sorted_bounds(lb, min(Fb, max(8 * k, 32)))
-    lb_v, lb_i = v.cpu().numpy(), i.cpu().numpy()
-    rtol = _SLACK[torch.float64]
-
-    def one_row(r: int) -> tuple[list, int]:
-        vals, idx = lb_v[r], lb_i[r]
-        pa = ex.side_a(row_ids[r])
-        best: list[tuple[float, int]] = []  # (cost, j) ascending: ties broken by index
-        seen: list[int] = []
-        n, t = 0, 0
-        while True:
-            if t == len(idx):
-                if len(seen) >= Fb or len(idx) >= Fb:
-                    break
-                # the short list ran out before the stopping rule fired: sort the whole row
-                full = lb[r].cpu().numpy()
-                order = np.argsort(full, kind="stable")
-                order = order[~np.isin(order, np.asarray(seen))]
-                vals, idx, t = full[order], order, 0
-                if len(idx) == 0:
-                    break
-            lbv = float(vals[t])
-            if not math.isfinite(lbv):
-                break
-            if prune and len(best) == k and lbv * (1.0 - rtol) - atol > best[-1][0]:
-                break
-            j = int(idx[t])
-            t += 1
-            seen.append(j)
-            item = (ex.cost_trimmed(pa, ex.side_b(j)), j)
-            n += 1
-            if len(best) < k:
-                best.append(item)
-                best.sort()
-            elif item < best[-1]:
-                best[-1] = item
-                best.sort()
-        return best, n
-
-    res = _parallel_map(lambda rows: [one_row(int(r)) for r in rows], _split(n_rows, 8), n_jobs, bar)
-    cost = torch.full((n_rows, k), math.inf, dtype=torch.float64)
-    index = torch.full((n_rows, k), -1, dtype=torch.long)
-    n_total, r = 0, 0
-    for blk in res:
-        for best, n in blk:
-            n_total += n
-            for q, (cv, j) in enumerate(best):
-                if math.isfinite(cv):
-                    cost[r, q], index[r, q] = cv, j
-            r += 1
-    return cost, index, n_total
 
 
 def _merge_topk(bc: Tensor, bi: Tensor, nc: Tensor, ni: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -17,8 +17,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from saeot.transport._bounds import feature_moments
 from saeot.transport._cost import _alive, _compute_dtype
+from saeot.transport._moments import _common_shift
 from saeot.transport._nearest import _nearest_batched_chunk
 from saeot.transport._sinkhorn import _sinkhorn_core
 from saeot.transport._sliced import _project_sorted, _w2_1d_sorted, sliced_directions
@@ -37,11 +37,8 @@ class _BatchedPairs(ABC):
     def __init__(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, batch_size: int | None):
         self.dtype = _compute_dtype(xa, wa, xb, wb)
         self.device = xa.device
-        r = xa.shape[2]
         # one common shift (W2 is translation invariant): accurate float32 costs for offset data
-        ma, mb = feature_moments(xa, wa)[0], feature_moments(xb, wb)[0]
-        alive = torch.cat([_alive(wa), _alive(wb)])
-        shift = torch.cat([ma, mb])[alive].mean(0) if bool(alive.any()) else ma.new_zeros(r)
+        shift = _common_shift(xa, wa, xb, wb)
         xa = xa.to(self.dtype) - shift.to(self.dtype)
         xb = xb.to(self.dtype) - shift.to(self.dtype)
         per_pair = self._setup(xa, wa, xb, wb)

@@ -27,15 +27,19 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from saeot.transport._bounds import BOUNDS
+from saeot.transport._cascade import BOUNDS, CASCADES, _Cascade
 from saeot.transport._checks import _check_nearest, _check_pair_index, _check_two
 from saeot.transport._exact import _ExactPairs
 from saeot.transport._nearest import NearestResult, _search_nearest
+from saeot.transport._nearest_exact import _search_exact
 from saeot.transport._pairs import _SinkhornPairs, _SlicedPairs
 from saeot.transport._parallel import _bar, _n_jobs
 from saeot.transport._sinkhorn import _check_sinkhorn_options
 
 __all__ = ["W2Solver", "ExactW2", "SinkhornW2", "SlicedW2"]
+
+# the bounds the batched solvers' search takes (one embedding distance per pair)
+_EMBEDDING_BOUNDS = ("none", "mean", "mean_spread", "axis_spread")
 
 
 class W2Solver(ABC):
@@ -56,13 +60,21 @@ class W2Solver(ABC):
         ``matrix(bar) -> [Fa, Fb]`` and ``nearest_chunk(lb, rows, k, prune, atol, bar)``.
         """
 
-    def nearest_bound(self, bound: str) -> str:
-        """The bound :meth:`nearest` actually uses when ``bound`` is asked for (see its table)."""
+    #: the bound :meth:`nearest` uses when none is asked for
+    default_bound: ClassVar[str] = "mean_spread"
+
+    def nearest_bound(self, bound: str | None) -> str:
+        """The bound :meth:`nearest` actually uses when ``bound`` is asked for (see its table; None: the default)."""
+        if bound is None:
+            return self.default_bound
         if bound not in BOUNDS:
             raise ValueError(f"transport bound must be one of {BOUNDS}, got {bound!r}")
         if bound == "sliced":
             raise ValueError("transport bound 'sliced' only bounds the sliced solver; "
                              "use mean, mean_spread or axis_spread")
+        if bound not in _EMBEDDING_BOUNDS:
+            raise ValueError(f"transport bound {bound!r} runs in ExactW2's cascade; the {self.name} solver "
+                             f"takes {_EMBEDDING_BOUNDS}")
         return bound
 
     def pairwise(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, progress: bool = False) -> Tensor:
@@ -97,7 +109,7 @@ class W2Solver(ABC):
         ia, ib = _check_pair_index(ia, ib, xa.shape[0], xb.shape[0])
         return self.prepare(xa, wa, xb, wb).costs(ia, ib)
 
-    def nearest(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int = 2, bound: str = "mean_spread",
+    def nearest(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int = 2, bound: str | None = None,
                 chunk: int = 1024, progress: bool = False) -> NearestResult:
         r"""Exact k nearest neighbours in B of every feature of A under this solver, with pruning.
 
@@ -108,6 +120,7 @@ class W2Solver(ABC):
         1e-4 in float32 so rounding never prunes a true neighbour). Every unvisited j
         then has cost >= L[i, j] > k-th best, so the result **equals brute force** under
         the same solver (ties broken by the smaller index, like a stable sort).
+        :class:`ExactW2` runs a cascade of tighter bounds instead (:meth:`ExactW2.nearest`).
 
         Which bounds are valid for which solver (pruning is exact only if
         bound <= solver value for every pair):
@@ -115,8 +128,12 @@ class W2Solver(ABC):
         ============================  =========================================  =====================
         solver                        value                                      bounds used
         ============================  =========================================  =====================
-        ExactW2                       :math:`W_2^2`                              as requested
-        SinkhornW2                    cost of a feasible plan :math:`\ge W_2^2`  as requested
+        ExactW2                       :math:`W_2^2`                              as requested, any
+                                                                                 cascade (default
+                                                                                 ``ExactW2.bound``)
+        SinkhornW2                    cost of a feasible plan :math:`\ge W_2^2`  as requested (mean,
+                                                                                 mean_spread (default),
+                                                                                 axis_spread)
         SinkhornW2(debiased=True)     Sinkhorn divergence, only                  ``mean`` (any other
                                       :math:`\ge\|m_a-m_b\|^2`                   request falls back)
         SlicedW2                      :math:`SW` (:func:`w2_sliced`), can be     always ``sliced``
@@ -126,16 +143,17 @@ class W2Solver(ABC):
 
         ``bound="none"`` disables pruning (brute force over all alive pairs).
 
-        Work: ``ExactW2`` solves each row's candidates one by one (the network simplex is
-        a CPU call anyway) on ``n_jobs`` threads over rows; ``SinkhornW2`` / ``SlicedW2``
-        visit candidates in rounds (k, then doubling up to 64 per row), all active rows
-        of a chunk solved together in GPU-friendly batches of ``batch_size`` pairs.
+        Work: ``SinkhornW2`` / ``SlicedW2`` visit candidates in rounds (k, then doubling up
+        to 64 per row), all active rows of a chunk solved together in GPU-friendly batches
+        of ``batch_size`` pairs.
 
         Args:
             xa: ``[Fa, K, r]``, wa: ``[Fa, K]``, xb: ``[Fb, K', r]``, wb: ``[Fb, K']``.
             k: neighbours per row (>= 1).
-            bound: ``mean_spread`` (default) | ``axis_spread`` (tighter, width 2r) |
-                ``mean`` | ``none`` (``sliced`` is chosen automatically for the sliced solver).
+            bound: None (the solver's default) | ``mean_spread`` | ``axis_spread`` (tighter,
+                width 2r) | ``mean`` | ``none``; ``ExactW2`` also takes ``fidelity``,
+                ``gelbrich`` and ``max_sliced`` (:data:`~saeot.transport._cascade.CASCADES`);
+                ``sliced`` is chosen automatically for the sliced solver.
             chunk: rows of A whose bounds are held at once (memory ``chunk * Fb`` float64).
             progress: tqdm bar over the rows of A.
 
@@ -158,19 +176,85 @@ class ExactW2(W2Solver):
         num_itermax: network-simplex iteration cap (``ot.emd2``'s ``numItermax``).
         n_jobs: threads (the network simplex releases the GIL); default
             ``torch.get_num_threads()``, capped at the CPU count.
+        bound: the lower-bound cascade :meth:`nearest` prunes with (a key of
+            :data:`~saeot.transport._cascade.CASCADES`): ``fidelity`` (default:
+            mean + spread, then the GEMM relaxation of the Gelbrich bound) | ``gelbrich``
+            (+ one small SVD per surviving pair; worth it where SVDs are cheap, e.g. a GPU) |
+            ``max_sliced`` (+ exact 1-D transport on a frame) | ``mean_spread`` | ``mean`` |
+            ``axis_spread`` | ``none``.
+        n_directions: frame size of ``max_sliced`` (half principal directions, half random).
+        certify: certify nearest neighbours with batched Sinkhorn bounds before exact solves
+            (on the device of the inputs; meant for GPUs).
+        certify_candidates: pairs per row that get Sinkhorn bounds.
+        certify_reg: Sinkhorn's epsilon, relative to the mean cost of the independent coupling.
+        certify_iter: Sinkhorn iterations (annealed from a large epsilon).
     """
 
     num_itermax: int = 100_000
     n_jobs: int | None = None
+    bound: str = "fidelity"
+    n_directions: int = 8
+    certify: bool = False
+    certify_candidates: int = 8
+    certify_reg: float = 1e-3
+    certify_iter: int = 300
 
     name: ClassVar[str] = "exact"
 
     def __post_init__(self) -> None:
         if self.n_jobs is not None:
             _n_jobs(self.n_jobs)
+        if self.bound not in CASCADES:
+            raise ValueError(f"transport exact bound must be one of {tuple(CASCADES)}, got {self.bound!r}")
+        if self.n_directions < 1 or self.certify_candidates < 1 or self.certify_iter < 1:
+            raise ValueError("transport exact n_directions, certify_candidates and certify_iter must be >= 1")
+        if self.certify_reg <= 0:
+            raise ValueError(f"transport exact certify_reg must be > 0, got {self.certify_reg}")
+
+    def nearest_bound(self, bound: str | None) -> str:
+        if bound is None:
+            return self.bound
+        if bound not in CASCADES:
+            raise ValueError(f"transport bound must be one of {BOUNDS}, got {bound!r}"
+                             + ("; 'sliced' only bounds the sliced solver" if bound == "sliced" else ""))
+        return bound
 
     def prepare(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor) -> _ExactPairs:
         return _ExactPairs(xa, wa, xb, wb, self.num_itermax, _n_jobs(self.n_jobs))
+
+    def nearest(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int = 2, bound: str | None = None,
+                chunk: int = 1024, progress: bool = False) -> NearestResult:
+        r"""Exact k nearest neighbours in B of every feature of A, pruned by a cascade of lower bounds.
+
+        The cascade ``bound`` (default: the solver's ``bound``) runs its dense stages for
+        all pairs of ``chunk`` rows of A, seeds a threshold per row (the k smallest-bound
+        candidates solved exactly, or with ``certify`` the k-th smallest Sinkhorn upper
+        bound), sends only the pairs below it through the pair stages, and solves the
+        survivors in increasing bound on ``n_jobs`` threads, skipping any whose bound
+        exceeds the current k-th best cost (:mod:`saeot.transport._nearest_exact`).
+        Every bound is lowered by a tolerance that covers its rounding and the exact
+        solver's (:mod:`saeot.transport._cascade`), so the result **equals brute force**
+        with this solver, ties broken by the smaller index.
+
+        Args:
+            xa: ``[Fa, K, r]``, wa: ``[Fa, K]``, xb: ``[Fb, K', r]``, wb: ``[Fb, K']``.
+            k: neighbours per row (>= 1).
+            bound: a key of :data:`~saeot.transport._cascade.CASCADES`, or None for ``self.bound``.
+            chunk: rows of A bounded at once (memory about ``3 * chunk * Fb`` float64).
+            progress: tqdm bar over the rows of A.
+
+        Returns:
+            :class:`NearestResult` (``certified_fraction`` with ``certify``). Dead rows of A
+            get ``inf`` / -1; dead features of B are never chosen.
+        """
+        _check_two(xa, wa, xb, wb, ("xa", "wa", "xb", "wb"), paired=False)
+        _check_nearest(k, chunk)
+        used = self.nearest_bound(bound)
+        cascade = _Cascade(xa, wa, xb, wb, used, self.n_directions)
+        certify = {"candidates": self.certify_candidates, "reg": self.certify_reg,
+                   "n_iter": self.certify_iter} if self.certify else None
+        return _search_exact(self.prepare(xa, wa, xb, wb), cascade, xa, wa, xb, wb, k, chunk, certify, progress,
+                             f"W2 {self.name} nearest")
 
 
 @dataclass(frozen=True)
@@ -197,7 +281,7 @@ class SinkhornW2(W2Solver):
     def __post_init__(self) -> None:
         _check_sinkhorn_options(self.reg, self.reg_mode)
 
-    def nearest_bound(self, bound: str) -> str:
+    def nearest_bound(self, bound: str | None) -> str:
         used = super().nearest_bound(bound)
         if self.debiased and used != "none":
             return "mean"
@@ -228,8 +312,8 @@ class SlicedW2(W2Solver):
         if self.n_projections < 1:
             raise ValueError(f"transport sliced n_projections must be >= 1, got {self.n_projections}")
 
-    def nearest_bound(self, bound: str) -> str:
-        if bound not in BOUNDS:
+    def nearest_bound(self, bound: str | None) -> str:
+        if bound is not None and bound not in BOUNDS:
             raise ValueError(f"transport bound must be one of {BOUNDS}, got {bound!r}")
         return "none" if bound == "none" else "sliced"
 

@@ -1,0 +1,170 @@
+r"""Exact k nearest neighbours under :class:`~saeot.transport.ExactW2`: a bound cascade, optionally certified.
+
+For each chunk of rows of A (:func:`_search_exact`):
+
+1. the dense stages of the cascade (:class:`saeot.transport._cascade._Cascade`) give a safe
+   lower bound ``L[i, j]`` for every pair (float64 GEMMs);
+2. each row gets a threshold ``t_i`` >= its k-th smallest exact cost: by default the k
+   candidates of smallest ``L`` are solved exactly (they are the answer in most rows) and
+   ``t_i`` is the k-th of those costs; with ``certify`` batched Sinkhorn on the
+   ``candidates`` smallest-``L`` pairs gives upper bounds U (``t_i`` = k-th smallest U) and
+   dual lower bounds D (``L = max(L, D)`` on those pairs), see :mod:`saeot.transport._certify`;
+3. only the pairs with ``L <= t_i`` go through the pair stages (Gelbrich SVDs, 1-D
+   transport), each pair leaving as soon as its bound exceeds ``t_i``;
+4. the survivors are solved exactly in increasing bound, one row per task on threads,
+   skipping every pair whose bound exceeds ``min(t_i, current k-th best cost)``.
+
+A pair is left unsolved only when its safe bound exceeds a number that is at least the
+row's k-th smallest computed cost, so its own computed cost is strictly larger: the
+result equals brute force under the same solver, ties broken by the smaller index. A row
+is *certified* when after step 3 only its k neighbours are left: they are known before any
+exact solve, and k solves give their costs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saeot.transport._cascade import _Cascade
+from saeot.transport._certify import _sinkhorn_bounds
+from saeot.transport._cost import _alive
+from saeot.transport._nearest import NearestResult
+from saeot.transport._parallel import _bar, _parallel_map, _split
+
+
+def _visit(ex, jobs: list, k: int, n_jobs: int, bar=None) -> list[tuple[list, int]]:
+    """Exact solves along each row's candidate list; returns ``(best, n_solved)`` per job.
+
+    A job is ``(i, bounds, cols, limit, best)``: candidates ``cols`` of row ``i`` sorted by
+    their safe ``bounds`` (ascending), a threshold ``limit`` (>= the row's k-th smallest
+    cost) and the ``(cost, j)`` pairs already solved. A candidate is solved unless its
+    bound exceeds ``min(limit, k-th best cost so far)``; then all later ones are skipped too.
+    """
+
+    def one(job) -> tuple[list, int]:
+        i, bounds, cols, limit, best = job
+        best = list(best)
+        pa = ex.side_a(i)
+        n = 0
+        for b, j in zip(bounds.tolist(), cols.tolist()):
+            thr = min(limit, best[k - 1][0]) if len(best) >= k else limit
+            if b > thr:
+                break
+            best.append((ex.cost_trimmed(pa, ex.side_b(j)), j))
+            best.sort()  # (cost, j): ties by the smaller index, like a stable sort of the row
+            del best[k:]
+            n += 1
+        return best, n
+
+    res = _parallel_map(lambda blk: [one(jobs[q]) for q in blk], _split(len(jobs), 8), n_jobs, bar)
+    return [r for blk in res for r in blk]
+
+
+def _kth(best: list, k: int) -> float:
+    return best[k - 1][0] if len(best) >= k else math.inf
+
+
+def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int, chunk: int,
+                  certify: dict | None = None, progress: bool = False, desc: str = "W2 exact nearest") -> NearestResult:
+    """The search of :meth:`~saeot.transport.ExactW2.nearest` (inputs already checked).
+
+    ``ex`` is the exact pair evaluator (``side_a``, ``side_b``, ``cost_trimmed``, ``n_jobs``),
+    ``cascade`` the bounds. ``certify`` (None: off) holds ``candidates``, ``reg``, ``n_iter``
+    of the Sinkhorn certification. ``chunk`` rows of A are bounded at once (two
+    ``[chunk, Fb]`` float64 matrices).
+    """
+    Fa = xa.shape[0]
+    alive_a, alive_b = _alive(wa), _alive(wb)
+    n_alive_b = int(alive_b.sum())
+    kk = min(k, n_alive_b)
+    cost = torch.full((Fa, k), math.inf, dtype=torch.float64)
+    index = torch.full((Fa, k), -1, dtype=torch.long)
+    n_solved = n_certified = 0
+    bar = _bar(progress, Fa, desc)
+    try:
+        for s in range(0, Fa, chunk):
+            rows = slice(s, min(Fa, s + chunk))
+            n = rows.stop - s
+            live = alive_a[rows].cpu()
+            if kk == 0 or not bool(live.any()):
+                if bar is not None:
+                    bar.update(n)
+                continue
+            A = cascade.side_a(rows)
+            L, tol = cascade.dense(A)
+            ids = live.nonzero().flatten().tolist()
+            best = {i: [] for i in ids}
+            if certify is None:
+                thr, n0 = _seed(ex, L, ids, s, k, kk, best)
+            else:
+                thr, n0 = _certify(cascade, L, tol, ids, s, kk, certify, xa, wa, xb, wb)
+            n_solved += n0
+            ia, ib = ((L <= thr.unsqueeze(1)) & torch.isfinite(L)).nonzero(as_tuple=True)
+            Lr = cascade.refine(A, ia, ib, L[ia, ib], tol[ia, ib], thr[ia])
+            keep = Lr <= thr[ia]
+            ia, ib, Lr = ia[keep], ib[keep], Lr[keep]
+            counts = torch.bincount(ia, minlength=n).cpu()
+            if certify is not None:
+                n_certified += int(((counts == kk) & live).sum())
+            o = torch.argsort(Lr, stable=True)
+            o = o[torch.argsort(ia[o], stable=True)]
+            Lr_np, ib_np = Lr[o].cpu().numpy(), ib[o].cpu().numpy()
+            starts = np.concatenate([[0], np.cumsum(counts.numpy())])
+            thr_l = thr.cpu().tolist()
+            jobs = [(s + i, Lr_np[starts[i]:starts[i + 1]], ib_np[starts[i]:starts[i + 1]], thr_l[i], best[i])
+                    for i in ids]
+            if bar is not None:
+                bar.update(n - len(ids))
+            for i, (b, m) in zip(ids, _visit(ex, jobs, k, ex.n_jobs, bar)):
+                n_solved += m
+                for q, (c, j) in enumerate(b):
+                    cost[s + i, q], index[s + i, q] = c, j
+    finally:
+        if bar is not None:
+            bar.close()
+    return NearestResult(cost.to(xa.device), index.to(xa.device), int(n_solved), int(alive_a.sum()) * n_alive_b,
+                         cascade.bound, n_certified=n_certified, n_rows=int(alive_a.sum()))
+
+
+def _seed(ex, L: Tensor, ids: list, s: int, k: int, kk: int, best: dict) -> tuple[Tensor, int]:
+    """Solve the ``kk`` smallest-bound candidates of each live row exactly (into ``best``);
+    the threshold is the k-th of those costs (inf with fewer than k). Seeded pairs get
+    ``L = inf`` so that they are not visited again."""
+    v, first = torch.topk(L, kk, dim=1, largest=False, sorted=True)
+    v_np, f_np = v.cpu().numpy(), first.cpu().numpy()
+    jobs = [(s + i, v_np[i][np.isfinite(v_np[i])], f_np[i][np.isfinite(v_np[i])], math.inf, []) for i in ids]
+    thr = torch.full((L.shape[0],), -math.inf, dtype=torch.float64)
+    n = 0
+    for i, (b, m) in zip(ids, _visit(ex, jobs, k, ex.n_jobs)):
+        best[i] = b
+        thr[i] = _kth(b, k)
+        n += m
+    L.scatter_(1, first, math.inf)
+    return thr.to(L.device), n
+
+
+def _certify(cascade: _Cascade, L: Tensor, tol: Tensor, ids: list, s: int, kk: int, opts: dict,
+             xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, batch: int = 8192) -> tuple[Tensor, int]:
+    """Sinkhorn bounds on the ``candidates`` smallest-bound pairs of each live row: the threshold is
+    the kk-th smallest upper bound (+ tolerance); their bounds become ``max(L, dual - tolerance)``."""
+    m = min(L.shape[1], max(int(opts["candidates"]), kk))
+    v, cand = torch.topk(L, m, dim=1, largest=False, sorted=True)
+    live = torch.zeros(L.shape[0], dtype=torch.bool, device=L.device)
+    live[torch.tensor(ids, device=L.device)] = True
+    ok = torch.isfinite(v) & live.unsqueeze(1)
+    ri, ci = ok.nonzero(as_tuple=True)
+    jb = cand[ri, ci]
+    up = torch.full(v.shape, math.inf, dtype=torch.float64, device=L.device)
+    dtype = torch.float64 if xa.dtype == torch.float64 or xb.dtype == torch.float64 else torch.float32
+    for q in range(0, ri.numel(), batch):
+        r, c, j = ri[q:q + batch], ci[q:q + batch], jb[q:q + batch]
+        U, D = _sinkhorn_bounds(xa[s + r], wa[s + r], xb[j], wb[j], opts["reg"], opts["n_iter"], dtype=dtype)
+        t = tol[r, j]
+        up[r, c] = U + t
+        L[r, j] = torch.maximum(L[r, j], (D - t).clamp_min(0.0))
+    thr = up.sort(dim=1).values[:, kk - 1]
+    return thr.masked_fill(~live, -math.inf), 0
