@@ -28,7 +28,9 @@ from saeot.circuits import (
     save_graph,
     select_nodes,
 )
+from saeot.circuits.curves import curve_counts
 from saeot.circuits.evaluate import coherence, feature_means, pearson, score_circuit
+from saeot.circuits.grouping import attribution_profiles, cosine_distances, random_partition_distances
 from saeot.circuits.supernodes import agglomerate, decoder_cosine_distances, semantic_distances
 from saeot.circuits.tasks import TaskError, clean_accuracy
 from saeot.models import ByteCodec, LanguageModel
@@ -440,6 +442,18 @@ def test_callback_compresses_the_planted_circuit(tmp_path):
     assert len(g.links) >= 4 and any(n.kind == "logit" for n in g.nodes)
     assert (tmp_path / "circuit.png").stat().st_size > 5000
     assert load_graph(tmp_path / "circuit_decoder_cosine.json").metadata["saeot"]["supernode_distance"] == "decoder_cosine"
+    # curves: every grouping at every count (4 nodes: ratios 1..6 give 4, 3, 2, 1 supernodes)
+    assert m["curve_counts"] == [4, 3, 2, 1]
+    assert set(m["curves"]) == {"semantic_ot", "decoder_cosine", "attribution_profile", "random"}
+    for pts in m["curves"].values():  # one point per count; ties may merge more than asked (semantic: two 0s)
+        assert [p["target_supernodes"] for p in pts] == [4, 3, 2, 1]
+        assert all(p["supernodes"] <= p["target_supernodes"] for p in pts) and pts[0]["supernodes"] == 4
+        assert [p["compression_ratio"] for p in pts] == [pytest.approx(4 / p["supernodes"], rel=1e-5) for p in pts]
+        assert pts[-1]["largest_supernode"] == 4 and pts[-1]["error_share_kept"] == 0.0  # no error node here
+    at_one = {g: pts[0]["faithfulness"] for g, pts in m["curves"].items()}  # ratio 1: singletons for everyone
+    assert len(set(at_one.values())) == 1
+    assert m["curves"]["semantic_ot"][2]["faithfulness"] == m["faithfulness_compressed"]  # same count, same circuit
+    assert (tmp_path / "circuit_curves.png").stat().st_size > 5000
 
 
 def test_callback_reports_a_task_the_model_cannot_do(tmp_path):
@@ -515,3 +529,64 @@ def test_smollm2_does_ioi():
     acc = clean_accuracy(lm, data, batch_size=12)
     assert acc["accuracy"] >= 0.9 and acc["logit_diff_clean"] > 1.0
     assert acc["corrupted_accuracy"] >= 0.8
+
+
+# ----------------------------------------------------------------------------- groupings and curves
+def test_attribution_profile_clustering_merges_nodes_with_identical_edge_profiles():
+    a0, a1, a2, a3, a4 = (NodeRef(H0, i) for i in range(5))
+    b0, b1 = NodeRef(H1, 0), NodeRef(H1, 1)
+    nodes = [a0, a1, a2, a3, a4, b0, b1]
+    edges = {(a0, b0): 2.0, (a1, b0): 4.0, (a2, b1): -1.0, (a3, b0): -2.0}
+    effect = {a0: 1.0, a1: 2.0, a2: 0.5, a3: -1.0, b0: 3.0, b1: 1.0}  # a4: no edge, no effect
+    P = attribution_profiles(nodes, nodes, edges, effect)
+    assert P.shape == (7, 15) and P[5].tolist()[:2] == [2.0, 4.0] and P[0, 7 + 5] == 2.0 and P[0, 14] == 1.0
+    D = cosine_distances(P)
+    assert D[0, 1] == pytest.approx(0.0, abs=1e-12)  # a1 = 2 a0: same partners, same signs
+    assert D[0, 3] == pytest.approx(2.0)  # the same partner with the opposite sign: as far as can be
+    assert D[4].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0]  # no profile: no direction
+    labels = agglomerate(D, n_clusters=6)
+    assert labels[0] == labels[1] and len(set(labels.tolist())) == 6
+
+
+def test_random_grouping_is_seeded_and_curve_counts_cover_the_ratios():
+    D = random_partition_distances(10, 3, seed=1)
+    assert torch.equal(D, random_partition_distances(10, 3, seed=1))
+    assert any(not torch.equal(D, random_partition_distances(10, 3, seed=s)) for s in (2, 3, 4))
+    labels = agglomerate(D, n_clusters=3)
+    assert sorted(set(labels.tolist())) == [0, 1, 2] and torch.equal(D, (torch.tensor(labels)[:, None]
+                                                                         != torch.tensor(labels)[None, :]).double())
+    assert random_partition_distances(4, 9, seed=0).sum() == 12  # more groups than items: singletons
+    assert curve_counts(10, 2) == [10, 7, 5, 4, 3]  # ceil(10 / r), at least one feature supernode + 2 errors
+    assert curve_counts(10, 2, counts=[1, 6, 50]) == [10, 6, 3]
+    with pytest.raises(ValueError, match="curve_ratios"):
+        curve_counts(10, 0, ratios=[0.5])
+
+
+def test_capitals_jsonl_task_loads_through_circuit_jsonl():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from saeot.cli import CONF_DIR
+
+    path = f"{CONF_DIR}/circuit/capitals.jsonl"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        task = instantiate(compose("train", overrides=["circuit=jsonl", f"circuit.path={path}"]).circuit)
+    GlobalHydra.instance().clear()
+    assert isinstance(task, JsonlTask)
+    data = task.build(SimpleNamespace(codec=WordCodec(), name="words"))
+    assert data.n == 40 and not data.dropped
+    assert all(p.clean.startswith("The capital of ") and p.correct != p.wrong for p in data.pairs)
+
+
+@pytest.mark.slow
+def test_smollm2_knows_the_capitals_of_the_jsonl_task():
+    from saeot.cli import CONF_DIR
+    from saeot.models import load_smollm2_135m
+
+    lm = load_smollm2_135m()
+    data = JsonlTask(f"{CONF_DIR}/circuit/capitals.jsonl").build(lm)
+    assert data.n == 40 and not data.dropped
+    acc = clean_accuracy(lm, data, batch_size=20)
+    assert acc["accuracy"] >= 0.9 and acc["corrupted_accuracy"] >= 0.9 and acc["logit_diff_clean"] > 1.0

@@ -10,6 +10,9 @@ Data flows top to bottom:
     graph.py       Neuronpedia / circuit-tracer graph JSON (read and write) and the picture
     supernodes.py  agglomerative clustering by the semantic W2 distance (and the
                    decoder-cosine baseline), labels, graph compression
+    grouping.py    the groupings compared: semantic OT, decoder cosine, attribution
+                   profiles (signed in/out edges), random
+    curves.py      faithfulness against compression ratio for every grouping
     callback.py    CircuitCompression: all of it at the end of a train.py run
 """
 
@@ -23,7 +26,9 @@ from saeot.circuits.attribution import (
     exact_node_effects,
     select_nodes,
 )
+from saeot.circuits.curves import curve_counts, plot_supernode_curves, supernode_curves
 from saeot.circuits.graph import CircuitGraph, GraphLink, GraphNode, Supernode, load_graph, save_graph
+from saeot.circuits.grouping import GROUPINGS, attribution_profiles, cosine_distances, random_partition_distances
 from saeot.circuits.supernodes import compress_graph, decoder_cosine_distances, semantic_distances
 from saeot.circuits.tasks import (
     DigitAdditionTask,
@@ -42,4 +47,6 @@ __all__ = [
     "select_nodes", "CircuitGraph", "GraphLink", "GraphNode", "Supernode", "load_graph", "save_graph",
     "compress_graph", "decoder_cosine_distances", "semantic_distances", "DigitAdditionTask", "IOITask",
     "JsonlTask", "PromptPair", "PromptsTask", "SVATask", "Task", "TaskData", "clean_accuracy",
+    "GROUPINGS", "attribution_profiles", "cosine_distances", "random_partition_distances",
+    "curve_counts", "supernode_curves", "plot_supernode_curves",
 ]

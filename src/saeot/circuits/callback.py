@@ -14,11 +14,16 @@ space it calls :meth:`CircuitCompression.on_matching_end` with the run, which
 4. supernodes by the semantic OT distance, and by decoder cosine at the same
    number of supernodes (baseline); faithfulness and accuracy of each compressed
    circuit under the same supernode budget, coherence, compression ratio;
-5. writes ``circuit.json`` (Neuronpedia / circuit-tracer format, semantic
-   supernodes), ``circuit_decoder_cosine.json``, ``circuit.png`` and the
-   ``"circuit"`` entry of ``metrics.json``.
+5. curves (:mod:`saeot.circuits.curves`): faithfulness against compression ratio for
+   every grouping of :mod:`saeot.circuits.grouping` (semantic OT, decoder cosine,
+   attribution profiles, random) at several supernode counts, with the share of
+   effect in SAE error nodes beside each point;
+6. writes ``circuit.json`` (Neuronpedia / circuit-tracer format, semantic
+   supernodes), ``circuit_decoder_cosine.json``, ``circuit.png``,
+   ``circuit_curves.png`` and the ``"circuit"`` entry of ``metrics.json``
+   (``["curves"][grouping]``: one point per count).
 
-:meth:`CircuitCompression.compress` does steps 1-5 without a pipeline run.
+:meth:`CircuitCompression.compress` does steps 1-6 without a pipeline run.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ from saeot.circuits.evaluate import (
     pearson,
     score_circuit,
 )
+from saeot.circuits.curves import DEFAULT_RATIOS, curve_counts, plot_supernode_curves, supernode_curves
 from saeot.circuits.graph import circuit_graph, plot_supernode_graph, save_graph
+from saeot.circuits.grouping import GROUPINGS, attribution_profiles, cosine_distances
 from saeot.circuits.supernodes import Clustering, compress_graph, decoder_cosine_distances, token_label
 from saeot.hooks import hook_layer
 from saeot.circuits.tasks import Task, TaskData, clean_accuracy
@@ -104,8 +111,13 @@ class CircuitCompression(L.Callback, RunCallback):
         min_clean_accuracy: below this clean accuracy the task is reported as too hard.
         on_low_accuracy: ``warn`` (record it and go on), ``skip`` (record it and stop)
             or ``raise``.
+        curves: compute the faithfulness-vs-compression curves of every grouping.
+        groupings: which (:data:`~saeot.circuits.grouping.GROUPINGS`).
+        curve_counts: supernode counts of the curves (None: from ``curve_ratios``).
+        curve_ratios: compression ratios giving the default counts (``ceil(nodes / r)``).
+        random_seed: seed of the random grouping.
         progress: progress bars.
-        plot: write ``circuit.png``.
+        plot: write ``circuit.png`` (and ``circuit_curves.png``).
     """
 
     key = "circuit"
@@ -116,7 +128,9 @@ class CircuitCompression(L.Callback, RunCallback):
                  compression: float | None = 3.0, distance_threshold: float | None = None, linkage: str = "average",
                  solver: W2Solver | None = None, keep_fraction: float = 0.5,
                  n_exact: int = 16, ablation: str = "position", min_clean_accuracy: float = 0.6,
-                 on_low_accuracy: str = "warn", progress: bool = True, plot: bool = True) -> None:
+                 on_low_accuracy: str = "warn", curves: bool = True, groupings: tuple[str, ...] = GROUPINGS,
+                 curve_counts: list[int] | None = None, curve_ratios: tuple[float, ...] = DEFAULT_RATIOS,
+                 random_seed: int = 0, progress: bool = True, plot: bool = True) -> None:
         super().__init__()
         if task is None:
             raise ValueError("callbacks=circuit needs a task: add circuit=ioi (or circuit=sva, circuit=digit_addition, "
@@ -131,6 +145,12 @@ class CircuitCompression(L.Callback, RunCallback):
             raise ValueError(f"callbacks.circuit.keep_fraction={keep_fraction} must be in (0, 1]")
         if distance_threshold is None and n_supernodes is None and compression is None:
             raise ValueError("set one of callbacks.circuit.n_supernodes, compression or distance_threshold")
+        bad = [g for g in groupings if g not in GROUPINGS]
+        if bad:
+            raise ValueError(f"callbacks.circuit.groupings has {bad}; expected a subset of {list(GROUPINGS)}")
+        self.curves, self.groupings = curves, tuple(groupings)
+        self.curve_counts = list(curve_counts) if curve_counts else None
+        self.curve_ratios, self.random_seed = tuple(curve_ratios), int(random_seed)
         self.task, self.hooks = task, list(hooks) if hooks else None
         self.batch_size = batch_size
         self.selection, self.n_nodes, self.fraction, self.max_nodes = selection, n_nodes, fraction, max_nodes
@@ -285,6 +305,9 @@ class CircuitCompression(L.Callback, RunCallback):
                                      means, m_full, m_empty)
         m.update(sem)
         m["baseline_decoder_cosine"] = cos
+        if self.curves:
+            m.update(self._curves(graph, ref_of, c_sem, d_cos, nodes, edges, effect, lm, saes, hooks, data, means,
+                                  m_full, m_empty))
         m["seconds"] = time.perf_counter() - t0
         metrics = _clean(m)
 
@@ -302,10 +325,41 @@ class CircuitCompression(L.Callback, RunCallback):
             plot_supernode_graph(g_sem, out_dir / "circuit.png", title=title)
             plot_supernode_graph(g_cos, out_dir / "circuit_decoder_cosine.png",
                                  title=f"{data.name}: decoder-cosine supernodes (baseline)")
+            if metrics.get("curves"):
+                plot_supernode_curves(metrics["curves"], out_dir / "circuit_curves.png",
+                                      title=f"{data.name} on {m['model']}: {len(nodes)} nodes, "
+                                            f"{_fmt(m['error_effect_share'])} of their |effect| in SAE error nodes; "
+                                            f"top {self.keep_fraction:g} of supernodes kept")
         log.info("circuit: %d nodes -> %d supernodes; faithfulness full %.3f, compressed %.3f (cosine baseline %.3f)",
                  len(nodes), c_sem.n_supernodes, full.faithfulness, sem["faithfulness_compressed"],
                  cos["faithfulness_compressed"])
         return metrics
+
+    def _curves(self, graph: Any, ref_of: dict[str, NodeRef], c_sem: Clustering, d_cos: torch.Tensor,
+                nodes: list[NodeRef], edges: Any, effect: dict[NodeRef, float], lm: Any, saes: dict,
+                hooks: list[str], data: TaskData, means: Any, m_full: float, m_empty: float) -> dict:
+        """Faithfulness-vs-compression curves of every grouping (:mod:`saeot.circuits.curves`)."""
+        feats = [ref_of[i] for i in c_sem.node_ids]
+        dist: dict[str, torch.Tensor | None] = {"semantic_ot": c_sem.distances, "decoder_cosine": d_cos, "random": None}
+        notes = {}
+        if edges is not None:
+            dist["attribution_profile"] = cosine_distances(attribution_profiles(feats, nodes, edges.weights, effect))
+        else:
+            notes["attribution_profile"] = "needs edges (callbacks.circuit.edges=true)"
+        dist = {g: dist[g] for g in self.groupings if g in dist}
+        n_err = sum(n.is_error for n in nodes)
+        counts = curve_counts(len(nodes), n_err, self.curve_counts, self.curve_ratios)
+
+        def score(kept: list[NodeRef]) -> Any:
+            return score_circuit(lm, saes, hooks, data, kept, means, m_full, m_empty, self.batch_size)
+
+        curves = supernode_curves(graph, ref_of, c_sem.node_ids, effect, dist, counts, score, self.keep_fraction,
+                                  self.linkage, self.random_seed)
+        mean = {g: sum(p["faithfulness"] for p in pts) / len(pts) for g, pts in curves.items() if pts}
+        log.info("supernode curves (mean faithfulness over %d counts): %s", len(counts),
+                 ", ".join(f"{g} {_fmt(v)}" for g, v in mean.items()))
+        return {"curves": curves, "curve_counts": counts, "curve_mean_faithfulness": mean,
+                **({"curve_notes": notes} if notes else {})}
 
     def _score_clustering(self, c: Clustering, d_sem: torch.Tensor, d_cos: torch.Tensor, ref_of: dict[str, NodeRef],
                           effect: dict[NodeRef, float], nodes: list[NodeRef], lm: Any, saes: dict, hooks: list[str],
