@@ -15,10 +15,15 @@ from saeot.evaluation.synthetic import (
     SCENARIOS,
     SyntheticConfig,
     SyntheticSAEs,
+    affected_kinds,
+    aggregate_seeds,
     explained_variance,
     express_in_latents,
     make_world,
+    mean_ci95,
     oracle_saes,
+    parse_angle,
+    parse_scenario,
     trained_saes,
 )
 from saeot.hooks import hook_name
@@ -351,3 +356,162 @@ def test_benchmark_sae_registry_and_quiet_matchers():
     assert SemanticOT(progress=True).cfg.progress and benchmark._quiet(SemanticOT(progress=True)).cfg.progress is False
     plain = SAEMatch()
     assert benchmark._quiet(plain) is plain
+
+
+# ---------------------------------------------------------------- combined scenarios, angles, seeds, shared mean
+def test_scenario_entries_combine_parts_and_set_the_angle():
+    spec = parse_scenario("rotation+rescale+near_duplicates")
+    assert spec.parts == ("rotation", "rescale", "near_duplicates") and spec.rotation_angle is None
+    assert parse_scenario(["rotation", "split_merge"]).name == "rotation+split_merge"
+    assert parse_scenario("disjoint_tokens+rotation@pi/8").rotation_angle == pytest.approx(math.pi / 8)
+    assert parse_angle("3pi/8") == parse_angle("3*pi/8") == pytest.approx(3 * math.pi / 8)
+    assert parse_angle("pi") == pytest.approx(math.pi) and parse_angle(0.25) == 0.25 and parse_angle("0.5") == 0.5
+    for bad, msg in (("rotation+nope", "unknown"), ("rotation+", "empty"), ("rescale@pi/8", "no rotation"),
+                     ("rotation+rotation", "twice"), ("rotation@half", "multiple of pi")):
+        with pytest.raises(ValueError, match=msg):
+            parse_scenario(bad)
+    assert affected_kinds("rotation+split_merge+near_duplicates@pi/4") == ("splits", "merges", "near_duplicate")
+    assert affected_kinds("rotation+rescale") == ()
+
+
+def test_combined_world_truth_composes_its_parts():
+    """rotation+rescale+split_merge+birth_death: every part's truth holds at once, with the single worlds' counts."""
+    parts = ("rotation", "rescale", "split_merge", "birth_death")
+    cfg = SyntheticConfig(scenarios=parts, drift=0.0, **SMALL)
+    world = make_world(cfg)
+    (a, b), = world.pairs
+    truth, kinds = world.truth[(a, b)], world.kinds[(a, b)]
+    count = {k: sum(x == k for x in kinds) for k in KINDS}
+    single = {p: make_world(SyntheticConfig(scenarios=(p,), drift=0.0, **SMALL)) for p in parts}
+    for part, ks in (("birth_death", ("dies",)), ("split_merge", ("splits", "merges"))):
+        w = single[part]
+        for k in ks:
+            assert count[k] == sum(x == k for x in w.kinds[w.pairs[0]]) > 0, k
+    # birth_death: the dying have no partner, as many are born
+    dies = torch.tensor([k == "dies" for k in kinds])
+    assert (truth[dies] == -1).all() and int(world.born[(a, b)].sum()) == int(dies.sum())
+    # rotation: continuing features are the rotated A directions (drift 0), as in the rotation world
+    q = world.rotations[(a, b)]
+    keep = torch.tensor([k == "persists" for k in kinds])
+    da, db = world.directions[a], world.directions[b]
+    assert torch.allclose(db[truth[keep]], da[keep] @ q.T, atol=1e-5)
+    assert not torch.allclose(q, torch.eye(q.shape[0]))
+    # rescale: per-feature magnitude factors within growth x range
+    ratio = world.scales[b][truth[keep]] / world.scales[a][keep]
+    lo, hi = cfg.rescale_range
+    assert ratio.min() >= cfg.rescale_growth * lo - 1e-5 and ratio.max() <= cfg.rescale_growth * hi + 1e-5
+    # split_merge: children spread around the *rotated* parent; merges join the rotated parents
+    cos_child = 1 / math.sqrt(1 + cfg.split_spread ** 2)
+    for parent, canon, other in world.splits[(a, b)].tolist():
+        for child in (canon, other):
+            assert float(db[child] @ (q @ da[parent])) == pytest.approx(cos_child, abs=1e-4)
+    for pa, pb, child in world.merges[(a, b)].tolist():
+        want = torch.nn.functional.normalize(q @ da[pa] + q @ da[pb], dim=0)
+        assert torch.allclose(db[child], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("angle", ["pi/16", "pi/8", "pi/4", "pi/2"])
+def test_benchmark_world_takes_the_entry_angle(angle):
+    scfg = OmegaConf.create({"n_features": 64, "d_model": 16, "n_tokens": 512, "noise": 0.05, "seed": 1,
+                             "rotation_angle": "pi/2", "world": {"drift": 0.0}})
+    world = benchmark.build_world(scfg, f"rotation@{angle}")
+    assert world.config.rotation_angle == pytest.approx(parse_angle(angle))
+    (a, b), = world.pairs
+    cos = (world.directions[a] * world.directions[b][world.truth[(a, b)]]).sum(-1)
+    assert torch.allclose(cos, torch.full_like(cos, math.cos(parse_angle(angle))), atol=1e-4)
+    # without @angle the entry takes synthetic.rotation_angle
+    assert benchmark.build_world(scfg, "rotation").config.rotation_angle == pytest.approx(math.pi / 2)
+
+
+def test_mean_ci95_is_the_student_t_interval():
+    mean, ci = mean_ci95([0.8, 0.9, 1.0])
+    # s = 0.1, t_{0.975, 2} = 4.302653
+    assert mean == pytest.approx(0.9) and ci == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    mean, ci = mean_ci95([0.5, None, 0.7, 0.6, 0.6, 0.6])  # None is left out: 5 values
+    assert mean == pytest.approx(0.6) and ci == pytest.approx(2.776445 * math.sqrt(0.005) / math.sqrt(5), rel=1e-5)
+    assert mean_ci95([0.3]) == (0.3, None) and mean_ci95([None]) == (None, None)
+
+
+def test_aggregate_seeds_adds_mean_ci_and_per_seed_values():
+    def score(t1, nk):
+        return {"top1_accuracy": t1, "nomatch_recall": None, "n_with_partner": 10,
+                "top1_by_kind": {"persists": {"top1_accuracy": t1, "n": nk}}}
+
+    per_seed = [{"s": {"m": score(x, 4), "na": None}} for x in (0.8, 0.9, 1.0)]
+    agg = aggregate_seeds(per_seed)
+    r = agg["s"]["m"]
+    assert r["top1_accuracy"] == r["top1_accuracy_mean"] == pytest.approx(0.9)
+    assert r["top1_accuracy_ci95"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    assert r["top1_accuracy_seeds"] == [0.8, 0.9, 1.0] and r["n_seeds"] == 3
+    assert r["nomatch_recall"] is None and r["n_with_partner_ci95"] == 0.0
+    assert r["top1_by_kind"]["persists"]["top1_accuracy_mean"] == pytest.approx(0.9)
+    assert agg["s"]["na"] is None  # not applicable in every seed stays None
+
+
+def _weighted_moments(world, hook, f):
+    h = _cat(world.hidden_states(hook))
+    w = _cat(world.true_activations(hook))[:, f]
+    sel = w > 0
+    w, h = w[sel] / w[sel].sum(), h[sel]
+    mean = (w[:, None] * h).sum(0)
+    return mean, float((w * (h - mean).pow(2).sum(1)).sum()), float(1 / w.pow(2).sum())
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.6])
+def test_shared_mean_pairs_share_the_mean_not_the_distribution(offset):
+    cfg = SyntheticConfig(scenarios=("shared_mean",), shared_mean_offset=offset, noise=0.01,
+                          **{**SMALL, "n_tokens": 32768})
+    world = make_world(cfg)
+    (a, b), = world.pairs
+    groups = world.shared_mean_groups[a]
+    assert len(groups) == round(cfg.shared_mean_fraction * cfg.n_features / 2)
+    assert torch.equal(world.truth[(a, b)][groups], world.shared_mean_groups[b])  # every member persists
+    assert {world.kinds[(a, b)][f] for f in groups[:, :2].flatten().tolist()} == {"shared_mean"}
+    for hook in (a, b):
+        f = _fires(world, hook)
+        errors = []
+        for x, y, c1, c2 in world.shared_mean_groups[hook].tolist():
+            # X fires with exactly one of its two contexts, at its own magnitude
+            assert (f[f[:, x]][:, [c1, c2]].sum(1) == 1).all()
+            mx, vx, nx = _weighted_moments(world, hook, x)
+            my, vy, ny = _weighted_moments(world, hook, y)
+            # the means agree up to the planted offset and the sampling error of the two means
+            planted = offset * float(mx.norm())
+            se = math.sqrt(vx / nx + vy / ny)
+            assert abs(float((mx - my).norm()) - planted) < 4 * se
+            errors.append(abs(float((mx - my).norm()) - planted) / float(mx.norm()))
+            # the distributions differ: X's two modes sit half the contexts' distance from its mean
+            s1, s2 = float(world.scales[hook][c1]), float(world.scales[hook][c2])
+            bimodal = float((s1 * world.directions[hook][c1] - s2 * world.directions[hook][c2]).pow(2).sum()) / 4
+            assert vx - vy == pytest.approx(bimodal, rel=0.35) and bimodal > 1.0
+        assert sum(errors) / len(errors) < 0.1    # the offset is redrawn at every layer: it says nothing about which B member is which
+    if offset:
+        ya, yb = groups[:, 1], world.shared_mean_groups[b][:, 1]
+        da, db = world.directions[a], world.directions[b]
+        assert ((da[ya] * db[yb]).sum(-1) < 0.999).all()
+
+
+def test_run_benchmark_over_seeds_writes_mean_and_ci(tmp_path):
+    cfg = OmegaConf.create({
+        "seed": 0,
+        "reference": {"_target_": "saeot.reference.Standardize"},
+        "matchers": {"mean_embedding": {"_target_": "saeot.matching.MeanEmbedding"},
+                     "activation_correlation": {"_target_": "saeot.matching.ActivationCorrelation"}},
+        "synthetic": {"seed": 0, "seeds": [3, 4], "scenarios": ["rotation+birth_death", "rotation@pi/8"],
+                      "n_features": 32, "d_model": 16, "noise": 0.05, "n_tokens": 2048,
+                      "samples_per_feature": 8, "sampling": "topk", "sae": "oracle", "oracle_perturb": 0.02,
+                      "reference_tokens": 1024, "rotation_angle": "pi/2", "world": {},
+                      "sweep_k": [], "sweep_noise": []},
+    })
+    metrics = benchmark.run_benchmark(cfg, tmp_path)
+    r = metrics["synthetic"]["rotation+birth_death"]["mean_embedding"]
+    per_seed = [metrics["synthetic_by_seed"][s]["rotation+birth_death"]["mean_embedding"]["top1_accuracy"]
+                for s in ("3", "4")]
+    assert r["top1_accuracy_seeds"] == per_seed
+    assert r["top1_accuracy_mean"] == pytest.approx(sum(per_seed) / 2) and "top1_accuracy_ci95" in r
+    assert r["affected_top1_accuracy_mean"] == pytest.approx(r["top1_accuracy_mean"])  # no affected kind: all
+    assert metrics["synthetic_info"]["seeds"] == [3, 4]
+    table = (tmp_path / "synthetic_table.md").read_text()
+    assert "±" in table and "rotation@pi/8" in table and "2 seeds" in table
+    with pytest.raises(ValueError, match="synthetic.scenarios"):
+        benchmark.run_benchmark(OmegaConf.merge(cfg, {"synthetic": {"scenarios": ["rotation+bogus"]}}), tmp_path)

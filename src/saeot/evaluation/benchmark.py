@@ -1,13 +1,20 @@
 """The synthetic ground-truth benchmark: does each matcher find the true match?
 
-For every scenario of :mod:`saeot.evaluation.synthetic` (one world per scenario, two
-layers), SAEs are built (``oracle``: at the true dictionary, permuted and perturbed;
+For every entry of ``synthetic.scenarios`` (one world per entry, two layers; an entry
+combines scenarios with ``+`` and may set the rotation angle with ``@``, e.g.
+``rotation+split_merge+birth_death`` or ``rotation@pi/8``,
+:func:`saeot.evaluation.synthetic.parse_scenario`) and every seed of ``synthetic.seeds``
+(default: the one ``synthetic.seed``), SAEs are built (``oracle``: at the true dictionary, permuted and perturbed;
 ``trained``: trained with sae_lens), features are profiled exactly as ``train.py``
 profiles them (:class:`~saeot.profiling.StreamingProfiler`), the reference space is
 fitted on held-out tokens, and every configured matcher runs twice: with
 ``assignment=nearest`` and ``assignment=hungarian``. Scores over the features of A
 (top-1 and one-to-one accuracy, precision / recall of "no match", per kind of
-feature) are :func:`saeot.evaluation.synthetic.match_scores`. The SAEs come from the
+feature, and ``affected_top1_accuracy`` on the kinds the entry acts on) are
+:func:`saeot.evaluation.synthetic.match_scores`. Over several seeds every number gets its
+mean, ``_mean``, ``_ci95`` (95% Student-t half-width) and ``_seeds`` (per seed) keys
+(:func:`saeot.evaluation.synthetic.aggregate_seeds`); ``metrics.json["synthetic_by_seed"]``
+keeps every seed's scores. The SAEs come from the
 registry :data:`SAE_BUILDERS` (``synthetic.sae=oracle|trained``); a matcher whose settings
 have a ``progress`` field runs without its own progress bar.
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,14 +40,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from saeot.evaluation.synthetic import (
-    SCENARIOS,
+    ScenarioSpec,
     SyntheticConfig,
     SyntheticSAEs,
     SyntheticWorld,
     affected_accuracy,
+    aggregate_seeds,
     make_world,
     match_scores,
     oracle_saes,
+    parse_scenario,
     trained_saes,
 )
 from saeot.evaluation.benchmark_report import markdown_table, plot_benchmark, plot_sweep
@@ -53,13 +63,18 @@ log = logging.getLogger(__name__)
 NEEDS_SHARED_TOKENS_REFERENCE = ("ridge", "learned")
 
 
-def build_world(scfg: Any, scenario: str | list[str], noise: float | None = None) -> SyntheticWorld:
-    """The two-layer world of ``scenario`` (one name or several combined) from the ``synthetic`` settings."""
-    scenarios = [scenario] if isinstance(scenario, str) else list(scenario)
-    return make_world(SyntheticConfig(
-        n_features=scfg.n_features, d_model=scfg.d_model, n_layers=2, n_tokens=scfg.n_tokens,
-        noise=scfg.noise if noise is None else noise, scenarios=tuple(scenarios), seed=scfg.seed,
-    ))
+def build_world(scfg: Any, scenario: str | list[str] | ScenarioSpec, noise: float | None = None) -> SyntheticWorld:
+    """The two-layer world of ``scenario`` (an entry of ``synthetic.scenarios``, or a list of
+    scenario names combined) from the ``synthetic`` settings (``synthetic.world`` may set any
+    other :class:`SyntheticConfig` field)."""
+    spec = scenario if isinstance(scenario, ScenarioSpec) else parse_scenario(scenario)
+    extra = dict(OmegaConf.to_container(scfg.world, resolve=True)) if scfg.get("world") else {}
+    fields = {
+        "n_features": scfg.n_features, "d_model": scfg.d_model, "n_layers": 2, "n_tokens": scfg.n_tokens,
+        "noise": scfg.noise if noise is None else noise, "seed": scfg.seed,
+        "rotation_angle": scfg.get("rotation_angle", math.pi / 2), **extra, **spec.config_overrides(),
+    }
+    return make_world(SyntheticConfig(**fields))
 
 
 def _oracle(scfg: Any, world: SyntheticWorld) -> SyntheticSAEs:
@@ -161,35 +176,67 @@ def _quiet(matcher: Matcher) -> Matcher:
     return matcher
 
 
+def benchmark_seeds(scfg: Any) -> tuple[list[int], bool]:
+    """``(seeds, aggregated)``: ``synthetic.seeds`` if set (aggregated over them), else ``[synthetic.seed]``."""
+    seeds = scfg.get("seeds")
+    if seeds is None or len(seeds) == 0:
+        return [int(scfg.seed)], False
+    seeds = [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"synthetic.seeds={seeds} repeats a seed")
+    return seeds, True
+
+
+def run_seed(cfg: DictConfig, specs: list[ScenarioSpec], matchers: dict, seed: int) -> tuple[dict, dict]:
+    """Scores ``{entry: {matcher: scores}}`` and info of every scenario entry for one world seed."""
+    scfg = OmegaConf.merge(cfg.synthetic, {"seed": seed})
+    results: dict[str, dict] = {}
+    info: dict[str, dict] = {}
+    for spec in tqdm(specs, desc=f"scenarios (seed {seed})"):
+        world = build_world(scfg, spec)
+        saes = build_saes(scfg, world)
+        results[spec.name], info[spec.name] = evaluate_world(cfg, world, saes, matchers)
+        for r in results[spec.name].values():
+            if r is not None:
+                r["affected_top1_accuracy"] = affected_accuracy(r, spec.parts)
+        log.info("seed %d %s: %s", seed, spec.name,
+                 {m: (r or {}).get("top1_accuracy") for m, r in results[spec.name].items()})
+    return results, info
+
+
 def run_benchmark(cfg: DictConfig, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     scfg = cfg.synthetic
-    scenarios = list(scfg.scenarios)
-    unknown = [s for s in scenarios if s not in SCENARIOS]
-    if unknown:
-        raise ValueError(f"synthetic.scenarios: unknown {unknown}; choose from {list(SCENARIOS)}")
+    specs = [parse_scenario(s) for s in scfg.scenarios]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"synthetic.scenarios={names} repeats an entry")
+    seeds, aggregated = benchmark_seeds(scfg)
+    if scfg.sae not in SAE_BUILDERS:
+        raise ValueError(f"synthetic.sae={scfg.sae!r}; expected one of {sorted(SAE_BUILDERS)}")
     matchers = {name: m for name, m in cfg.matchers.items()}
     if not matchers:
         raise ValueError("matchers is empty: the benchmark needs at least one matcher config")
     t_start = time.perf_counter()
-    results: dict[str, dict] = {}
+    by_seed: dict[str, dict] = {}
     info: dict[str, dict] = {}
-    for scenario in tqdm(scenarios, desc="scenarios"):
-        world = build_world(scfg, scenario)
-        saes = build_saes(scfg, world)
-        results[scenario], info[scenario] = evaluate_world(cfg, world, saes, matchers)
-        log.info("%s: %s", scenario, {m: (r or {}).get("top1_accuracy") for m, r in results[scenario].items()})
+    for seed in seeds:
+        by_seed[str(seed)], info[str(seed)] = run_seed(cfg, specs, matchers, seed)
+    results = aggregate_seeds(list(by_seed.values())) if aggregated else by_seed[str(seeds[0])]
 
     sweep = finite_sample_sweep(cfg, matchers) if scfg.get("sweep_k") and "semantic_ot" in matchers else None
     metrics = {
         "synthetic": results,
-        "synthetic_info": {"scenarios": info, "config": OmegaConf.to_container(scfg, resolve=True),
+        "synthetic_info": {"scenarios": info if aggregated else info[str(seeds[0])], "seeds": seeds,
+                           "config": OmegaConf.to_container(scfg, resolve=True),
                            "seconds": time.perf_counter() - t_start},
     }
+    if aggregated:
+        metrics["synthetic_by_seed"] = by_seed
     if sweep is not None:
         metrics["synthetic_sweep"] = sweep
     atomic_write_json(out_dir / "metrics.json", metrics)
-    table = markdown_table(results)
+    table = markdown_table(results, seeds=seeds if aggregated else None, sae=scfg.sae)
     atomic_write_text(out_dir / "synthetic_table.md", table)
     plot_benchmark(results, out_dir / "plots" / "synthetic_top1.png")
     if sweep is not None:

@@ -21,15 +21,40 @@ def _fmt(x: Any) -> str:
     return f"{x:.3f}"
 
 
-def markdown_table(results: dict) -> str:
+def _cell(r: dict | None, metric: str) -> str:
+    """``mean ± ci95`` over seeds when the score has them, else the one value."""
+    if r is None:
+        return "not applicable"
+    value = r.get(metric)
+    ci = r.get(f"{metric}_ci95")
+    if value is not None and ci is not None:
+        return f"{value:.3f} ± {ci:.3f}"
+    return _fmt(value)
+
+
+def _affected(r: dict | None, scenario: str) -> dict | None:
+    if r is None or "affected_top1_accuracy" in r:
+        return r
+    return {**r, "affected_top1_accuracy": affected_accuracy(r, scenario)}
+
+
+def markdown_table(results: dict, seeds: list[int] | None = None, sae: str | None = None) -> str:
+    """One markdown table per metric (matchers x scenario entries); over several seeds each cell is
+    ``mean ± half-width of the 95% t-interval``."""
     scenarios = list(results)
     matchers = list(next(iter(results.values())))
-    lines = ["**top1_accuracy on the affected features** (split/merged features for split_merge, the "
-             "near-duplicate pairs for near_duplicates; all features elsewhere)\n",
-             "| matcher | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    head = []
+    if sae or seeds:
+        what = [f"{sae} SAEs"] if sae else []
+        if seeds:
+            what.append(f"mean ± 95% CI (Student t) over {len(seeds)} seeds {seeds}")
+        head = ["_" + "; ".join(what) + "_\n"]
+    lines = head + ["**top1_accuracy on the affected features** (split/merged features for split_merge, the "
+                    "near-duplicate pairs for near_duplicates, the shared-mean pairs for shared_mean, their union "
+                    "in combined entries; all features elsewhere)\n",
+                    "| matcher | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
     for m in matchers:
-        cells = [_fmt(affected_accuracy(results[s].get(m), s)) if results[s].get(m) is not None else "not applicable"
-                 for s in scenarios]
+        cells = [_cell(_affected(results[s].get(m), s), "affected_top1_accuracy") for s in scenarios]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("")
     for metric in ("top1_accuracy", "hungarian_accuracy", "nomatch_precision", "nomatch_recall"):
@@ -37,8 +62,7 @@ def markdown_table(results: dict) -> str:
         lines.append("| matcher | " + " | ".join(scenarios) + " |")
         lines.append("|---|" + "---|" * len(scenarios))
         for m in matchers:
-            cells = [_fmt((results[s].get(m) or {}).get(metric)) if results[s].get(m) is not None else "not applicable"
-                     for s in scenarios]
+            cells = [_cell(results[s].get(m), metric) for s in scenarios]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

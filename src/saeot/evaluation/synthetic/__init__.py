@@ -37,7 +37,7 @@ Transitions ``l -> l+1`` (every scenario in ``config.scenarios`` applies at once
   ``xi ~ N(0, I/d)``, ``Q = I``. Always on; the other scenarios add to it.
 * ``rotation``: ``Q`` is a random orthogonal matrix that rotates every plane of a
   random orthonormal basis by ``rotation_angle`` (so ``cos(v, Q v) = cos(angle)`` for
-  every ``v`` when ``d`` is even). Reported in ``SyntheticWorld.rotations``:
+  every ``v`` when ``d`` is even; pi/2 by default, any angle for a sweep). Reported in ``SyntheticWorld.rotations``:
   with ``drift = 0``, ``D^{l+1}_child = D^l_f Q^T`` (rows).
 * ``rescale``: ``s^{l+1}_f = s^l_f * rescale_growth * r_f`` with ``r_f`` log-uniform in
   ``rescale_range`` (norm growth with depth plus per-feature magnitude change; layer-0
@@ -65,6 +65,23 @@ Transitions ``l -> l+1`` (every scenario in ``config.scenarios`` applies at once
   hidden states where ``i`` fires differ from those where ``j`` fires.
 * ``disjoint_tokens``: layer ``l`` streams concept activations from its own token
   sample (``SyntheticWorld.shared_tokens`` is False); nothing else changes.
+* ``shared_mean``: ``round(shared_mean_fraction * n_features / 2)`` groups of four plain
+  features (X, Y, c1, c2), protected from all events. X fires in two separate contexts:
+  on X's tokens exactly one of c1 (probability ``shared_mean_context_prob``) or c2 fires,
+  with X's own magnitude (a choice rule; X, c1 and c2 are silent where Y fires), so X's
+  hidden states are bimodal,
+  ``m (s_X D_X + s_c D_c)``, with mean ``m * mid``,
+  ``mid = s_X D_X + q s_1 D_1 + (1-q) s_2 D_2``. Y fires alone at their midpoint:
+  ``s_Y D_Y = mid + shared_mean_offset |mid| n``, ``n`` a unit vector orthogonal to ``mid``
+  *redrawn at every layer* (Y's direction and magnitude are recomputed from the carried
+  X, c1, c2 at every layer). So X and Y have the same activation-weighted mean up to an
+  offset that identifies nothing across layers, and different distributions (two modes
+  against one): the mean embedding cannot tell them apart, W2 can. The offset cannot be
+  0 for an SAE: with equal means no linear read-out fires on X's states and not on Y's.
+
+Scenario entries of the benchmark (:func:`parse_scenario`) combine scenarios with ``+``
+(``rotation+rescale+near_duplicates``: every part applies at once) and may set the
+rotation angle with ``@`` (``rotation@pi/8``).
 
 Features involved in a structural event are distinct. Splits, merges and split
 contexts take plain features (one concept, no gate); any other feature may die
@@ -111,9 +128,25 @@ Modules: :mod:`.config` (settings), :mod:`.builder` (:func:`make_world`), :mod:`
 """
 
 from saeot.evaluation.synthetic.builder import make_world
-from saeot.evaluation.synthetic.config import KINDS, SCENARIOS, SPLITS, SyntheticConfig
+from saeot.evaluation.synthetic.config import (
+    KINDS,
+    SCENARIOS,
+    SPLITS,
+    ScenarioSpec,
+    SyntheticConfig,
+    parse_angle,
+    parse_scenario,
+)
 from saeot.evaluation.synthetic.latents import SyntheticSAEs, express_in_latents, latents_to_true_by_decoder
-from saeot.evaluation.synthetic.metrics import AFFECTED, affected_accuracy, explained_variance, match_scores
+from saeot.evaluation.synthetic.metrics import (
+    AFFECTED,
+    affected_accuracy,
+    affected_kinds,
+    aggregate_seeds,
+    explained_variance,
+    match_scores,
+    mean_ci95,
+)
 from saeot.evaluation.synthetic.oracle import ORACLE_ARCHITECTURES, default_k, oracle_encoder, oracle_saes
 from saeot.evaluation.synthetic.trained import trained_saes
 from saeot.evaluation.synthetic.world import SyntheticWorld
@@ -123,6 +156,9 @@ __all__ = [
     "SPLITS",
     "KINDS",
     "SyntheticConfig",
+    "ScenarioSpec",
+    "parse_angle",
+    "parse_scenario",
     "SyntheticWorld",
     "make_world",
     "SyntheticSAEs",
@@ -136,5 +172,8 @@ __all__ = [
     "explained_variance",
     "match_scores",
     "AFFECTED",
+    "affected_kinds",
     "affected_accuracy",
+    "mean_ci95",
+    "aggregate_seeds",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "orthonormal_offsets",
     "split_directions",
     "place_near_duplicates",
+    "place_shared_mean",
 ]
 
 
@@ -99,3 +100,24 @@ def place_near_duplicates(directions: Tensor, pairs: Tensor, base: Tensor, eps: 
     d_pair = normalise(u[:, None, :] + eps[:, None, None] * v)
     directions[pairs[:, 0]] = d_pair[:, 0]
     directions[pairs[:, 1]] = d_pair[:, 1]
+
+
+def place_shared_mean(directions: Tensor, scales: Tensor, groups: Tensor, q: float, offset: float,
+                      gen: torch.Generator) -> None:
+    """In place: the unimodal member of each shared-mean group at the bimodal member's mean.
+
+    ``groups [P, 4]`` = (bimodal X, unimodal Y, first context c1, second context c2). X fires
+    with c1 (probability ``q``) or c2, each at X's magnitude, so its mean is
+    ``mid = s_X D_X + q s_1 D_1 + (1 - q) s_2 D_2``; Y is written at
+    ``s_Y D_Y = mid + offset |mid| n``, ``n`` a fresh unit vector orthogonal to ``mid``.
+    """
+    if groups.shape[0] == 0:
+        return
+    x, y, c1, c2 = groups.unbind(1)
+    mid = (scales[x, None] * directions[x] + q * scales[c1, None] * directions[c1]
+           + (1 - q) * scales[c2, None] * directions[c2])
+    size = mid.norm(dim=1, keepdim=True)
+    n = orthonormal_offsets(normalise(mid), 1, gen)[:, 0]
+    target = mid + offset * size * n
+    directions[y] = normalise(target)
+    scales[y] = target.norm(dim=1)

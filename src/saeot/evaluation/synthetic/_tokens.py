@@ -8,7 +8,10 @@ Gaussian copula (or independently when there is no correlation factor)::
     z_{t,k} = max(0, m_{t,k}) * 1[fires],   m_{t,k} ~ N(magnitude_mean, magnitude_std^2)
 
 then the forced co-firing rules ``(parent, context, q)`` set ``context`` on the tokens
-where ``parent`` fires with probability exactly ``q``. A stream is cut into chunks of a
+where ``parent`` fires with probability exactly ``q``, and the choice rules
+``(parent, first, second, q)`` make exactly one of ``first`` / ``second`` fire on the
+parent's tokens (``first`` with probability ``q``) with the parent's own magnitude (so
+the parent's hidden state is ``m (s_p D_p + s_c D_c)`` for one context ``c``). A stream is cut into chunks of a
 fixed size, each drawn from its own generator seeded by ``(seed, split, stream, chunk)``,
 so the content of a stream never depends on batch sizes or on the order of calls.
 """
@@ -40,6 +43,8 @@ class ConceptModel:
         diag_sqrt: ``[K]`` ``sqrt(diag)`` of the copula, or None.
         rules: ``[R, 2]`` long ``(parent, context)`` forced co-firing rules.
         rule_probs: ``[R]`` their probabilities ``q``.
+        choice_rules: ``[C, 3]`` long ``(parent, first, second)`` choice rules.
+        choice_probs: ``[C]`` P(first | parent fires).
         magnitude_mean, magnitude_std: firing magnitude ``max(0, N(mean, std^2))``.
         cache_size: recent chunks kept (streaming several hooks side by side samples each chunk once).
     """
@@ -53,6 +58,8 @@ class ConceptModel:
     rule_probs: Tensor
     magnitude_mean: float
     magnitude_std: float
+    choice_rules: Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    choice_probs: Tensor = field(default_factory=lambda: torch.zeros(0))
     cache_size: int = 8
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
@@ -86,10 +93,21 @@ class ConceptModel:
             parent, ctx = self.rules[:, 0], self.rules[:, 1]
             coin = torch.rand(size, self.rules.shape[0], generator=gen) < self.rule_probs
             fire[:, ctx] = torch.where(fire[:, parent], coin, fire[:, ctx])
+        n_choice = self.choice_rules.shape[0]
+        if n_choice:
+            parent, first, second = self.choice_rules.unbind(1)
+            pf = fire[:, parent]
+            pick = torch.rand(size, n_choice, generator=gen) < self.choice_probs
+            fire[:, first] = torch.where(pf, pick, fire[:, first])
+            fire[:, second] = torch.where(pf, ~pick, fire[:, second])
         rows, cols = fire.nonzero(as_tuple=True)
         mags = self.magnitude_mean + self.magnitude_std * torch.randn(rows.shape[0], generator=gen)
         z = torch.zeros(size, K)
         z[rows, cols] = mags.clamp_min(0.0)
+        if n_choice:  # the chosen context fires with the parent's magnitude
+            zp = z[:, parent]
+            z[:, first] = torch.where(pf & pick, zp, z[:, first])
+            z[:, second] = torch.where(pf & ~pick, zp, z[:, second])
         return z
 
 

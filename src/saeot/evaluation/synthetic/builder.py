@@ -24,6 +24,7 @@ from torch import Tensor
 from saeot.evaluation.synthetic._geometry import (
     normalise,
     place_near_duplicates,
+    place_shared_mean,
     plane_rotation,
     split_directions,
     spread_directions,
@@ -67,6 +68,13 @@ class _NearDuplicates:
     partner_concepts: Tensor  # [P, 2] the context partner concept of each member
     eps: Tensor  # [P] offset size e = sqrt(1/c - 1)
     base: Tensor  # [P, d] the pair's shared direction u
+
+
+@dataclass
+class _SharedMean:
+    """The shared-mean groups (bimodal X, unimodal Y, first context, second context), carried along."""
+
+    groups: Tensor  # [P, 4] feature indices at the current layer
 
 
 @dataclass
@@ -132,14 +140,17 @@ class _WorldBuilder:
         self.n_split = round(cfg.split_merge_fraction * n0) if cfg.has("split_merge") else 0
         self.n_merge = round(cfg.split_merge_fraction * n0 / 2) if cfg.has("split_merge") else 0
         self.n_nd = round(cfg.near_duplicate_fraction * n0 / 2) if cfg.has("near_duplicates") else 0
-        if 4 * self.n_nd > n0:
+        self.n_sm = round(cfg.shared_mean_fraction * n0 / 2) if cfg.has("shared_mean") else 0
+        if 4 * self.n_nd + 4 * self.n_sm > n0:
             raise ValueError(
-                f"synthetic.near_duplicate_fraction={cfg.near_duplicate_fraction} needs {4 * self.n_nd} features "
-                f"(members and context partners) but n_features={n0}"
+                f"synthetic.near_duplicate_fraction={cfg.near_duplicate_fraction} and shared_mean_fraction="
+                f"{cfg.shared_mean_fraction} need {4 * self.n_nd + 4 * self.n_sm} features "
+                f"(members and contexts) but n_features={n0}"
             )
         self.K = n0 + self.n_die * (L - 1)
         self.protected = torch.zeros(self.K, dtype=torch.bool)  # concepts that no event may touch
         self.rules: list[tuple[int, int, float]] = []  # (parent concept, context concept, probability)
+        self.choices: list[tuple[int, int, int]] = []  # (parent, first, second) concepts of the choice rules
         self.q_cum = torch.eye(self.d)  # rotation from layer 0 to the current layer
         self.next_concept = n0  # the next concept to be born
         self.growth = 1.0  # layer-wide magnitude growth so far
@@ -150,14 +161,17 @@ class _WorldBuilder:
         concepts = self.concepts()
         layers = [self.first_layer(concepts)]
         nd = self.plant_near_duplicates(layers[0])
+        sm = self.plant_shared_mean(layers[0])
         transitions: list[Transition] = []
         nd_pairs_per_layer = [nd.pairs]
+        sm_per_layer = [sm.groups]
         for index in range(self.cfg.n_layers - 1):
-            nxt, tr = self.transition(index, layers[-1], concepts, nd)
+            nxt, tr = self.transition(index, layers[-1], concepts, nd, sm)
             layers.append(nxt)
             transitions.append(tr)
             nd_pairs_per_layer.append(nd.pairs)
-        world = self.assemble(concepts, layers, transitions, nd, nd_pairs_per_layer)
+            sm_per_layer.append(sm.groups)
+        world = self.assemble(concepts, layers, transitions, nd, nd_pairs_per_layer, sm_per_layer)
         self.calibrate_on_pilot(world, layers)
         self.record_truth(world, transitions)
         return world
@@ -210,10 +224,28 @@ class _WorldBuilder:
             self.rules.append((j, pj, cfg.near_duplicate_context_prob))
         return nd
 
+    def plant_shared_mean(self, layer0: LayerFeatures) -> _SharedMean:
+        """Step 2: groups (X, Y, c1, c2) of unprotected layer-0 features; X fires with c1 or c2, Y at X's mean."""
+        cfg, n = self.cfg, self.n_sm
+        if not n:
+            return _SharedMean(groups=torch.zeros(0, 4, dtype=torch.long))
+        free = (~self.protected[: cfg.n_features]).nonzero().flatten()
+        pick = free[torch.randperm(len(free), generator=self.gen)[: 4 * n]]
+        groups = pick.view(n, 4)
+        self.protected[pick] = True
+        for x, y, c1, c2 in groups.tolist():
+            self.choices.append((x, c1, c2))
+            for other in (x, c1, c2):  # Y's tokens carry none of X's: its mean is exactly X's
+                self.rules.append((y, other, 0.0))
+        layer0.scales[groups[:, 2:].flatten()] = cfg.shared_mean_context_scale
+        place_shared_mean(layer0.directions, layer0.scales, groups, cfg.shared_mean_context_prob,
+                          cfg.shared_mean_offset, self.gen)
+        return _SharedMean(groups=groups)
+
     def transition(
-        self, index: int, lay: LayerFeatures, concepts: _Concepts, nd: _NearDuplicates
+        self, index: int, lay: LayerFeatures, concepts: _Concepts, nd: _NearDuplicates, sm: _SharedMean
     ) -> tuple[LayerFeatures, Transition]:
-        """Step 3: layer ``index + 1`` from layer ``index`` (``nd`` is carried along in place)."""
+        """Step 3: layer ``index + 1`` from layer ``index`` (``nd`` and ``sm`` are carried along in place)."""
         cfg = self.cfg
         q = plane_rotation(self.d, cfg.rotation_angle, self.gen) if cfg.has("rotation") else torch.eye(self.d)
         self.q_cum = q @ self.q_cum
@@ -232,6 +264,10 @@ class _WorldBuilder:
         features = nxt.features()
         if self.n_nd:
             self.carry_near_duplicates(nd, q, canonical, features)
+        if self.n_sm:
+            sm.groups = canonical[sm.groups]
+            place_shared_mean(features.directions, features.scales, sm.groups, cfg.shared_mean_context_prob,
+                              cfg.shared_mean_offset, self.gen)
         return features, Transition(
             canonical=canonical,
             children=nxt.children(lay.n),
@@ -354,7 +390,7 @@ class _WorldBuilder:
 
     # ------------------------------------------------------------------ the world
     def assemble(self, concepts: _Concepts, layers: list[LayerFeatures], transitions: list[Transition],
-                 nd: _NearDuplicates, nd_pairs_per_layer: list[Tensor]) -> SyntheticWorld:
+                 nd: _NearDuplicates, nd_pairs_per_layer: list[Tensor], sm_per_layer: list[Tensor]) -> SyntheticWorld:
         """Step 4: the world, with each layer's near-duplicate contexts and split gates as feature indices."""
         cfg, d = self.cfg, self.d
         hooks = [hook_name(i) for i in range(cfg.n_layers)]
@@ -368,6 +404,8 @@ class _WorldBuilder:
             rule_probs=torch.tensor([q for _, _, q in self.rules], dtype=torch.float32),
             magnitude_mean=cfg.magnitude_mean,
             magnitude_std=cfg.magnitude_std,
+            choice_rules=torch.tensor(self.choices, dtype=torch.long).view(-1, 3),
+            choice_probs=torch.full((len(self.choices),), cfg.shared_mean_context_prob),
         )
         world = SyntheticWorld(
             config=cfg,
@@ -385,6 +423,7 @@ class _WorldBuilder:
             splits={},
             merges={},
             near_duplicate_pairs={h: p for h, p in zip(hooks, nd_pairs_per_layer)},
+            shared_mean_groups={h: g for h, g in zip(hooks, sm_per_layer)},
             near_duplicate_contexts={},
             gate_feature={},
             gate_on={h: lay.gate_on.clone() for h, lay in zip(hooks, layers)},

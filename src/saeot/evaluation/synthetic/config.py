@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from sae_lens.synthetic import ZipfianFiringProbabilityConfig
 
-__all__ = ["SCENARIOS", "SPLITS", "PILOT", "KINDS", "SyntheticConfig"]
+__all__ = ["SCENARIOS", "SPLITS", "PILOT", "KINDS", "SyntheticConfig", "ScenarioSpec", "parse_angle", "parse_scenario"]
 
 SCENARIOS: tuple[str, ...] = (
     "identity",
@@ -17,6 +18,7 @@ SCENARIOS: tuple[str, ...] = (
     "split_merge",
     "near_duplicates",
     "disjoint_tokens",
+    "shared_mean",
 )
 #: split name -> code used in the seeds of its chunks (0 is the pilot chunk)
 SPLITS: dict[str, int] = {"train": 1, "profile": 2, "heldout": 3}
@@ -24,7 +26,7 @@ SPLITS: dict[str, int] = {"train": 1, "profile": 2, "heldout": 3}
 PILOT = 0
 
 #: labels of layer-A features in ``kinds`` (one per feature and pair), in priority order
-KINDS: tuple[str, ...] = ("dies", "splits", "merges", "near_duplicate", "persists")
+KINDS: tuple[str, ...] = ("dies", "splits", "merges", "near_duplicate", "shared_mean", "persists")
 
 
 @dataclass
@@ -50,7 +52,8 @@ class SyntheticConfig:
         spread_steps: gradient steps spreading the directions apart (0: plain random
             unit vectors; skipped above 4096 concepts).
         rotation_angle: rotation of every plane per transition, radians (pi/2: every
-            direction ends orthogonal to where it was).
+            direction ends orthogonal to where it was; ``cos(v, Q v) = cos(angle)``); a
+            string ``pi/8`` is read by :func:`parse_angle`.
         rescale_growth, rescale_range: layer-wide magnitude growth per transition and
             log-uniform range of per-feature magnitude factors.
         birth_death_fraction: features (of ``n_features``) dying, and born, per transition.
@@ -63,6 +66,14 @@ class SyntheticConfig:
             many more are reserved as their context partners).
         near_duplicate_cos: range of the pairs' direction cosine.
         near_duplicate_context_prob: P(own context partner fires | member fires).
+        shared_mean_fraction: features (of ``n_features``) in shared-mean pairs (twice as many
+            more are reserved as the two contexts of each pair's bimodal member).
+        shared_mean_offset: the unimodal member's mean sits at the bimodal member's mean plus
+            an offset of this size (relative to the mean's norm), in a direction redrawn at
+            every layer (so it identifies nothing across layers); 0: equal means.
+        shared_mean_context_prob: P(first context | bimodal member fires) (else the second).
+        shared_mean_context_scale: layer-0 magnitude of the two contexts (the distance between
+            the bimodal member's two modes; the unimodal one sits between them).
         bias: norm of a random per-layer offset b^l, in units of the layer's typical
             feature magnitude (0: centred hidden states).
         chunk_size: tokens per generated chunk (content never depends on batch sizes).
@@ -97,6 +108,10 @@ class SyntheticConfig:
     near_duplicate_fraction: float = 0.1
     near_duplicate_cos: tuple[float, float] = (0.95, 0.99)
     near_duplicate_context_prob: float = 0.95
+    shared_mean_fraction: float = 0.1
+    shared_mean_offset: float = 0.6
+    shared_mean_context_prob: float = 0.5
+    shared_mean_context_scale: float = 2.0
     bias: float = 0.0
     chunk_size: int = 4096
     threads: int | None = 1
@@ -105,6 +120,7 @@ class SyntheticConfig:
         if isinstance(self.scenarios, str):
             self.scenarios = (self.scenarios,)
         self.scenarios = tuple(str(s) for s in self.scenarios)
+        self.rotation_angle = parse_angle(self.rotation_angle)
         self.rescale_range = tuple(float(x) for x in self.rescale_range)  # type: ignore[assignment]
         self.near_duplicate_cos = tuple(float(x) for x in self.near_duplicate_cos)  # type: ignore[assignment]
         unknown = [s for s in self.scenarios if s not in SCENARIOS]
@@ -133,6 +149,11 @@ class SyntheticConfig:
             (len(self.near_duplicate_cos) == 2 and 0 < self.near_duplicate_cos[0] <= self.near_duplicate_cos[1] < 1,
              "synthetic.near_duplicate_cos must be (lo, hi) with 0 < lo <= hi < 1"),
             (0 < self.near_duplicate_context_prob <= 1, "synthetic.near_duplicate_context_prob must be in (0, 1]"),
+            (0 <= self.shared_mean_fraction < 1, "synthetic.shared_mean_fraction must be in [0, 1)"),
+            (self.shared_mean_offset >= 0, "synthetic.shared_mean_offset must be >= 0"),
+            (0 < self.shared_mean_context_prob < 1, "synthetic.shared_mean_context_prob must be in (0, 1)"),
+            (self.shared_mean_context_scale > 0, "synthetic.shared_mean_context_scale must be > 0"),
+            (math.isfinite(self.rotation_angle), "synthetic.rotation_angle must be a finite number of radians"),
             (self.bias >= 0, "synthetic.bias must be >= 0"),
             (self.chunk_size >= 1, "synthetic.chunk_size must be >= 1"),
             (self.threads is None or self.threads >= 1, "synthetic.threads must be >= 1 or null"),
@@ -150,3 +171,70 @@ class SyntheticConfig:
         return ZipfianFiringProbabilityConfig(
             exponent=self.firing_exponent, max_prob=self.firing_max_prob, min_prob=self.firing_min_prob
         )
+
+
+_ANGLE = re.compile(r"^\s*(?:(\d+(?:\.\d*)?)\s*\*?\s*)?pi\s*(?:/\s*(\d+(?:\.\d*)?))?\s*$")
+
+
+def parse_angle(value: float | int | str) -> float:
+    """Radians from a number or a multiple of pi written ``pi``, ``pi/8``, ``3pi/8`` or ``3*pi/8``."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    m = _ANGLE.match(text)
+    if m:
+        num = float(m.group(1)) if m.group(1) else 1.0
+        den = float(m.group(2)) if m.group(2) else 1.0
+        if den == 0:
+            raise ValueError(f"rotation angle {value!r}: division by zero")
+        return num * math.pi / den
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"rotation angle {value!r}: write radians (0.39) or a multiple of pi (pi/8, 3pi/8)") from None
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    """One entry of ``synthetic.scenarios``: ``part+part+...`` with an optional ``@angle`` (rotation).
+
+    ``rotation+rescale+near_duplicates`` combines three scenarios in one world;
+    ``rotation@pi/8`` sets the rotation angle of that entry (else ``synthetic.rotation_angle``).
+    """
+
+    name: str
+    parts: tuple[str, ...]
+    rotation_angle: float | None
+
+    def config_overrides(self) -> dict:
+        """The :class:`SyntheticConfig` fields this entry sets."""
+        out: dict = {"scenarios": self.parts}
+        if self.rotation_angle is not None:
+            out["rotation_angle"] = self.rotation_angle
+        return out
+
+
+def parse_scenario(spec: str | list | tuple) -> ScenarioSpec:
+    """:class:`ScenarioSpec` of ``spec`` (a string as above, or a list of scenario names).
+
+    Raises ValueError naming ``synthetic.scenarios`` for an unknown part, an empty part or an
+    angle without ``rotation``.
+    """
+    if isinstance(spec, (list, tuple)):
+        spec = "+".join(str(x) for x in spec)
+    name = str(spec).strip()
+    body, _, angle = name.partition("@")
+    parts = tuple(p.strip() for p in body.split("+"))
+    if not body or any(not p for p in parts):
+        raise ValueError(f"synthetic.scenarios: empty scenario in {name!r}; write e.g. rotation+rescale")
+    unknown = [p for p in parts if p not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"synthetic.scenarios: unknown {unknown} in {name!r}; choose from {list(SCENARIOS)}")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"synthetic.scenarios: {name!r} names a scenario twice")
+    rot = None
+    if angle:
+        if "rotation" not in parts:
+            raise ValueError(f"synthetic.scenarios: {name!r} gives an angle but no rotation")
+        rot = parse_angle(angle)
+    return ScenarioSpec(name=name, parts=parts, rotation_angle=rot)

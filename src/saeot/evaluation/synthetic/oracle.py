@@ -73,6 +73,13 @@ def oracle_encoder(world: SyntheticWorld, hook: str, context_weight: float = 0.5
     * near-duplicate member ``i`` (twin ``j``, context partners ``p_i``, ``p_j``):
       ``e = (D_i + beta D~_{p_i} - beta D~_{p_j}) / (1 + beta)``.
 
+    * shared-mean group (bimodal X with contexts c1 / c2, unimodal Y near X's mean): the
+      group's typical states are ``P1 = s_X D_X + s_1 D_1``, ``P2 = s_X D_X + s_2 D_2``,
+      ``P3 = s_Y D_Y``, ``C1 = s_1 D_1`` and ``C2 = s_2 D_2`` (contexts alone); each member's
+      encoder is the least-norm ``e`` giving its own activation on these states (X: P1, P2;
+      Y: P3; c1: P1, C1; c2: P2, C2) and 0 on the others. No matched filter separates
+      them: P3 lies next to the segment P1-P2.
+
     In each case the pre-activation is ``~ s_f`` on the feature's typical firing and
     well below it on its sibling's or twin's.
     """
@@ -91,6 +98,13 @@ def oracle_encoder(world: SyntheticWorld, hook: str, context_weight: float = 0.5
     for (i, j), (pi, pj) in zip(pairs.tolist(), ctx.tolist()):
         for me, mine, theirs in ((i, pi, pj), (j, pj, pi)):
             enc[me] = (D[me] + beta * s[me] / s[mine] * D[mine] - beta * s[me] / s[theirs] * D[theirs]) / (1 + beta)
+    for group in world.shared_mean_groups[hook].tolist():
+        x, y, c1, c2 = group
+        sx, sy, s1, s2 = (float(s[f]) for f in group)
+        states = torch.stack([sx * D[x] + s1 * D[c1], sx * D[x] + s2 * D[c2], sy * D[y], s1 * D[c1], s2 * D[c2]])
+        targets = torch.tensor([[sx, sx, 0, 0, 0], [0, 0, sy, 0, 0], [s1, 0, 0, s1, 0], [0, s2, 0, 0, s2]]).T
+        sol = torch.linalg.pinv(states.double()) @ targets.double()  # [d, 4] least-norm read-outs
+        enc[group] = sol.T.float()
     return enc.T.contiguous()
 
 

@@ -81,6 +81,8 @@ class SyntheticWorld:
             and ``[M, 3]`` (parent a, parent b, merged child).
         near_duplicate_pairs: hook -> ``[P, 2]`` feature indices of the pairs at that layer.
         near_duplicate_contexts: hook -> ``[P, 2]`` the context partner feature of each member.
+        shared_mean_groups: hook -> ``[P, 4]`` feature indices (bimodal X, unimodal Y, first
+            context, second context) of the shared-mean groups at that layer.
         gate_feature: hook -> ``[n_l]`` long, for a split child the feature (same layer) whose
             firing gates it, -1 for ungated features.
         gate_on: hook -> ``[n_l]`` bool, True if the child fires only with its gate, False if
@@ -103,6 +105,7 @@ class SyntheticWorld:
     merges: dict[tuple[str, str], Tensor]
     near_duplicate_pairs: dict[str, Tensor]
     near_duplicate_contexts: dict[str, Tensor]
+    shared_mean_groups: dict[str, Tensor]
     gate_feature: dict[str, Tensor]
     gate_on: dict[str, Tensor]
     # the concept model and the per-layer features (private)
@@ -154,7 +157,8 @@ class SyntheticWorld:
         a, b = self.layer_of(hook_a), self.layer_of(hook_b)
         if not a < b:
             raise ValueError(f"truth is defined from an earlier to a later layer, got {hook_a} -> {hook_b}")
-        return compose_transitions(self._transitions[a:b], self._layers[a].n, self._nd_members(a))
+        return compose_transitions(self._transitions[a:b], self._layers[a].n, self._nd_members(a),
+                                   self._sm_members(a))
 
     def describe(self) -> dict[str, Any]:
         """Counts per layer and per pair (for logs and reports)."""
@@ -172,6 +176,11 @@ class SyntheticWorld:
     def _nd_members(self, layer: int) -> Tensor:
         members = torch.zeros(self._layers[layer].n, dtype=torch.bool)
         members[self.near_duplicate_pairs[self.hooks[layer]].flatten()] = True
+        return members
+
+    def _sm_members(self, layer: int) -> Tensor:
+        members = torch.zeros(self._layers[layer].n, dtype=torch.bool)
+        members[self.shared_mean_groups[self.hooks[layer]][:, :2].flatten()] = True
         return members
 
     # ------------------------------------------------------------------ streams
@@ -284,9 +293,12 @@ class SyntheticWorld:
 
 
 def compose_transitions(
-    transitions: Sequence[Transition], n_a: int, nd_members: Tensor
+    transitions: Sequence[Transition], n_a: int, nd_members: Tensor, sm_members: Tensor | None = None
 ) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor]:
-    """Chain adjacent transitions: canonical descendants, descendant sets, kinds, born."""
+    """Chain adjacent transitions: canonical descendants, descendant sets, kinds, born.
+
+    A persisting feature is ``near_duplicate`` / ``shared_mean`` if it is a member of a pair of
+    that kind in A (``nd_members`` / ``sm_members``, ``[n_a]`` bool)."""
     canon = torch.arange(n_a)
     sets = torch.eye(n_a, dtype=torch.bool)
     kinds = ["persists"] * n_a
@@ -298,5 +310,7 @@ def compose_transitions(
         canon = torch.where(alive, tr.canonical[canon.clamp_min(0)], torch.full_like(canon, -1))
         sets = (sets.float() @ tr.children.float()) > 0
     kinds = ["near_duplicate" if (k == "persists" and bool(nd)) else k for k, nd in zip(kinds, nd_members)]
+    if sm_members is not None:
+        kinds = ["shared_mean" if (k == "persists" and bool(sm)) else k for k, sm in zip(kinds, sm_members)]
     born = ~sets.any(dim=0)
     return canon, sets, tuple(kinds), born
