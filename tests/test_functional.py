@@ -326,6 +326,30 @@ def test_evaluate_runs_writes_metrics_table_and_report_without_training(tmp_path
     assert run.reference().dim is not None
 
 
+def test_evaluate_py_finds_a_circuit_on_a_finished_runs_saes(tmp_path, compose_cfg, monkeypatch):
+    """``evaluate.py evaluation=circuit run_dir=... circuit=digit_addition callbacks=circuit``: no retraining."""
+    from saeot.circuits import load_graph
+
+    cache, run_dir, out = tmp_path / "cache", tmp_path / "run", tmp_path / "eval"
+    _train_run(compose_cfg, run_dir, cache, "semantic_ot")
+    loaded = _no_sae_training(monkeypatch)
+    cfg = compose_cfg("evaluation=circuit", f"run_dir={run_dir}", f"paths.cache_dir={cache}", "circuit=digit_addition",
+                      "circuit.n_prompts=12", "callbacks=circuit", "callbacks.circuit.n_exact=0",
+                      "callbacks.circuit.max_nodes=8", "callbacks.circuit.progress=false", "callbacks.circuit.plot=true",
+                      "callbacks.circuit.curve_ratios=[1,2]", config_name="evaluate", run_dir=out)
+    m = run_evaluate(cfg, out)
+    assert len(loaded) == 2 and m["run_dir"] == str(run_dir) and m["task"] == "digit_addition"
+    saved = json.loads((out / "metrics.json").read_text())["circuit"]
+    assert saved["nodes"] == m["nodes"] and set(saved["curves"]) == {"semantic_ot", "decoder_cosine",
+                                                                    "attribution_profile", "random"}
+    assert all(len(pts) == len(saved["curve_counts"]) for pts in saved["curves"].values())
+    assert len(load_graph(out / "circuit.json").circuit_nodes()) == m["nodes"]
+    assert (out / "circuit_curves.png").is_file()
+    bare = compose_cfg("evaluation=circuit", f"run_dir={run_dir}", "circuit=digit_addition", config_name="evaluate")
+    with pytest.raises(ValueError, match="callbacks=circuit"):
+        run_evaluate(bare, out)
+
+
 def test_a_run_dir_without_saes_json_is_refused_with_the_fix(tmp_path, compose_cfg):
     old = tmp_path / "old_run"
     (old / ".hydra").mkdir(parents=True)

@@ -10,6 +10,9 @@ evaluation      selected by                   what it does
                                               sweep; glob patterns allowed), one table
 ``synthetic``   ``experiment=synthetic_       every matcher on every planted scenario
                 benchmark`` (``synthetic:``)  (:mod:`saeot.evaluation.benchmark`)
+``circuit``     ``evaluation=circuit          a task's circuit on a finished run's SAEs,
+                run_dir=DIR circuit=ioi       compressed into supernodes, with the curves
+                callbacks=circuit``           (:mod:`saeot.evaluation.circuit_run`)
 ==============  ============================  ==========================================
 
 ``evaluation: null`` (the default) picks the one evaluation whose key is set; setting
@@ -28,6 +31,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from saeot.evaluation.benchmark import run_benchmark
+from saeot.evaluation.circuit_run import evaluate_circuit
 from saeot.evaluation.functional import evaluate_runs
 
 __all__ = ["Evaluation", "EVALUATIONS", "select_evaluation", "run_evaluate"]
@@ -63,6 +67,7 @@ EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (
     Evaluation("run_dir", "run_dir", _evaluate_run_dir, "functional evaluation of one finished train.py run"),
     Evaluation("run_dirs", "run_dirs", _evaluate_run_dirs, "functional evaluation of several runs, one table"),
     Evaluation("synthetic", "synthetic", run_benchmark, "every matcher on the planted synthetic scenarios"),
+    Evaluation("circuit", "circuit", evaluate_circuit, "a task's circuit on a finished run's SAEs, with supernodes"),
 )}
 
 
