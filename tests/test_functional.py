@@ -326,6 +326,27 @@ def test_evaluate_runs_writes_metrics_table_and_report_without_training(tmp_path
     assert run.reference().dim is not None
 
 
+@pytest.mark.parametrize("matcher", ["activation_correlation", "semantic_ot"])
+def test_full_assignment_rebuilds_what_the_matcher_reads_from_the_run_dir(tmp_path, compose_cfg, matcher):
+    """Correlations streamed again over the run's held-out split / samples projected by its reference space."""
+    from saeot.evaluation.functional import assign_run
+
+    run_dir = tmp_path / "run"
+    _train_run(compose_cfg, run_dir, tmp_path / "cache", matcher)
+    run = RunDir.load(run_dir)
+    lm = run.load_model()
+    saes = run.load_saes()
+    pairs = [tuple(run.hooks)]
+    (rp,) = assign_run(run, saes, run.data_module(lm), pairs, n_candidates=8)
+    F = saes[run.hooks[0]].cfg.d_sae
+    assert rp.n_pairs == F and len(set(rp.feature_b.tolist())) == F
+    real = rp.cost[: rp.n_pairs - rp.n_forced]
+    assert torch.all(real[1:] >= real[:-1]) and torch.isfinite(real).all()
+    own = {int(r["feature_a"]): (int(r["feature_b"]), float(r["distance"])) for r in run.rows}
+    best = min(own.values(), key=lambda x: x[1])  # the run's overall best pair is also the full assignment's best
+    assert float(rp.cost[0]) == pytest.approx(best[1], rel=1e-5)
+
+
 def test_evaluate_py_finds_a_circuit_on_a_finished_runs_saes(tmp_path, compose_cfg, monkeypatch):
     """``evaluate.py evaluation=circuit run_dir=... circuit=digit_addition callbacks=circuit``: no retraining."""
     from saeot.circuits import load_graph

@@ -110,7 +110,7 @@ def full_matcher(matcher: Matcher, n_candidates: int) -> Matcher:
     return type(matcher)(cfg)
 
 
-def full_assignment(matcher: Matcher, ctx: MatchContext, hook_a: str, hook_b: str, n_candidates: int = 32,
+def full_assignment(matcher: Matcher, ctx: MatchContext, hook_a: str, hook_b: str, n_candidates: int = 8,
                     n_features_a: int | None = None, n_features_b: int | None = None) -> RankedPairs:
     """``matcher``'s full one-to-one assignment of ``hook_a`` onto ``hook_b`` (module docstring)."""
     t0 = time.perf_counter()
@@ -175,7 +175,7 @@ def run_context(run: RunDir, matcher: Matcher, saes: dict[str, Any], datamodule:
 
 
 def assign_run(run: RunDir, saes: dict[str, Any], datamodule: Any, pairs: Sequence[tuple[str, str]],
-               n_candidates: int = 32, progress: bool = False) -> list[RankedPairs]:
+               n_candidates: int = 8, progress: bool = False) -> list[RankedPairs]:
     """The full one-to-one assignment of every layer pair of ``run`` under its own matcher."""
     matcher = build(run.cfg.matcher)
     if not isinstance(matcher, Matcher):

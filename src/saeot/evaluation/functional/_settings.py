@@ -52,7 +52,7 @@ class FunctionalSettings:
     coverage: bool = True
     coverage_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     coverage_ce: bool = True
-    coverage_candidates: int = 32
+    coverage_candidates: int = 8
     report: bool = True
     report_pairs: int = 24
     report_no_match: int = 8
