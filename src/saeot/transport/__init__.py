@@ -45,18 +45,35 @@ zero for every coupling because both centred measures have mean 0). Hence
 :math:`\delta_0` (:math:`W_2(\bar\mu,\delta_0) = s_a`, the weighted spread),
 :func:`lower_bound_mean_spread`. Projecting on the r axes of any orthonormal frame
 (1-Lipschitz maps whose squared lengths add up) gives the tighter
-:func:`lower_bound_axis_spread`. All bounds are squared Euclidean distances between
+:func:`lower_bound_axis_spread`. These bounds are squared Euclidean distances between
 small per-feature embeddings, so they are computed with matmuls, chunked over A.
+
+They only see means and spreads; real SAE features are told apart by the *orientation*
+of their covariances. The Gelbrich bound :math:`\|m_a - m_b\|^2 + \mathrm{Bures}^2(S_a,
+S_b)` (:func:`lower_bound_gelbrich`, one small SVD per pair: the fidelity is the nuclear
+norm of the ``K x K`` matrix :math:`Y_a Y_b^\top`) sees it; :func:`lower_bound_fidelity`
+relaxes it to two GEMMs over all pairs; :func:`lower_bound_max_sliced` adds exact 1-D
+transport along a frame of directions (the shape of the clouds).
 
 :meth:`W2Solver.nearest` uses a bound to find the k nearest neighbours *exactly*
 without solving every pair: candidates of each row are visited in increasing bound
 order, and the search stops as soon as the next bound exceeds the current k-th best
 cost. :meth:`W2Solver.nearest` documents for which solver each bound is valid.
+:meth:`ExactW2.nearest` runs a *cascade* (:data:`CASCADES`, ``ExactW2(bound=...)``):
+dense bounds for all pairs, tight ones only for the pairs that survive them, every
+bound lowered by a tolerance that covers rounding (:mod:`~saeot.transport._cascade`),
+and optionally certifies rows with batched Sinkhorn upper / dual lower bounds before
+any exact solve (``ExactW2(certify=True)``, :mod:`~saeot.transport._certify`; meant for
+GPUs). Real SmolLM2 features (default run, 1,078 x 1,152, K=32, r=64, k=2): mean +
+spread solves 21% of the pairs, ``fidelity`` 2.1%, ``gelbrich`` 0.83%.
 
 Modules: ``_checks`` (input checks), ``_cost`` (weights, ground cost), ``_exact``
-(network simplex), ``_sinkhorn``, ``_sliced``, ``_bounds`` (lower bounds),
-``_pairs`` (batched pair evaluators), ``_nearest`` (pruned search), ``_parallel``
-(threads, blocks, progress bars) and the public ``solvers``.
+(network simplex), ``_sinkhorn``, ``_sliced``, ``_moments`` (per-feature statistics),
+``_bounds`` (embedding bounds), ``_gelbrich`` (Gelbrich and fidelity bounds),
+``_max_sliced`` (1-D frame bound), ``_cascade`` (the cascade, rounding tolerance),
+``_certify`` (Sinkhorn bounds of the exact cost), ``_pairs`` (batched pair evaluators),
+``_nearest`` (pruned search of the batched solvers), ``_nearest_exact`` (the exact
+solver's search), ``_parallel`` (threads, blocks, progress bars) and the public ``solvers``.
 """
 
 

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from saeot.progress import progress_bar
 
 
 def _n_jobs(n_jobs: int | None) -> int:
@@ -57,5 +58,5 @@ def _bar(progress: bool, total: int, desc: str):
     """A tqdm bar over ``total`` pairs, or None without ``progress``."""
     if not progress:
         return None
-    return tqdm(total=total, desc=desc, unit="pair", dynamic_ncols=True)
+    return progress_bar(total=total, desc=desc, unit="pair", dynamic_ncols=True)
 

@@ -21,10 +21,14 @@ from saeot.transport._cost import (
 
 
 def _check_sinkhorn_options(reg: float, reg_mode: str) -> None:
-    if reg <= 0:
-        raise ValueError(f"transport sinkhorn reg must be > 0, got {reg}")
+    try:
+        ok = not isinstance(reg, (str, bytes, bool)) and float(reg) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"transport.reg={reg!r}: sinkhorn reg must be > 0")
     if reg_mode not in ("relative", "absolute"):
-        raise ValueError(f"transport sinkhorn reg_mode must be 'relative' or 'absolute', got {reg_mode!r}")
+        raise ValueError(f"transport.reg_mode={reg_mode!r}: sinkhorn reg_mode must be 'relative' or 'absolute'")
 
 
 def _sinkhorn_potentials(
