@@ -31,9 +31,9 @@ def _counting(dm):
     calls = {"contexts": 0}
     real = dm.hidden_states
 
-    def counted(tokens, hooks=None):
+    def counted(tokens, *args, **kwargs):
         calls["contexts"] += len(tokens)
-        return real(tokens, hooks)
+        return real(tokens, *args, **kwargs)
 
     dm.hidden_states = counted
     return calls

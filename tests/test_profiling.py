@@ -81,3 +81,17 @@ def test_dead_feature_has_zero_weights():
     assert not bool(fs.alive[3]) and bool(fs.alive[0])
     assert float(fs.weights[3].sum()) == 0.0
     assert torch.all(fs.token_ids[3] == -1)
+
+
+def test_sparse_topk_update_equals_the_dense_one():
+    """The topk profiler reads only the firing entries; the result is the dense computation's."""
+    for seed, density, k in ((0, 0.02, 4), (1, 0.3, 7), (2, 0.9, 3)):
+        h, acts, toks, locs = _stream(n=900, F=40, d=6, seed=seed, density=density)
+        sparse = _run(h, acts, toks, locs, k=k, batch=50)
+        dense = StreamingProfiler("blocks.0.hook_resid_post", 40, 6, k=k)
+        for i in range(0, len(h), 50):
+            dense._update_dense(h[i:i + 50], acts[i:i + 50], toks[i:i + 50], locs[i:i + 50])
+        a, b = sparse.finalize(), dense.finalize()
+        for field in ("points", "weights", "token_ids", "locations", "activations", "n_fire", "act_max"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), (seed, field)
+        assert torch.allclose(a.act_sum, b.act_sum, rtol=1e-12) and a.n_tokens == b.n_tokens

@@ -88,6 +88,13 @@ class StreamingProfiler:
         if not torch.isfinite(acts).all():
             raise FloatingPointError(f"non-finite SAE activations at {self.hook}")
         acts = acts.float()
+        if self.mode == "topk":
+            self._update_topk_sparse(h, acts, token_ids, locations)
+        else:
+            self._update_dense(h, acts, token_ids, locations)
+
+    def _update_dense(self, h: Tensor, acts: Tensor, token_ids: Tensor, locations: Tensor) -> None:
+        """Per-feature candidates from the whole ``[N, F]`` key matrix (reservoir keys are random per entry)."""
         fire = acts > 0
         self.n_fire += fire.sum(0)
         self.act_sum += acts.clamp_min(0).sum(0, dtype=torch.float64)
@@ -100,6 +107,42 @@ class StreamingProfiler:
         cand_acts = acts.T.gather(1, cand_rows)
         self._absorb(
             cand_keys, cand_acts,
+            fetch=lambda f, j: (h[cand_rows[f, j]], token_ids[cand_rows[f, j]], locations[cand_rows[f, j]]),
+        )
+
+    def _update_topk_sparse(self, h: Tensor, acts: Tensor, token_ids: Tensor, locations: Tensor) -> None:
+        """``topk`` from the firing entries only: the same state as :meth:`_update_dense` (up to exact ties).
+
+        SAE codes are sparse (TopK: k of F per token), so the statistics are scattered from
+        the ``nnz`` firing entries, and a firing entry is a candidate only if it beats its
+        feature's current K-th largest activation; the survivors are ranked per feature
+        (at most K kept) and merged by :meth:`_absorb`. Cost ``O(nnz)`` instead of ``O(N F)``.
+        """
+        rows, feats = (acts > 0).nonzero(as_tuple=True)
+        vals = acts[rows, feats]
+        F, K = self.F, self.K
+        self.n_fire += torch.bincount(feats, minlength=F)
+        self.act_sum.index_add_(0, feats, vals.double())
+        self.act_max = self.act_max.scatter_reduce(0, feats, vals, "amax", include_self=True)
+        self.n_tokens += h.shape[0]
+        beat = vals > self.keys.min(dim=1).values[feats]  # -inf while a feature has a free slot
+        if not bool(beat.any()):
+            return
+        rows, feats, vals = rows[beat], feats[beat], vals[beat]
+        order = torch.argsort(vals, descending=True, stable=True)
+        order = order[torch.argsort(feats[order], stable=True)]  # by feature, then by activation (desc.)
+        rows, feats, vals = rows[order], feats[order], vals[order]
+        counts = torch.bincount(feats, minlength=F)
+        rank = torch.arange(len(feats), device=feats.device) - (torch.cumsum(counts, 0) - counts)[feats]
+        top = rank < K
+        rows, feats, vals, rank = rows[top], feats[top], vals[top], rank[top]
+        m = int(rank.max()) + 1
+        cand_keys = torch.full((F, m), float("-inf"), device=acts.device)
+        cand_rows = torch.zeros((F, m), dtype=torch.long, device=acts.device)
+        cand_keys[feats, rank] = vals
+        cand_rows[feats, rank] = rows
+        self._absorb(
+            cand_keys, cand_keys,
             fetch=lambda f, j: (h[cand_rows[f, j]], token_ids[cand_rows[f, j]], locations[cand_rows[f, j]]),
         )
 
