@@ -257,3 +257,16 @@ def test_certified_nearest_equals_exact_nearest(bound):
         assert res.certified_fraction > 0.3, res.certified_fraction
         plain = ExactW2(n_jobs=1, bound=bound).nearest(xa, wa, xb, wb, k=k)
         assert plain.certified_fraction == 0.0 and res.n_solved <= plain.n_solved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cascade_and_certification_on_cuda():  # pragma: no cover - CPU CI
+    xa, wa, xb, wb = families(20, 24, 6, 3, 8, spread=0.5, noise=0.05)
+    ref_c, ref_i = brute(EXACT.pairwise(xa, wa, xb, wb), 2)
+    cuda = [t.cuda() for t in (xa, wa, xb, wb)]
+    for solver in (ExactW2(bound="gelbrich"), ExactW2(bound="max_sliced", certify=True)):
+        res = solver.nearest(*cuda, k=2)
+        assert res.index.is_cuda
+        assert torch.equal(res.index.cpu(), ref_i) and torch.equal(res.cost.cpu(), ref_c)
+    for fn in PUBLIC:
+        torch.testing.assert_close(fn(*cuda).cpu(), fn(xa, wa, xb, wb), rtol=1e-9, atol=1e-9)

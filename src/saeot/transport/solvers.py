@@ -195,9 +195,9 @@ class ExactW2(W2Solver):
     bound: str = "fidelity"
     n_directions: int = 8
     certify: bool = False
-    certify_candidates: int = 8
+    certify_candidates: int = 16
     certify_reg: float = 1e-3
-    certify_iter: int = 300
+    certify_iter: int = 500
 
     name: ClassVar[str] = "exact"
 
