@@ -17,10 +17,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from saeot.data.text import EmptyCorpusError
+from saeot.evaluation.judge import JudgeUnreachable
 from saeot.evaluation.runner import run_evaluate
-from saeot.io import CorruptFileError
+from saeot.hub import HubUnreachable
+from saeot.io import CorruptFileError, read_json
 from saeot.matching.base import MatcherNotApplicable
 from saeot.pipeline import run_train
+from saeot.pipeline.completion import is_complete_run
 
 #: the Hydra configs, shipped inside the package (in a checkout, src/saeot/conf links to conf/)
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -29,7 +32,7 @@ log = logging.getLogger("saeot")
 #: errors that come from the user's settings or files: one line, exit code 2
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, KeyError, FileNotFoundError, EmptyCorpusError, CorruptFileError, MatcherNotApplicable,
-    FloatingPointError,
+    FloatingPointError, HubUnreachable, JudgeUnreachable,
 )
 
 
@@ -58,7 +61,11 @@ def _guard(fn, cfg: DictConfig):
 
 
 def _train(cfg: DictConfig) -> dict:
-    return run_train(cfg, HydraConfig.get().runtime.output_dir).metrics
+    out_dir = HydraConfig.get().runtime.output_dir
+    if cfg.get("resume") and is_complete_run(out_dir, cfg):  # a resumed sweep skips its finished jobs
+        log.info("resume: %s already holds this run, finished; skipped (resume=false reruns it)", out_dir)
+        return read_json(Path(out_dir) / "metrics.json")
+    return run_train(cfg, out_dir).metrics
 
 
 def _evaluate(cfg: DictConfig):

@@ -66,9 +66,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from saeot.circuits.tasks import TaskData, logit_diff
+from saeot.progress import progress_bar
 
 __all__ = [
     "ERROR",
@@ -242,7 +242,7 @@ def attribute_nodes(lm: Any, saes: dict[str, Any], hooks: Sequence[str], data: T
     sum_eff = {h: torch.zeros(P, saes[h].cfg.d_sae + 1, dtype=torch.float64) for h in hooks}
     act = {h: torch.zeros(saes[h].cfg.d_sae + 1, dtype=torch.float64) for h in hooks}
     m_clean = m_corr = 0.0
-    bar = tqdm(total=data.n, desc="attribution patching (nodes)", disable=not progress, leave=False)
+    bar = progress_bar(total=data.n, desc="attribution patching (nodes)", enabled=progress, leave=False)
     for b in data.batches(batch_size, device):
         logits_corr, corr = _features(model, b.corrupted, saes, hooks)
         logits, sites = _spliced_clean(model, b.clean, saes, hooks)
@@ -345,7 +345,7 @@ def attribute_edges(lm: Any, saes: dict[str, Any], nodes: Sequence[NodeRef], dat
     acc = {(a, b): torch.zeros(len(by_hook[b]), len(by_hook[a]), dtype=torch.float64) for a, b in pairs}
     device = next(model.parameters()).device
     n_back = sum(len(by_hook[b]) for _, b in pairs) * data.n_batches(batch_size)
-    bar = tqdm(total=n_back, desc="attribution patching (edges)", disable=not progress, leave=False)
+    bar = progress_bar(total=n_back, desc="attribution patching (edges)", enabled=progress, leave=False)
     for batch in data.batches(batch_size, device):
         _, corr = _features(model, batch.corrupted, saes, hooks)
         logits, sites = _spliced_clean(model, batch.clean, saes, hooks)
@@ -403,7 +403,7 @@ def exact_node_effects(lm: Any, saes: dict[str, Any], nodes: Sequence[NodeRef], 
     hooks = _check_hooks(model, saes, sorted({n.hook for n in nodes}))
     device = next(model.parameters()).device
     total = torch.zeros(len(nodes), dtype=torch.float64)
-    bar = tqdm(total=len(nodes) * data.n_batches(batch_size), desc="exact patching", disable=not progress, leave=False)
+    bar = progress_bar(total=len(nodes) * data.n_batches(batch_size), desc="exact patching", enabled=progress, leave=False)
     for b in data.batches(batch_size, device):
         logits, clean = _features(model, b.clean, saes, hooks)
         _, corr = _features(model, b.corrupted, saes, hooks)

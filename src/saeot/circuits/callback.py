@@ -162,6 +162,14 @@ class CircuitCompression(L.Callback, RunCallback):
         self.progress, self.plot = progress, plot
 
     # ------------------------------------------------------------------ pipeline hooks
+    def check(self, lm: Any) -> None:
+        """Before any forward pass (``train.py``'s setup stage): build the task with the model's
+        codec, so that an unusable task (answers of several tokens, prompts of unequal length
+        in a JSONL file) fails at once."""
+        if getattr(self, "_checked", None) is not lm:
+            self.task.build(lm)
+            self._checked = lm
+
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Lightning hook, before the first streaming pass: build the task with the
         model's codec so that an unusable task (no single-token answers, bad JSONL)

@@ -51,10 +51,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from saeot.circuits.attribution import NodeRef, _check_hooks, _split, sae_decode
 from saeot.circuits.tasks import TaskData, logit_diff
+from saeot.progress import progress_bar
 
 __all__ = [
     "ABLATIONS",
@@ -119,7 +119,7 @@ def feature_means(lm: Any, saes: dict[str, Any], hooks: Sequence[str], data: Tas
     pe: dict[str, dict[int, Tensor]] = {h: {} for h in hooks}
     n_len: dict[int, int] = {}
     count = 0
-    bar = tqdm(total=data.n, desc="ablation means", disable=not progress, leave=False)
+    bar = progress_bar(total=data.n, desc="ablation means", enabled=progress, leave=False)
     for b in data.batches(batch_size, device):
         T = b.clean.shape[1]
         _, cache = model.run_with_cache(b.clean, names_filter=hooks)

@@ -206,10 +206,16 @@ class Task(ABC):
     """A set of prompt pairs; subclasses generate them, :meth:`build` tokenises them."""
 
     name: str = "task"
+    #: a pair the model cannot use is an error naming it (user data), not dropped with a warning
+    strict: bool = False
 
     @abstractmethod
     def pairs(self) -> list[PromptPair]:
         """All prompt pairs of the task (strings), in a deterministic order."""
+
+    def where(self, i: int) -> str:
+        """Where pair ``i`` comes from, for error messages."""
+        return f"circuit={self.name} pair {i}"
 
     def build(self, lm: Any) -> TaskData:
         """Tokenise with ``lm.codec`` (BOS prepended when the codec has one).
@@ -227,7 +233,9 @@ class Task(ABC):
         correct: list[int] = []
         wrong: list[int] = []
         dropped: list[tuple[PromptPair, str]] = []
-        for p in self.pairs():
+        for i, p in enumerate(self.pairs()):
+            if self.strict and dropped:
+                break
             a, w = codec.encode(p.correct), codec.encode(p.wrong)
             if len(a) != 1 or len(w) != 1:
                 bad = p.correct if len(a) != 1 else p.wrong
@@ -250,6 +258,9 @@ class Task(ABC):
             correct.append(a[0])
             wrong.append(w[0])
         model_name = getattr(lm, "name", "?")
+        if self.strict and dropped:
+            raise TaskError(f"{self.where(i)}: {dropped[0][1]} for model {model_name!r}; answers must be single "
+                            "tokens and clean/corrupted prompts equally long in this model's tokenizer")
         if not kept:
             reasons = sorted({r for _, r in dropped})[:3]
             raise TaskError(
@@ -477,16 +488,20 @@ class JsonlTask(Task):
         name: reported task name.
     """
 
+    strict = True
+
     def __init__(self, path: str, limit: int | None = None, name: str = "jsonl") -> None:
         if not path or path == "???":
             raise TaskError("circuit=jsonl needs circuit.path=<file.jsonl>")
         self.path, self.limit, self.name = Path(path).expanduser(), limit, name
         if not self.path.is_file():
             raise TaskError(f"circuit.path={str(path)!r} is not a file")
+        self._lines: list[int] = []
+        self._pairs = self._read()  # the file's format is checked when the task is built, before any work
 
-    def pairs(self) -> list[PromptPair]:
-        out = []
-        with open(self.path) as f:
+    def _read(self) -> list[PromptPair]:
+        out, lines = [], []
+        with open(self.path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -495,8 +510,16 @@ class JsonlTask(Task):
                 except json.JSONDecodeError as e:
                     raise TaskError(f"circuit.path={str(self.path)!r} line {i} is not JSON ({e})") from None
                 out.append(_pair_from_dict(d, f"circuit.path={str(self.path)!r} line {i}"))
+                lines.append(i)
                 if self.limit is not None and len(out) >= self.limit:
                     break
         if not out:
             raise TaskError(f"circuit.path={str(self.path)!r} holds no prompt pairs")
+        self._lines = lines
         return out
+
+    def pairs(self) -> list[PromptPair]:
+        return list(self._pairs)
+
+    def where(self, i: int) -> str:
+        return f"circuit.path={str(self.path)!r} line {self._lines[i]}"

@@ -47,12 +47,12 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from saeot.data.datamodule import _rank_world, shard_indices
 from saeot.dtypes import resolve_dtype
 from saeot.hooks import sort_hooks_by_layer
 from saeot.io import CorruptFileError, atomic_save_safetensors, atomic_write_json, default_cache_dir, exclusive_lock
+from saeot.progress import progress_bar
 
 __all__ = ["ActivationStore", "StoredHiddenStates", "StoreView", "model_identity", "store_key"]
 
@@ -148,7 +148,7 @@ class ActivationStore:
             atomic_write_json(self.root / MANIFEST, m)
             start = len(shards) * shard_contexts
             bs = batch_size or datamodule.batch_size
-            bar = tqdm(total=n, initial=min(start, n), desc=f"activation store ({split})", disable=not progress,
+            bar = progress_bar(total=n, initial=min(start, n), desc=f"activation store ({split})", enabled=progress,
                        leave=False, mininterval=2)
             for i in range(len(shards), (n + shard_contexts - 1) // shard_contexts):
                 a, b = i * shard_contexts, min((i + 1) * shard_contexts, n)
@@ -332,7 +332,7 @@ class StoredHiddenStates(L.LightningDataModule):
             return
         loader = self.stored_loader(split, hooks, rank, world_size)
         total = len(loader) if max_batches is None else min(len(loader), max_batches)
-        for i, batch in enumerate(tqdm(loader, total=total, desc=desc or split, disable=not progress, leave=False)):
+        for i, batch in enumerate(progress_bar(loader, total=total, desc=desc or split, enabled=progress, leave=False)):
             if max_batches is not None and i >= max_batches:
                 break
             batch = {"tokens": batch["tokens"].to(device), "context_index": batch["context_index"].to(device),

@@ -54,10 +54,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from saeot.data.text import EmptyCorpusError, iter_docstrings
 from saeot.io import build_dir_atomically, default_cache_dir
+from saeot.progress import progress_bar
 
 __all__ = ["SPLITS", "Document", "PackagesCorpus", "collect_documents", "split_of", "normalized_hash"]
 
@@ -227,7 +226,7 @@ def collect_documents(
     seen: set[str] = set()
     docs: list[Document] = []
     n_dup = 0
-    for root, path, stdlib in tqdm(files, desc="corpus: read files", disable=not progress, mininterval=2):
+    for root, path, stdlib in progress_bar(files, desc="corpus: read files", enabled=progress, mininterval=2):
         rel = path.relative_to(root)
         for doc in _file_documents(path, rel, _source(rel, stdlib), min_chars, max_file_bytes):
             key = normalized_hash(doc.text)

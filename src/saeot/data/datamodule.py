@@ -30,10 +30,10 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from saeot.data.text import EmptyCorpusError
 from saeot.hooks import hook_layer, stop_layer
+from saeot.progress import progress_bar
 
 def shard_indices(n: int, rank: int, world_size: int) -> Tensor:
     """Indices of the contexts read by ``rank`` of ``world_size``: disjoint, covering, unpadded."""
@@ -236,8 +236,11 @@ class HiddenStateDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ hidden states
     @torch.no_grad()
-    def hidden_states(self, tokens: Tensor, hooks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """hook -> ``[B, T, d]`` hidden states of ``tokens [B, T]``, computed up to the last hook."""
+    def hidden_states(self, tokens: Tensor, hooks: Sequence[str] | None = None,
+                      context_index: Tensor | None = None) -> dict[str, Tensor]:
+        """hook -> ``[B, T, d]`` hidden states of ``tokens [B, T]``, computed up to the last hook.
+        FloatingPointError naming the hook and the first bad token (its context from
+        ``context_index [B]``, when given) if any is NaN or inf."""
         hooks = list(self.hooks if hooks is None else hooks)
         model = self.lm.model
         if next(model.parameters()).device != tokens.device:
@@ -247,8 +250,14 @@ class HiddenStateDataModule(L.LightningDataModule):
         )
         out = {h: cache[h] for h in hooks}
         for h, x in out.items():
-            if not torch.isfinite(x).all():
-                raise FloatingPointError(f"non-finite hidden states at {h}; check the model weights / dtype (model.dtype)")
+            bad = ~torch.isfinite(x).all(-1)
+            if bool(bad.any()):
+                b, t = (int(i) for i in bad.nonzero()[0])
+                ctx = int(context_index[b]) if context_index is not None else b
+                raise FloatingPointError(
+                    f"non-finite hidden states at {h}, first at context {ctx} position {t} (token id "
+                    f"{int(tokens[b, t])}, {int(bad.sum())} positions in this batch): check the model weights / "
+                    "model.dtype")
         return out
 
     def position_mask(self, tokens: Tensor) -> Tensor:
@@ -267,7 +276,7 @@ class HiddenStateDataModule(L.LightningDataModule):
         out["positions"] = torch.arange(T, device=tokens.device).expand(B, T)
         out["mask"] = self.position_mask(tokens)
         if hidden:
-            out["hidden"] = self.hidden_states(tokens, hooks)
+            out["hidden"] = self.hidden_states(tokens, hooks, batch.get("context_index"))
         return out
 
     def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Any]:
@@ -282,7 +291,7 @@ class HiddenStateDataModule(L.LightningDataModule):
         ``hidden`` choose which hidden states are computed (default: all of the module's)."""
         loader = self.dataloader(split, rank, world_size)
         total = len(loader) if max_batches is None else min(len(loader), max_batches)
-        it = tqdm(loader, total=total, desc=desc or split, disable=not progress, leave=False)
+        it = progress_bar(loader, total=total, desc=desc or split, enabled=progress, leave=False)
         for i, batch in enumerate(it):
             if max_batches is not None and i >= max_batches:
                 break

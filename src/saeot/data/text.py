@@ -83,19 +83,27 @@ class StdlibDocstrings:
 class TextFiles:
     """Plain-text files, given as paths or glob patterns (documents = files).
 
+    A file that holds NUL bytes (binary) or does not decode with ``encoding`` is an
+    error naming it (never silently replaced characters); empty files are skipped, and
+    an error says so when every file is empty.
+
     Args:
         paths: a path, a glob, or a list of them.
         encoding: text encoding of the files.
+        max_docs: read at most this many (non-empty) files (None: all).
     """
 
-    def __init__(self, paths: str | list[str], encoding: str = "utf-8") -> None:
+    def __init__(self, paths: str | list[str], encoding: str = "utf-8", max_docs: int | None = None) -> None:
         self.paths = [paths] if isinstance(paths, str) else list(paths)
         self.encoding = encoding
+        if max_docs is not None and (isinstance(max_docs, bool) or not isinstance(max_docs, int) or max_docs < 1):
+            raise ValueError(f"data.text.max_docs={max_docs!r} must be a positive integer or null")
+        self.max_docs = max_docs
 
     def describe(self) -> str:
         files = self.files()
         stamp = [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
-        return f"text_files:{stamp}"
+        return f"text_files:{stamp}:{self.encoding}:{self.max_docs}"
 
     def files(self) -> list[Path]:
         out: list[Path] = []
@@ -106,11 +114,31 @@ class TextFiles:
             raise EmptyCorpusError(f"data.text.paths={self.paths} matches no files")
         return out
 
+    def read(self, f: Path) -> str:
+        """The text of file ``f``; ValueError naming it (and ``data.text``) if it is binary or not ``encoding``."""
+        raw = f.read_bytes()
+        nul = raw.find(b"\x00")
+        if nul >= 0:
+            raise ValueError(f"data.text.paths: {f} is binary (NUL byte at offset {nul}); pass text files only")
+        try:
+            return raw.decode(self.encoding)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data.text.paths: {f} is not valid {self.encoding} (byte {raw[e.start]:#04x} at offset "
+                             f"{e.start}); convert it or set data.text.encoding") from None
+        except LookupError:
+            raise ValueError(f"data.text.encoding={self.encoding!r} is not a text encoding Python knows") from None
+
     def __iter__(self) -> Iterator[str]:
-        for f in self.files():
-            text = f.read_text(encoding=self.encoding, errors="replace")
+        files, n = self.files(), 0
+        for f in files:
+            text = self.read(f)
             if text.strip():
                 yield text
+                n += 1
+                if self.max_docs is not None and n >= self.max_docs:
+                    return
+        if n == 0:
+            raise EmptyCorpusError(f"data.text.paths={self.paths}: all {len(files)} file(s) are empty")
 
 
 class HFDataset:

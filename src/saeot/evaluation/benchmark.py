@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from saeot.evaluation.synthetic import (
     ScenarioSpec,
@@ -56,6 +55,7 @@ from saeot.evaluation.benchmark_report import markdown_table, plot_benchmark, pl
 from saeot.io import atomic_write_json, atomic_write_text
 from saeot.matching.base import MatchContext, Matcher, MatcherNotApplicable
 from saeot.profiling import CorrelationConsumer, ProfileConsumer, flatten_batch
+from saeot.progress import progress_bar
 from saeot.reference import Standardize, project_samples
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def run_seed(cfg: DictConfig, specs: list[ScenarioSpec], matchers: dict, seed: i
     scfg = OmegaConf.merge(cfg.synthetic, {"seed": seed})
     results: dict[str, dict] = {}
     info: dict[str, dict] = {}
-    for spec in tqdm(specs, desc=f"scenarios (seed {seed})"):
+    for spec in progress_bar(specs, desc=f"scenarios (seed {seed})"):
         world = build_world(scfg, spec)
         saes = build_saes(scfg, world)
         results[spec.name], info[spec.name] = evaluate_world(cfg, world, saes, matchers)
@@ -251,7 +251,7 @@ def finite_sample_sweep(cfg: DictConfig, matchers: dict) -> dict:
     scenario = scfg.sweep_scenario
     grid: dict[str, dict[str, float | None]] = {}
     cells = [(n, k) for n in scfg.sweep_noise for k in scfg.sweep_k]
-    for noise, k in tqdm(cells, desc=f"sweep ({scenario})"):
+    for noise, k in progress_bar(cells, desc=f"sweep ({scenario})"):
         world = build_world(scfg, scenario, noise=noise)
         saes = build_saes(scfg, world)
         res, _ = evaluate_world(cfg, world, saes, {"semantic_ot": matchers["semantic_ot"]}, k=k,

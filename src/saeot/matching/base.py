@@ -97,6 +97,12 @@ class NullEstimate:
     method: str
 
 
+#: annotations whose values MatcherConfig checks, and the Python types each accepts
+_PLAIN_TYPES = {name: types for base, types in (("int", (int,)), ("float", (int, float)), ("bool", (bool,)),
+                                                  ("str", (str,)))
+                for name in (base, f"{base}|None")}
+
+
 @dataclass
 class MatcherConfig:
     """Settings every matcher shares; a matcher's own settings extend it in a subclass
@@ -142,6 +148,7 @@ class MatcherConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.assignment not in ASSIGNMENTS:
             raise ValueError(f"matcher.assignment must be 'nearest' or 'hungarian', got {self.assignment!r}")
         if self.null_quantile is not None and not 0.0 < self.null_quantile <= 1.0:
@@ -158,6 +165,17 @@ class MatcherConfig:
             raise ValueError(f"matcher.n_null_max={self.n_null_max} must be >= matcher.n_null={self.n_null}")
         if self.min_margin < 0:
             raise ValueError(f"matcher.min_margin must be >= 0, got {self.min_margin}")
+
+    def _check_types(self) -> None:
+        """Every field annotated with plain ``int`` / ``float`` / ``bool`` / ``str`` (``| None``)
+        holds such a value (``matcher.null_alpha=abc`` is named, not a TypeError later)."""
+        for f in fields(self):
+            allowed = _PLAIN_TYPES.get(str(f.type).replace(" ", ""))
+            value = getattr(self, f.name)
+            if allowed is None or (value is None and "None" in str(f.type)):
+                continue
+            if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+                raise ValueError(f"matcher.{f.name}={value!r} must be of type {f.type}")
 
 
 

@@ -34,6 +34,7 @@ from transformer_lens import loading_from_pretrained as tl_loading
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from saeot.dtypes import resolve_dtype
+from saeot.hub import require_hub
 from saeot.models.codecs import ByteCodec, HFCodec
 from saeot.models.language_model import LanguageModel
 
@@ -152,12 +153,14 @@ def load_pretrained(
     """``HookedTransformer.from_pretrained(name, ...)`` (downloads unless cached).
 
     ``name`` must be a transformer_lens official name or alias, checked before
-    anything is downloaded. ``kwargs`` go to ``from_pretrained`` unchanged (its
+    anything is downloaded; a model that is not cached needs the hub to answer
+    (:func:`saeot.hub.require_hub`: a clear error at once when it cannot). ``kwargs`` go to ``from_pretrained`` unchanged (its
     defaults fold LayerNorm and centre weights, as e.g. the GPT-2 res-jb SAEs expect;
     pass an SAE's ``model_from_pretrained_kwargs`` here).
     """
     official = resolve_official_name(name, "model.name")
     torch_dtype = resolve_dtype(dtype, "model.dtype")
+    require_hub(official, f"model.name={name!r}")
     with _quiet_tl_deprecation():
         model = HookedTransformer.from_pretrained(
             official, dtype=torch_dtype, device=str(resolve_device(device)), **kwargs

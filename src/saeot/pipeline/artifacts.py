@@ -50,9 +50,12 @@ def write_matches(results: list[MatchResult], path: Path) -> None:
 def read_matches(path: str | Path) -> list[dict]:
     """Rows of a ``matches.csv`` as dicts of strings; ValueError naming the file if its columns differ."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and list(rows[0]) != MATCH_COLUMNS:
-        raise ValueError(f"{path}: columns {list(rows[0])} != {MATCH_COLUMNS}")
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
+    if columns != MATCH_COLUMNS:
+        raise ValueError(f"run_dir: {path} has columns {columns}, expected {MATCH_COLUMNS} (not written by this "
+                         "saeot's train.py): rerun train.py for this run")
     return rows
 
 

@@ -23,6 +23,10 @@ class RunCallback(ABC):
     #: the key of ``metrics.json`` under which the returned metrics are stored
     key: str = "callback"
 
+    def check(self, lm: Any) -> None:
+        """Check the callback's inputs against the loaded model, before any forward pass
+        (:func:`saeot.pipeline.stages.setup`); raise an error naming the setting."""
+
     @abstractmethod
     def on_matching_end(self, result: TrainResult) -> dict[str, Any] | None:
         """Do the work on the finished run (its directory is ``result.run_dir``)."""

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 from saeot.hooks import hook_name
 
-__all__ = ["ConfigError", "build", "layer_ids", "layer_pairs", "check_layers", "run_hooks"]
+__all__ = ["ConfigError", "ALL_LAYERS", "build", "wants_all_layers", "layer_ids", "layer_pairs", "check_layers",
+           "run_hooks"]
 
 
 class ConfigError(ValueError):
@@ -37,14 +38,34 @@ def build(node: Any, *, partial: bool = False, **kwargs: Any) -> Any:
         raise
 
 
-def layer_ids(cfg: DictConfig) -> list[int]:
-    """``layers.ids``, sorted; no repeats, not empty."""
-    ids = list(cfg.layers.ids)
+#: ``layers.ids=all``: every layer of the model
+ALL_LAYERS = "all"
+
+
+def wants_all_layers(cfg: DictConfig) -> bool:
+    """``layers.ids=all``: the layers are known only once the model is loaded."""
+    return isinstance(cfg.layers.ids, str) and cfg.layers.ids == ALL_LAYERS
+
+
+def layer_ids(cfg: DictConfig, n_layers: int | None = None) -> list[int]:
+    """``layers.ids``, sorted; no repeats, not empty. ``layers.ids=all`` is ``0..n_layers-1``
+    (``n_layers``: the model's layer count, needed then)."""
+    spec = cfg.layers.ids
+    if isinstance(spec, str):
+        if spec != ALL_LAYERS:
+            raise ConfigError(f"layers.ids={spec!r}; use a list of layer numbers, e.g. [3,4], or all")
+        if n_layers is None:
+            raise ConfigError("layers.ids=all: the model's layer count is not known here")
+        return list(range(int(n_layers)))
+    try:
+        ids = [int(i) for i in spec]
+    except (TypeError, ValueError):
+        raise ConfigError(f"layers.ids={spec}; use a list of layer numbers, e.g. [3,4], or all") from None
     if not ids:
         raise ConfigError("layers.ids is empty")
     if len(set(ids)) != len(ids):
         raise ConfigError(f"layers.ids={ids} has repeats")
-    return sorted(int(i) for i in ids)
+    return sorted(ids)
 
 
 def layer_pairs(cfg: DictConfig, ids: list[int]) -> list[tuple[int, int]]:
@@ -65,7 +86,8 @@ def layer_pairs(cfg: DictConfig, ids: list[int]) -> list[tuple[int, int]]:
             if a not in ids or b not in ids:
                 raise ConfigError(f"layers.pairs has ({a}, {b}) but layers.ids={ids}")
     if not pairs:
-        raise ConfigError(f"layers.pairs={spec!r} gives no pair for layers.ids={ids}: configure at least two layers")
+        what = f"layers.ids=all ({len(ids)} layer(s) in this model)" if wants_all_layers(cfg) else f"layers.ids={ids}"
+        raise ConfigError(f"layers.pairs={spec!r} gives no pair for {what}: configure at least two layers")
     return pairs
 
 
@@ -76,9 +98,10 @@ def check_layers(ids: list[int], n_layers: int) -> None:
         raise ConfigError(f"layers.ids={ids}: {bad} out of range for a model with {n_layers} layers (0..{n_layers - 1})")
 
 
-def run_hooks(cfg: DictConfig) -> tuple[list[str], list[tuple[str, str]]]:
-    """The run's hook names (sorted by layer) and its (A, B) hook pairs, from ``layers``."""
-    ids = layer_ids(cfg)
+def run_hooks(cfg: DictConfig, n_layers: int | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """The run's hook names (sorted by layer) and its (A, B) hook pairs, from ``layers``
+    (``n_layers``: the model's layer count, for ``layers.ids=all``)."""
+    ids = layer_ids(cfg, n_layers)
     pairs = layer_pairs(cfg, ids)
     site = cfg.layers.site
     return [hook_name(i, site) for i in ids], [(hook_name(a, site), hook_name(b, site)) for a, b in pairs]

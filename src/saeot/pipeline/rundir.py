@@ -27,8 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from torch import Tensor
 
+from saeot.hooks import hook_layer
 from saeot.io import CorruptFileError, read_json
 from saeot.pipeline.artifacts import read_matches
+from saeot.pipeline.completion import RUN_FORMAT, RUN_MARKER, read_marker
 from saeot.pipeline.config import build, run_hooks
 from saeot.saes import load_recorded
 from saeot.types import FeatureSamples
@@ -43,6 +45,18 @@ def read_feature_tensors(path: str | Path, names: Sequence[str]) -> dict[str, Te
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in names}
+    except Exception as e:  # safetensors raises several exception types on bad files
+        raise CorruptFileError(f"cannot read {path} ({e}); rerun train.py for this run") from e
+
+
+def _check_safetensors(path: Path) -> None:
+    """Open ``path`` (header and size only); :class:`~saeot.io.CorruptFileError` naming it if it is
+    missing, truncated or not safetensors."""
+    if not path.is_file():
+        raise CorruptFileError(f"{path} is missing: rerun train.py for this run")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
     except Exception as e:  # safetensors raises several exception types on bad files
         raise CorruptFileError(f"cannot read {path} ({e}); rerun train.py for this run") from e
 
@@ -81,6 +95,13 @@ class RunDir:
         if not saes_file.is_file():
             raise FileNotFoundError(f"{saes_file} is missing (a run made before train.py recorded its SAEs): rerun "
                                     "train.py for this run; evaluation loads the recorded SAEs and never retrains them")
+        marker = read_marker(path)
+        if marker is None:
+            raise FileNotFoundError(f"run_dir={path} is incomplete (no {RUN_MARKER}: train.py was killed or is still "
+                                    "running, or an older saeot made it): rerun train.py for this run")
+        if marker.get("format") != RUN_FORMAT:
+            raise CorruptFileError(f"run_dir={path} was written in run-dir format {marker.get('format')!r}, this saeot "
+                                   f"reads format {RUN_FORMAT}: rerun train.py for this run")
         cfg = OmegaConf.load(cfg_file)
         matcher = None
         if (path / "metrics.json").is_file():
@@ -93,6 +114,8 @@ class RunDir:
         missing = [h for h in run.hooks if h not in records]
         if missing:
             raise CorruptFileError(f"{saes_file} has no record for {missing}; rerun train.py for this run")
+        for f in [run.features_path(h) for h in run.hooks] + [path / "reference.safetensors"]:
+            _check_safetensors(f)  # a truncated or corrupt file is named now, before any model is loaded
         return run
 
     def relabel(self, label: str) -> "RunDir":
@@ -102,7 +125,8 @@ class RunDir:
     @property
     def hooks(self) -> tuple[str, ...]:
         """The run's SAE hooks, sorted by layer (``layers.ids`` at ``layers.site``)."""
-        return tuple(run_hooks(self.cfg)[0])
+        n_layers = 1 + max((hook_layer(h) for h in self.sae_records), default=0)  # for layers.ids=all
+        return tuple(run_hooks(self.cfg, n_layers)[0])
 
     @property
     def site(self) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,17 @@ import torch
 from omegaconf import DictConfig
 
 from saeot.matching.base import MatchContext, Shard
-from saeot.pipeline.config import build, check_layers, layer_ids, run_hooks
+from saeot.pipeline.config import build, check_layers, layer_ids, run_hooks, wants_all_layers
 from saeot.pipeline.state import Matches, ReferenceFit, RunSetup, Streams
 from saeot.profiling import (
     AlignedStatesConsumer,
     CorrelationConsumer,
     ProfileConsumer,
     StreamPass,
+    check_profiling,
 )
 from saeot.reference import project_samples
-from saeot.saes import check_sae_widths
+from saeot.saes import check_saes
 from saeot.types import MatchResult
 
 __all__ = ["setup", "stream", "fit_reference", "match", "summarize", "trainer_shard"]
@@ -39,14 +41,24 @@ __all__ = ["setup", "stream", "fit_reference", "match", "summarize", "trainer_sh
 log = logging.getLogger(__name__)
 
 
-def setup(cfg: DictConfig, run_dir: str | Path) -> RunSetup:
-    """Stage 1: build and check everything; no forward pass over the corpus happens here."""
-    hooks, pairs = run_hooks(cfg)
+def setup(cfg: DictConfig, run_dir: str | Path, checks: Sequence[Callable[[Any], None]] = ()) -> RunSetup:
+    """Stage 1: build and check everything; no forward pass over the corpus happens here
+    (except to train SAEs that are not cached, after every check of the settings).
+    ``checks``: more checks of the loaded model (e.g. :meth:`RunCallback.check`)."""
+    check_profiling(cfg.profiling.k, cfg.profiling.sampling, cfg.profiling.reference_tokens)
     matcher = build(cfg.matcher)
     sae_provider = build(cfg.sae)
+    if not wants_all_layers(cfg):  # the SAE settings, before the model is even loaded
+        sae_provider.validate(run_hooks(cfg)[0])
     lm = build(cfg.model)
-    check_layers(layer_ids(cfg), lm.model.cfg.n_layers)
-    sae_provider.validate(hooks)
+    n_layers = lm.model.cfg.n_layers
+    check_layers(layer_ids(cfg, n_layers), n_layers)
+    hooks, pairs = run_hooks(cfg, n_layers)
+    if wants_all_layers(cfg):
+        sae_provider.validate(hooks)
+    build(cfg.reference).check(lm.model.cfg.d_model)
+    for check in checks:
+        check(lm)
     datamodule = build(cfg.data, partial=True)(lm=lm, hooks=hooks)
     datamodule.setup()
     if cfg.get("activation_store") is not None:  # hidden states read from disk (built here once)
@@ -55,7 +67,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> RunSetup:
     log.info("corpus: %d profile + %d held-out contexts of %d tokens",
              datamodule.n_contexts("profile"), datamodule.n_contexts("heldout"), datamodule.context_len)
     saes = sae_provider.load(lm, hooks, datamodule)
-    check_sae_widths(saes, lm)
+    check_saes(saes, lm)
     for sae in saes.values():
         sae.eval()
         sae.requires_grad_(False)

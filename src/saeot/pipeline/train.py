@@ -16,10 +16,12 @@ from saeot.io import update_json
 from saeot.matching.flows import build_flows, write_flows
 from saeot.pipeline.artifacts import save_artifacts
 from saeot.pipeline.callbacks import RunCallback
+from saeot.pipeline.completion import clear_complete, mark_complete
 from saeot.pipeline.config import build
 from saeot.pipeline.stages import fit_reference, match, setup, stream, trainer_shard
 from saeot.pipeline.state import TrainResult
 from saeot.plots import plot_run
+from saeot.progress import trainer_progress_callbacks
 
 __all__ = ["run_train", "log_run"]
 
@@ -30,13 +32,17 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """The whole ``train.py`` run; returns the :class:`TrainResult` (rank 0 writes the outputs)."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    run = setup(cfg, run_dir)
-    logger = build(cfg.logger) if cfg.get("logger") else None
+    clear_complete(run_dir)  # a rerun in a finished run's directory is unfinished until it ends
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    run = setup(cfg, run_dir, checks=[c.check for c in callbacks if isinstance(c, RunCallback)])
+    logger = build(cfg.logger) if cfg.get("logger") else None
     trainer = build(cfg.trainer, logger=logger or False,
-                    callbacks=[c for c in callbacks if isinstance(c, L.Callback)])
+                    callbacks=[c for c in callbacks if isinstance(c, L.Callback)] + trainer_progress_callbacks(cfg.trainer))
+    log.info("stage: profiling")
     streams = stream(run, trainer)
+    log.info("stage: reference space")
     reference = fit_reference(cfg, streams, logger)
+    log.info("stage: matching")
     matches = match(run, streams, reference, shard=trainer_shard(trainer))
     result = TrainResult(setup=run, streams=streams, reference=reference, matches=matches, logger=logger,
                          metrics={"profiling": streams.metrics, "reference": reference.metrics,
@@ -50,12 +56,14 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 if out is not None:
                     result.metrics[cb.key] = out
         result.metrics["seconds_total"] = time.perf_counter() - t_start
+        log.info("stage: writing outputs")
         save_artifacts(result)
         write_flows(flows, result.run_dir / "flows.csv")
         plots = plot_run(result, flows)
         for key, value in result.metrics.items():
             update_json(result.run_dir / "metrics.json", key, value)
         log_run(result, plots)
+        mark_complete(result.run_dir, cfg)  # last: the run dir is finished
         log.info("wrote %s", result.run_dir)
     return result
 

@@ -6,7 +6,7 @@
   that absorb its batches and merge across DDP ranks.
 """
 
-from saeot.profiling.samplers import MODES, StreamingProfiler, flatten_batch
+from saeot.profiling.samplers import MODES, StreamingProfiler, check_profiling, flatten_batch
 from saeot.profiling.statistics import CorrelationAccumulator
 from saeot.profiling.stream import (
     AlignedStatesConsumer,
@@ -17,6 +17,6 @@ from saeot.profiling.stream import (
 )
 
 __all__ = [
-    "MODES", "StreamingProfiler", "flatten_batch", "CorrelationAccumulator",
+    "MODES", "StreamingProfiler", "check_profiling", "flatten_batch", "CorrelationAccumulator",
     "AlignedStatesConsumer", "Consumer", "CorrelationConsumer", "ProfileConsumer", "StreamPass",
 ]

@@ -49,6 +49,15 @@ class ReferenceSpace(ABC):
         self.scale: dict[str, Tensor] = {}
         self.dim: int | None = None
 
+    def check(self, d_model: int) -> None:
+        """Before any work: a width ``r`` (``reference.dim``, spaces that have one) is a whole
+        number in ``1..d_model``; ValueError naming it otherwise."""
+        r = getattr(self, "r", None)
+        if r is None:
+            return
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d_model:
+            raise ValueError(f"reference.dim={r!r} must be a whole number in 1..{d_model} (the model's d_model)")
+
     def _standardize_fit(self, states: dict[str, Tensor]) -> dict[str, Tensor]:
         z = {}
         for h, x in states.items():

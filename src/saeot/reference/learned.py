@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from saeot.progress import trainer_progress_callbacks
 from saeot.reference.base import ReferenceSpace, check_aligned
 from saeot.reference.ridge import Ridge
 
@@ -123,7 +124,7 @@ class Learned(ReferenceSpace):
         trainer = L.Trainer(
             max_epochs=self.epochs, accelerator="auto", devices=1, logger=self.logger or False,
             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=True,
-            log_every_n_steps=1,
+            log_every_n_steps=1, callbacks=trainer_progress_callbacks(None),
         )
         trainer.fit(self.module, loader)
         self.module.eval().cpu()

@@ -1,7 +1,7 @@
 """SAEs: providers (pretrained, from disk, trained locally), records of where each SAE came from,
 folding, one training path on sae_lens, and checks against the model."""
 
-from saeot.saes.checks import check_sae_widths
+from saeot.saes.checks import check_sae_widths, check_saes
 from saeot.saes.codes import decode, encode
 from saeot.saes.folding import encoder_bias, fold_sae, fold_scale, fold_threshold
 from saeot.saes.providers import DiskSAEs, LocalTrainedSAEs, PretrainedSAEs, SAEProvider
@@ -23,6 +23,7 @@ __all__ = [
     "disk_record",
     "pretrained_record",
     "check_sae_widths",
+    "check_saes",
     "encode",
     "decode",
     "fold_scale",

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from sae_lens import SAE
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-from tqdm.auto import tqdm
 
 from saeot.hooks import hook_layer
-from saeot.io import build_dir_atomically, default_cache_dir, is_complete_dir
+from saeot.hub import require_hub
+from saeot.io import CorruptFileError, build_dir_atomically, default_cache_dir, is_complete_dir
+from saeot.progress import progress_bar
 from saeot.saes.records import disk_record, pretrained_record
 from saeot.saes.training import ARCHITECTURES, SAETrainingConfig, train_sae
 
@@ -86,6 +87,7 @@ class PretrainedSAEs(SAEProvider):
                     f"sae.sae_id={sid!r} (for {hook}) is not in release {self.release!r}; "
                     f"e.g. {sorted(known)[:3]}"
                 )
+        require_hub(directory[self.release].repo_id, f"sae.release={self.release!r}")
 
     def load(self, lm: Any, hooks: list[str], datamodule: Any = None) -> dict[str, SAE]:
         self.validate(hooks)
@@ -254,7 +256,8 @@ class LocalTrainedSAEs(SAEProvider):
             try:
                 out[h] = SAE.load_from_disk(paths[h], device=self.device)
             except Exception as e:
-                raise RuntimeError(f"cached SAE {paths[h]} is corrupt ({e}); delete it and rerun") from e
+                raise CorruptFileError(f"paths.cache_dir: the cached SAE {paths[h]} is corrupt ({e}); "
+                                       "delete that directory and rerun") from e
         self._paths.update(paths)
         return out
 
@@ -269,7 +272,7 @@ class LocalTrainedSAEs(SAEProvider):
         """Up to ``train_tokens`` hidden states per hook from the profile split, ``[N, d]``."""
         bufs: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
         n = 0
-        with tqdm(total=self.train_tokens, desc="collect SAE training tokens", disable=not self.progress, leave=False) as bar:
+        with progress_bar(total=self.train_tokens, desc="collect SAE training tokens", enabled=self.progress, leave=False) as bar:
             for batch in datamodule.iter_batches("profile", device=self.device, hooks=hooks):
                 mask = batch["mask"]
                 for h in hooks:

@@ -44,7 +44,8 @@ from sae_lens import (
 )
 from sae_lens.saes.sae import SAEMetadata, TrainCoefficientConfig, TrainingSAE, TrainStepInput
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from saeot.progress import progress_bar
 
 __all__ = [
     "ARCHITECTURES",
@@ -182,7 +183,7 @@ def train_sae(
         coeff_cfg = sae.get_coefficients()
         g = torch.Generator(device="cpu").manual_seed(seed if order_seed is None else order_seed)
         fired_recently = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=cfg.device)
-        bar = tqdm(range(cfg.steps), desc=f"train SAE {name}", disable=not cfg.progress, leave=False, mininterval=2)
+        bar = progress_bar(range(cfg.steps), desc=f"train SAE {name}", enabled=cfg.progress, leave=False, mininterval=2)
         for step in bar:
             idx = torch.randint(n, (min(cfg.batch_size, n),), generator=g)
             x = x_all[idx.to(x_all.device)].float()

@@ -42,14 +42,14 @@ and its statistics). The top contexts shown come from :mod:`saeot.evaluation.con
 from saeot.evaluation.judge._base import Judge, Judgement
 from saeot.evaluation.judge._cache import JudgeCache
 from saeot.evaluation.judge._embedding import EmbeddingJudge, context_text
-from saeot.evaluation.judge._http import OpenAICompatibleJudge
+from saeot.evaluation.judge._http import JudgeUnreachable, OpenAICompatibleJudge
 from saeot.evaluation.judge._local import LocalHFJudge
 from saeot.evaluation.judge._prompt import LABELS, QUESTION, SCORES, SYSTEM_PROMPT, build_prompt, parse_answer
 from saeot.evaluation.judge._run import control_pairs, discrimination, judge_run, mean_ci, sample_pairs
 
 __all__ = [
     "LABELS", "SCORES", "SYSTEM_PROMPT", "QUESTION", "build_prompt", "parse_answer",
-    "JudgeCache", "Judgement", "Judge", "OpenAICompatibleJudge", "LocalHFJudge",
+    "JudgeCache", "Judgement", "Judge", "OpenAICompatibleJudge", "JudgeUnreachable", "LocalHFJudge",
     "EmbeddingJudge", "context_text",
     "mean_ci", "sample_pairs", "control_pairs", "discrimination", "judge_run",
 ]

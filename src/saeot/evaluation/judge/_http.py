@@ -11,7 +11,11 @@ from typing import Any
 
 from saeot.evaluation.judge._base import Judge
 
-__all__ = ["OpenAICompatibleJudge"]
+__all__ = ["OpenAICompatibleJudge", "JudgeUnreachable"]
+
+
+class JudgeUnreachable(ConnectionError):
+    """The judge endpoint refuses connections or does not answer within its timeout."""
 
 
 def _env_or(value: str | None, env: str | None) -> str | None:
@@ -28,7 +32,8 @@ class OpenAICompatibleJudge(Judge):
             variables named by ``base_url_env`` / ``model_env`` / ``api_key_env``. The key
             may be empty (local servers); it is never logged nor cached.
         temperature, max_tokens: decoding (0 and a few tokens: the answer is one word).
-        timeout_s, max_retries: per request; retries back off on 429 / 5xx / network errors.
+        timeout_s, max_retries: per request; retries back off on 429 / 5xx / refused connections; a
+            request that gets no answer within ``timeout_s`` ends the run at once (JudgeUnreachable).
     """
 
     name = "openai_compatible"
@@ -77,8 +82,13 @@ class OpenAICompatibleJudge(Judge):
                     detail = e.read().decode(errors="replace")[:200] if hasattr(e, "read") else ""
                     raise RuntimeError(f"judge endpoint {url} answered HTTP {e.code}: {detail}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
+                    raise JudgeUnreachable(  # an endpoint that accepts and never answers: no retry, no hang
+                        f"judge.base_url={self.base_url!r} did not answer within judge.timeout_s={self.timeout_s:g} s "
+                        f"({url}); check that the server is up, or raise judge.timeout_s") from None
                 if attempt == self.max_retries:
-                    raise RuntimeError(f"judge endpoint {url} unreachable ({e}); check the judge's base URL") from None
+                    raise JudgeUnreachable(f"judge.base_url={self.base_url!r} cannot be reached ({e}) after "
+                                           f"{attempt + 1} attempt(s); check the URL and that the server is up") from None
             time.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from scipy import stats
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from saeot.evaluation.contexts import FeatureContexts
 from saeot.evaluation.judge._base import Judge
 from saeot.evaluation.judge._prompt import LABELS, SCORES
 from saeot.hooks import hook_layer
+from saeot.progress import progress_bar
 
 __all__ = ["mean_ci", "sample_pairs", "control_pairs", "discrimination", "judge_run"]
 
@@ -145,7 +145,7 @@ def judge_run(judge: Judge, run: Any, matchings: Sequence[Any], contexts: Featur
             judge.calibrate([(contexts.get(pm.hook_a, i, n, window, right), contexts.get(pm.hook_b, j, n, window, right))
                              for i, j in cal])
         items, control = [], []
-        for kind, (i, j) in tqdm(todo, desc=f"judge {run.label} {la}->{lb}", disable=not progress, leave=False):
+        for kind, (i, j) in progress_bar(todo, desc=f"judge {run.label} {la}->{lb}", enabled=progress, leave=False):
             jd = judge.judge_pair(contexts.get(pm.hook_a, i, n, window, right),
                                   contexts.get(pm.hook_b, j, n, window, right), f"layer {la} #{i}", f"layer {lb} #{j}")
             rec = {"feature_a": i, "feature_b": j, "label": jd.label, "score": jd.score, "cached": jd.cached}
