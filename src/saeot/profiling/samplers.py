@@ -30,6 +30,15 @@ from saeot.types import FeatureSamples
 MODES = ("topk", "reservoir")
 
 
+def check_profiling(k: object, mode: object, reference_tokens: object = 2) -> None:
+    """The ``profiling`` settings, checked before any work: ValueError naming the one that is wrong."""
+    if mode not in MODES:
+        raise ValueError(f"profiling.sampling={mode!r}; expected one of {MODES}")
+    for name, value, low in (("k", k, 1), ("reference_tokens", reference_tokens, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"profiling.{name}={value!r} must be a whole number >= {low}")
+
+
 class StreamingProfiler:
     """Streaming K-sample estimate of every feature's distribution, plus firing statistics.
 
@@ -48,10 +57,7 @@ class StreamingProfiler:
         self, hook: str, n_features: int, d: int, k: int = 32, mode: str = "topk", seed: int = 0,
         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"profiling.sampling={mode!r}; expected one of {MODES}")
-        if k < 1:
-            raise ValueError(f"profiling.k must be >= 1, got {k}")
+        check_profiling(k, mode)
         self.hook, self.F, self.d, self.K, self.mode = hook, n_features, d, k, mode
         dev = torch.device(device)
         self.generator = torch.Generator(device=dev).manual_seed(seed)
@@ -85,7 +91,7 @@ class StreamingProfiler:
         """
         if h.shape[0] != acts.shape[0] or acts.shape[1] != self.F or h.shape[1] != self.d:
             raise ValueError(f"update: h {tuple(h.shape)} / acts {tuple(acts.shape)} do not fit F={self.F}, d={self.d}")
-        if not torch.isfinite(acts).all():
+        if not bool(torch.isfinite(acts.sum())):  # one reduction: NaN / inf anywhere make the sum non-finite
             raise FloatingPointError(f"non-finite SAE activations at {self.hook}")
         acts = acts.float()
         if self.mode == "topk":
@@ -118,8 +124,11 @@ class StreamingProfiler:
         feature's current K-th largest activation; the survivors are ranked per feature
         (at most K kept) and merged by :meth:`_absorb`. Cost ``O(nnz)`` instead of ``O(N F)``.
         """
-        rows, feats = (acts > 0).nonzero(as_tuple=True)
+        rows, feats = acts.nonzero(as_tuple=True)  # SAE codes are >= 0: the firing entries, in one pass
         vals = acts[rows, feats]
+        pos = vals > 0
+        if not bool(pos.all()):
+            rows, feats, vals = rows[pos], feats[pos], vals[pos]
         F, K = self.F, self.K
         self.n_fire += torch.bincount(feats, minlength=F)
         self.act_sum.index_add_(0, feats, vals.double())
