@@ -336,8 +336,8 @@ class CircuitCompression(L.Callback, RunCallback):
             if metrics.get("curves"):
                 plot_supernode_curves(metrics["curves"], out_dir / "circuit_curves.png",
                                       title=f"{data.name} on {m['model']}: {len(nodes)} nodes, "
-                                            f"{_fmt(m['error_effect_share'])} of their |effect| in SAE error nodes; "
-                                            f"top {self.keep_fraction:g} of supernodes kept")
+                                            f"{100 * m['error_effect_share']:.0f}% of their |effect| in SAE error "
+                                            f"nodes; top {self.keep_fraction:.0%} of supernodes kept")
         log.info("circuit: %d nodes -> %d supernodes; faithfulness full %.3f, compressed %.3f (cosine baseline %.3f)",
                  len(nodes), c_sem.n_supernodes, full.faithfulness, sem["faithfulness_compressed"],
                  cos["faithfulness_compressed"])
