@@ -68,7 +68,7 @@ def test_reservoir_samples_proportionally_to_activation():
     counts = torch.zeros(4)
     for s in range(2000):
         p = StreamingProfiler("x", 1, 4, k=1, mode="reservoir", seed=s)
-        p.update(h, a, torch.arange(4), torch.zeros(4, 2, dtype=torch.long))
+        p.update(h, a, torch.arange(4), torch.stack([torch.zeros(4, dtype=torch.long), torch.arange(4)], 1))
         counts[int(p.finalize().points[0, 0].argmax())] += 1
     freq = counts / counts.sum()
     assert torch.allclose(freq, a.flatten() / a.sum(), atol=0.04)
@@ -95,3 +95,27 @@ def test_sparse_topk_update_equals_the_dense_one():
         for field in ("points", "weights", "token_ids", "locations", "activations", "n_fire", "act_max"):
             assert torch.equal(getattr(a, field), getattr(b, field)), (seed, field)
         assert torch.allclose(a.act_sum, b.act_sum, rtol=1e-12) and a.n_tokens == b.n_tokens
+
+
+def test_any_number_of_shards_gives_the_one_pass_samples_with_ties():
+    """Tokens split over 1..4 "ranks" by context (as DDP shards them), merged: the same samples,
+    bit for bit, for topk and reservoir, also when activations tie (duplicated contexts)."""
+    h, acts, toks, locs = _stream(n=800, seed=5)
+    acts[400:500] = acts[100:200]  # contexts 40-49 repeat contexts 10-19: tied activations
+    acts[:, 0] = 0.5  # every token ties: the first K tokens are kept
+    acts[:, 1] = (acts[:, 1] > 0) * 0.25
+    for mode in ("topk", "reservoir"):
+        whole = _run(h, acts, toks, locs, mode=mode, seed=7, batch=40).finalize()
+        if mode == "topk":
+            assert torch.equal(whole.locations[0], locs[:7])
+        for world in (2, 3, 4):
+            ranks = []
+            for r in range(world):
+                rows = (locs[:, 0] % world == r).nonzero().squeeze(1)
+                ranks.append(_run(h[rows], acts[rows], toks[rows], locs[rows], mode=mode, seed=7, batch=30))
+            merged = ranks[-1]
+            for other in ranks[:-1]:
+                merged.merge(other)
+            got = merged.finalize()
+            for field in ("points", "weights", "token_ids", "locations", "activations", "n_fire", "act_max"):
+                assert torch.equal(getattr(got, field), getattr(whole, field)), (mode, world, field)

@@ -13,7 +13,10 @@ memory ``O(F x K x d)`` whatever the stream length:
 
 Both keep the K largest *keys* (``a_t`` itself for topk, ``log(u) / a_t`` for
 reservoir), so merging two streams (e.g. two DDP ranks) is exact: keep the K
-largest keys of the union. Multiplying a feature's activations by c > 0 leaves
+largest keys of the union. A reservoir key's ``u`` is a hash of (seed, context
+index, position, feature), not a draw from a stream of random numbers, so a token
+gets the same key whichever rank reads it, and equal keys are ranked by (context,
+position): the kept samples are the same for any number of processes. Multiplying a feature's activations by c > 0 leaves
 both the kept tokens and the weights unchanged (the ranking of ``a_t`` and of
 ``log(u) / a_t`` is unchanged and the weights are normalised).
 """
@@ -28,6 +31,53 @@ from torch import Tensor
 from saeot.types import FeatureSamples
 
 MODES = ("topk", "reservoir")
+_M32 = 0xFFFFFFFF
+#: positions are below this: ``context * _POS_SPAN + position`` orders tokens by (context, position)
+_POS_SPAN = 1 << 32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xorshift-multiply, multipliers < 2^31 so int64 never overflows)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x68E31DA5) & _M32
+    return x ^ (x >> 16)
+
+
+def token_uniform(seed: int, context: Tensor, position: Tensor, feature: Tensor) -> Tensor:
+    """``U(0, 1)`` numbers (float64, 53 bits) that depend only on (seed, context, position,
+    feature): the reservoir key of a token is the same whichever process reads it."""
+    h = _mix32(torch.full_like(context, int(seed) & _M32))
+    for part in (context, position, feature):
+        h = _mix32(h ^ (part.long() & _M32))
+    lo = _mix32(h ^ 0x5BD1E995)
+    return ((h >> 5).double() * 67108864.0 + (lo >> 6).double() + 0.5) / 9007199254740992.0
+
+
+def rank_desc(values: Tensor, locations: Tensor) -> Tensor:
+    """``[F, M]`` indices that sort each row of ``values [F, M]`` in decreasing order, equal values
+    by ``(context, position)`` of ``locations [F, M, 2]`` (increasing): one order for any process count."""
+    lin = locations[..., 0] * _POS_SPAN + locations[..., 1]
+    by_token = torch.argsort(lin, dim=1, stable=True)
+    by_value = torch.argsort(values.gather(1, by_token), dim=1, descending=True, stable=True)
+    return by_token.gather(1, by_value)
+
+
+def _top_rows(keys: Tensor, lin: Tensor, m: int) -> Tensor:
+    """``[F, m]`` column indices of the ``m`` largest entries of each row of ``keys [F, N]``
+    (ascending), equal keys at the boundary taken by smallest ``lin [N]`` (token order)."""
+    t = keys.topk(m, dim=1).values[:, -1:]  # each row's m-th largest key
+    gt, eq = keys > t, keys == t
+    need = m - gt.sum(1, keepdim=True)
+    # boundary ties: by token order (rows of -inf keys are never kept, any of them will do)
+    amb = ((eq.sum(1, keepdim=True) > need) & torch.isfinite(t)).squeeze(1)
+    eq_lin = torch.where(eq, lin[None, :], torch.iinfo(torch.long).max)
+    pick = eq & (eq.cumsum(1) <= need)
+    if bool(amb.any()):
+        rank = torch.argsort(torch.argsort(eq_lin[amb], dim=1, stable=True), dim=1)
+        pick[amb] = eq[amb] & (rank < need[amb])
+    return (gt | pick).nonzero(as_tuple=True)[1].view(keys.shape[0], m)
 
 
 def check_profiling(k: object, mode: object, reference_tokens: object = 2) -> None:
@@ -60,7 +110,7 @@ class StreamingProfiler:
         check_profiling(k, mode)
         self.hook, self.F, self.d, self.K, self.mode = hook, n_features, d, k, mode
         dev = torch.device(device)
-        self.generator = torch.Generator(device=dev).manual_seed(seed)
+        self.seed = int(seed)
         self.keys = torch.full((n_features, k), float("-inf"), device=dev)
         self.acts = torch.zeros(n_features, k, device=dev)
         self.points = torch.zeros(n_features, k, d, dtype=dtype, device=dev)
@@ -71,13 +121,17 @@ class StreamingProfiler:
         self.act_max = torch.zeros(n_features, device=dev)
         self.n_tokens = 0
 
-    def keys_of(self, acts: Tensor) -> Tensor:
-        """``[N, F]`` sampling keys of activations ``[N, F]`` (-inf where the feature is off)."""
+    def keys_of(self, acts: Tensor, locations: Tensor) -> Tensor:
+        """``[N, F]`` sampling keys of activations ``[N, F]`` at tokens ``locations [N, 2]``
+        (-inf where the feature is off); reservoir keys from :func:`token_uniform`."""
         fire = acts > 0
         if self.mode == "topk":
             return torch.where(fire, acts, torch.full_like(acts, float("-inf")))
-        u = torch.rand(acts.shape, generator=self.generator, device=acts.device).clamp_min(1e-30)
-        return torch.where(fire, torch.log(u) / acts.clamp_min(1e-30), torch.full_like(acts, float("-inf")))
+        keys = torch.full_like(acts, float("-inf"))
+        rows, feats = fire.nonzero(as_tuple=True)
+        u = token_uniform(self.seed, locations[rows, 0], locations[rows, 1], feats)
+        keys[rows, feats] = (torch.log(u) / acts[rows, feats].double()).to(keys.dtype)
+        return keys
 
     @torch.no_grad()
     def update(self, h: Tensor, acts: Tensor, token_ids: Tensor, locations: Tensor) -> None:
@@ -107,13 +161,16 @@ class StreamingProfiler:
         self.act_max = torch.maximum(self.act_max, acts.max(0).values.clamp_min(0))
         self.n_tokens += h.shape[0]
 
-        keys = self.keys_of(acts).T  # [F, N]
+        keys = self.keys_of(acts, locations).T  # [F, N]
         m = min(self.K, keys.shape[1])
-        cand_keys, cand_rows = keys.topk(m, dim=1)  # [F, m]
+        if m == 0:
+            return
+        cand_rows = _top_rows(keys, locations[:, 0] * _POS_SPAN + locations[:, 1], m)  # [F, m]
+        cand_keys = keys.gather(1, cand_rows)
         cand_acts = acts.T.gather(1, cand_rows)
         self._absorb(
-            cand_keys, cand_acts,
-            fetch=lambda f, j: (h[cand_rows[f, j]], token_ids[cand_rows[f, j]], locations[cand_rows[f, j]]),
+            cand_keys, cand_acts, locations[cand_rows],
+            fetch=lambda f, j: (h[cand_rows[f, j]], token_ids[cand_rows[f, j]]),
         )
 
     def _update_topk_sparse(self, h: Tensor, acts: Tensor, token_ids: Tensor, locations: Tensor) -> None:
@@ -134,10 +191,13 @@ class StreamingProfiler:
         self.act_sum.index_add_(0, feats, vals.double())
         self.act_max = self.act_max.scatter_reduce(0, feats, vals, "amax", include_self=True)
         self.n_tokens += h.shape[0]
-        beat = vals > self.keys.min(dim=1).values[feats]  # -inf while a feature has a free slot
+        # ties with the K-th key are candidates too: _absorb ranks equal keys by token order
+        beat = vals >= self.keys.min(dim=1).values[feats]  # -inf while a feature has a free slot
         if not bool(beat.any()):
             return
         rows, feats, vals = rows[beat], feats[beat], vals[beat]
+        by_token = torch.argsort(locations[rows, 0] * _POS_SPAN + locations[rows, 1], stable=True)
+        rows, feats, vals = rows[by_token], feats[by_token], vals[by_token]
         order = torch.argsort(vals, descending=True, stable=True)
         order = order[torch.argsort(feats[order], stable=True)]  # by feature, then by activation (desc.)
         rows, feats, vals = rows[order], feats[order], vals[order]
@@ -151,20 +211,21 @@ class StreamingProfiler:
         cand_keys[feats, rank] = vals
         cand_rows[feats, rank] = rows
         self._absorb(
-            cand_keys, cand_keys,
-            fetch=lambda f, j: (h[cand_rows[f, j]], token_ids[cand_rows[f, j]], locations[cand_rows[f, j]]),
+            cand_keys, cand_keys, locations[cand_rows],
+            fetch=lambda f, j: (h[cand_rows[f, j]], token_ids[cand_rows[f, j]]),
         )
 
-    def _absorb(self, cand_keys: Tensor, cand_acts: Tensor, fetch: Callable) -> None:
-        """Keep the K largest keys of (state, candidates); write incoming samples into evicted slots.
+    def _absorb(self, cand_keys: Tensor, cand_acts: Tensor, cand_locs: Tensor, fetch: Callable) -> None:
+        """Keep the K largest keys of (state, candidates), equal keys by token order
+        (:func:`rank_desc`); write incoming samples into evicted slots.
 
-        ``cand_keys``/``cand_acts``: ``[F, M]``. ``fetch(f, j)`` returns the hidden states,
-        token ids and locations of candidates ``(f[n], j[n])``.
+        ``cand_keys``/``cand_acts``: ``[F, M]``, ``cand_locs``: ``[F, M, 2]``. ``fetch(f, j)``
+        returns the hidden states and token ids of candidates ``(f[n], j[n])``.
         """
         K = self.K
         all_keys = torch.cat([self.keys, cand_keys], dim=1)
-        top = all_keys.topk(K, dim=1)
-        chosen = torch.zeros_like(all_keys, dtype=torch.bool).scatter_(1, top.indices, True)
+        top = rank_desc(all_keys, torch.cat([self.locations, cand_locs], dim=1))[:, :K]
+        chosen = torch.zeros_like(all_keys, dtype=torch.bool).scatter_(1, top, True)
         chosen &= torch.isfinite(all_keys)
         incoming = chosen[:, K:]  # [F, M]
         evicted = ~chosen[:, :K]  # [F, K] slots free for incoming samples
@@ -178,10 +239,10 @@ class StreamingProfiler:
         f_idx, r_idx = (rank[None, : incoming.shape[1]] < n_in[:, None]).nonzero(as_tuple=True)
         cand_j = in_order[f_idx, r_idx]
         slot = slot_order[f_idx, r_idx]
-        pts, toks, locs = fetch(f_idx, cand_j)
+        pts, toks = fetch(f_idx, cand_j)
         self.points[f_idx, slot] = pts.to(self.points.dtype)
         self.token_ids[f_idx, slot] = toks
-        self.locations[f_idx, slot] = locs
+        self.locations[f_idx, slot] = cand_locs[f_idx, cand_j]
         self.keys[f_idx, slot] = cand_keys[f_idx, cand_j]
         self.acts[f_idx, slot] = cand_acts[f_idx, cand_j]
 
@@ -195,10 +256,10 @@ class StreamingProfiler:
         self.act_max = torch.maximum(self.act_max, other.act_max.to(self.act_max.device))
         self.n_tokens += other.n_tokens
         dev = self.keys.device
-        o_pts, o_tok, o_loc = other.points.to(dev), other.token_ids.to(dev), other.locations.to(dev)
+        o_pts, o_tok = other.points.to(dev), other.token_ids.to(dev)
         self._absorb(
-            other.keys.to(dev), other.acts.to(dev),
-            fetch=lambda f, j: (o_pts[f, j], o_tok[f, j], o_loc[f, j]),
+            other.keys.to(dev), other.acts.to(dev), other.locations.to(dev),
+            fetch=lambda f, j: (o_pts[f, j], o_tok[f, j]),
         )
 
     def state(self) -> dict[str, Tensor]:
@@ -216,10 +277,10 @@ class StreamingProfiler:
                 setattr(self, name, value.to(getattr(self, name).device))
 
     def finalize(self) -> FeatureSamples:
-        """The estimated distributions, samples sorted by decreasing activation."""
+        """The estimated distributions, samples sorted by decreasing activation (equal ones by token order)."""
         valid = torch.isfinite(self.keys)
         acts = torch.where(valid, self.acts, torch.zeros_like(self.acts))
-        order = acts.argsort(dim=1, descending=True)
+        order = rank_desc(acts, self.locations)
         valid = valid.gather(1, order)
         acts = acts.gather(1, order)
         if self.mode == "topk":

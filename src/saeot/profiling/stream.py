@@ -56,7 +56,6 @@ class ProfileConsumer(Consumer):
     def to(self, device: torch.device) -> None:
         for p in self.profilers.values():
             p.load_state({k: v.to(device) for k, v in p.state().items()})
-            p.generator = torch.Generator(device=device).manual_seed(int(p.generator.initial_seed()))
 
     def update(self, batch: dict, saes: dict[str, Any], cache: dict) -> None:
         for h, prof in self.profilers.items():
@@ -81,11 +80,15 @@ class ProfileConsumer(Consumer):
 
 
 class AlignedStatesConsumer(Consumer):
-    """Keeps the hidden states of the first ``max_tokens`` tokens at every hook (same tokens)."""
+    """Keeps the hidden states of the first ``max_tokens`` tokens, in (context, position) order,
+    at every hook (the same tokens). Each rank reads its contexts in increasing order, so the
+    first ``max_tokens`` of all ranks together hold the global first ones: the merged result
+    is the one process's, row for row."""
 
     def __init__(self, hooks: list[str], max_tokens: int) -> None:
         self.hooks, self.max_tokens = hooks, max_tokens
         self.parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
+        self.locs: list[Tensor] = []
         self.n = 0
 
     def update(self, batch: dict, saes: dict[str, Any], cache: dict) -> None:
@@ -93,19 +96,27 @@ class AlignedStatesConsumer(Consumer):
             return
         take = self.max_tokens - self.n
         for h in self.hooks:
-            x, _, _ = flatten_batch(batch, h)
+            x, _, locs = flatten_batch(batch, h)
             self.parts[h].append(x[:take].float().cpu())
+        self.locs.append(locs[:take].cpu())
         self.n += min(take, int(batch["mask"].sum()))
 
     def sync(self, module: L.LightningModule) -> None:
         if module.trainer is None or module.trainer.world_size == 1:
             return
-        per_rank = max(1, self.max_tokens // module.trainer.world_size)
-        local = min(per_rank, sum(len(x) for x in self.parts[self.hooks[0]]))
-        m = int(min(_gather(module, torch.tensor([local], device=module.device))))  # equal shapes for all_gather
+        m = self.max_tokens
+        locs = torch.cat(self.locs) if self.locs else torch.zeros(0, 2, dtype=torch.long)
+        pad = m - len(locs)  # equal shapes for all_gather; padding rows have context -1
+        all_locs = torch.cat(_gather(module, torch.cat([locs, locs.new_full((pad, 2), -1)]).to(module.device))).cpu()
+        keep = (all_locs[:, 0] >= 0).nonzero().squeeze(1)
+        by_pos = keep[torch.argsort(all_locs[keep, 1], stable=True)]
+        order = by_pos[torch.argsort(all_locs[by_pos, 0], stable=True)][:m]  # (context, position) order
         for h in self.hooks:
-            x = torch.cat(self.parts[h])[:m].to(module.device)
-            self.parts[h] = [torch.cat(_gather(module, x)).cpu()]
+            x = torch.cat(self.parts[h]) if self.parts[h] else torch.zeros(0, 0)
+            d = int(max(_gather(module, torch.tensor([x.shape[1]], device=module.device))))  # 0 on a rank without tokens
+            x = torch.cat([x.reshape(-1, d), x.new_zeros((pad, d))])
+            self.parts[h] = [torch.cat(_gather(module, x.to(module.device))).cpu()[order]]
+        self.locs = [all_locs[order]]
 
     def results(self) -> dict[str, Tensor]:
         return {h: torch.cat(v) for h, v in self.parts.items()}
