@@ -46,6 +46,7 @@ from saeot.transport._gelbrich import (
 )
 from saeot.transport._max_sliced import _frame_for, _max_sliced_pairs
 from saeot.transport._moments import _common_shift, _Side, _side_stats
+from saeot.transport._parallel import _parallel_map
 
 #: bound setting -> the stages it runs, cheap to tight
 CASCADES = {
@@ -75,13 +76,15 @@ class _Cascade:
     """
 
     def __init__(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, bound: str, n_directions: int = 8,
-                 seed: int = 0, batch: int = 4096):
+                 seed: int = 0, batch: int = 4096, n_jobs: int = 1):
         if bound not in CASCADES:
             raise ValueError(f"transport bound must be one of {BOUNDS}, got {bound!r}")
         self.bound = bound
         self.stages = CASCADES[bound]
         self.xa, self.wa = xa, wa
         self.batch = int(batch)
+        # pair stages on CPU threads (batched SVDs release the GIL); one stream of batches on a GPU
+        self.n_jobs = int(n_jobs) if xa.device.type == "cpu" else 1
         self.shift = _common_shift(xa, wa, xb, wb)
         need = set()
         if "axis_spread" in self.stages:
@@ -139,9 +142,10 @@ class _Cascade:
         L = L.clone()
         for stage in self.pair_stages:
             todo = (L <= limit).nonzero().flatten()
-            for s in range(0, todo.numel(), self.batch):
-                p = todo[s:s + self.batch]
-                val = self._stage(stage, A, ia[p], ib[p])
+            step = max(1, min(self.batch, -(-todo.numel() // self.n_jobs)))
+            blocks = [todo[s:s + step] for s in range(0, todo.numel(), step)]
+            vals = _parallel_map(lambda p, stage=stage: self._stage(stage, A, ia[p], ib[p]), blocks, self.n_jobs)
+            for p, val in zip(blocks, vals):
                 L[p] = torch.maximum(L[p], (val - tol[p]).clamp_min(0.0))
         return L
 

@@ -250,7 +250,7 @@ class ExactW2(W2Solver):
         _check_two(xa, wa, xb, wb, ("xa", "wa", "xb", "wb"), paired=False)
         _check_nearest(k, chunk)
         used = self.nearest_bound(bound)
-        cascade = _Cascade(xa, wa, xb, wb, used, self.n_directions)
+        cascade = _Cascade(xa, wa, xb, wb, used, self.n_directions, n_jobs=_n_jobs(self.n_jobs))
         certify = {"candidates": self.certify_candidates, "reg": self.certify_reg,
                    "n_iter": self.certify_iter} if self.certify else None
         return _search_exact(self.prepare(xa, wa, xb, wb), cascade, xa, wa, xb, wb, k, chunk, certify, progress,
