@@ -28,6 +28,9 @@ class PassBatch:
         substituted: ``(hook_b, h_hat [B, T, d] or broadcastable) -> (h_sub [B, T, d], ce [B, T-1])``:
             ``h^B`` replaced by ``h_hat`` at the evaluation positions (BOS keeps its clean
             state), the model run on from ``hook_b``, the next-token CE.
+        submit: ``(hook_b, h_hat, done)``: the same, queued and run stacked with the batch's
+            other continuations; ``done(h_sub, ce)`` is called before the batch ends
+            (:class:`~saeot.evaluation.functional._continuations.Continuations`). None: use ``substituted``.
     """
 
     tokens: Tensor
@@ -36,6 +39,7 @@ class PassBatch:
     hidden: dict[str, Tensor]
     codes: dict[str, Tensor]
     substituted: Callable[[str, Tensor], tuple[Tensor, Tensor]]
+    submit: Callable[[str, Tensor, Callable[[Tensor, Tensor], None]], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,9 @@ class PairCurve:
         keep = b.mask[..., None]
         for n in self.levels:
             h_hat = decode(self.sae_b, sub * self.col_masks[n].to(dev))
+            if self.with_ce and b.submit is not None:  # run stacked with the batch's other continuations
+                b.submit(rp.hook_b, h_hat, lambda h_sub, ce, n=n: self._absorb(n, b, h_b, h_sub, ce))
+                continue
             if self.with_ce:
                 h_sub, ce = b.substituted(rp.hook_b, h_hat)
                 self.ce_sum[n] += float(ce[b.ce_mask].double().sum())
@@ -93,6 +96,11 @@ class PairCurve:
                 h_sub = torch.where(keep, h_hat.expand_as(h_b), h_b)
             self.sse[n] += float((h_b - h_sub)[b.mask].double().pow(2).sum())
         self.coact.update(ca[b.mask][:, fa], cb[b.mask][:, fb])
+
+    def _absorb(self, n: int, b: PassBatch, h_b: Tensor, h_sub: Tensor, ce: Tensor) -> None:
+        """Level ``n``'s squared error and cross-entropy of one batch."""
+        self.ce_sum[n] += float(ce[b.ce_mask].double().sum())
+        self.sse[n] += float((h_b - h_sub)[b.mask].double().pow(2).sum())
 
     def finish(self, t: PassTotals) -> dict:
         rp = self.rp

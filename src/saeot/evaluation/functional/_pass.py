@@ -1,6 +1,9 @@
 """The streaming pass: substitution, references, co-activation and coverage of every run of
 a matcher sweep in one pass over the evaluation tokens (the clean forward pass, the SAE
-codes and the references computed once per batch and shared)."""
+codes and the references computed once per batch and shared; the substituted
+continuations of a batch -- references, every run's pairs, the consumers' coverage
+levels -- start from the shared clean ``h^B`` and run stacked per hook,
+:mod:`saeot.evaluation.functional._continuations`)."""
 
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ from torch import Tensor
 
 from saeot.evaluation.functional._batch import PassBatch, PassConsumer, PassTotals
 from saeot.evaluation.functional._coactivation import CoactivationAccumulator
+from saeot.evaluation.functional._continuations import Continuations
 from saeot.evaluation.functional._matchings import ONE_TO_ONE_DOC, PairMatching
 from saeot.evaluation.functional._settings import REFERENCE_DOC, FunctionalSettings
 from saeot.evaluation.functional._substitution import (
-    SubstitutionAccumulator, code_ratio, next_token_ce, run_from_hook, substitute_codes,
+    SubstitutionAccumulator, code_ratio, next_token_ce, substitute_codes,
 )
 from saeot.hooks import hook_layer
 from saeot.saes.codes import decode, encode
@@ -39,6 +43,7 @@ def evaluate_functional(
     lm: Any, saes: dict[str, Any], datamodule: Any, matchings: dict[str, list[PairMatching]],
     settings: FunctionalSettings | None = None, alive: dict[str, Tensor] | None = None,
     consumers: Sequence[PassConsumer] = (),
+    stack_contexts: int = 64,
 ) -> dict[str, dict]:
     """Substitution, references, co-activation and coverage of several runs that share
     ``lm``, ``saes`` and ``datamodule``, in one streaming pass over ``settings.split``.
@@ -52,6 +57,8 @@ def evaluate_functional(
         alive: hook -> ``[F]`` bool, features alive during the run's profiling (coverage).
         consumers: extra consumers of every batch (:mod:`saeot.evaluation.functional._batch`),
             e.g. the equal-coverage curves; their results stay in them.
+        stack_contexts: contexts per stacked forward of the substituted continuations
+            (:mod:`saeot.evaluation.functional._continuations`).
 
     Returns:
         run label -> ``{"pairs": {"hook_a|hook_b": {...}}, "ce_clean": ..., ...}`` (the
@@ -97,6 +104,7 @@ def evaluate_functional(
     sst = {h: 0.0 for h in hooks_b}
     ref_acc = {h: {r: SubstitutionAccumulator() for r in s.references} for h in hooks_b}  # shared by all runs
     ce_clean_sum, n_ce, n_tok1 = 0.0, 0, 0
+    n_requests = n_forwards = 0
     for batch in _batches(datamodule, s, device, "functional: substitution"):
         tokens, mask = batch["tokens"], batch["mask"]
         ce_mask = mask[:, :-1]
@@ -110,16 +118,12 @@ def evaluate_functional(
             hidden = {h: cache[h].float() for h in hooks}
             del cache
             codes = {h: encode(saes[h], hidden[h]) for h in hooks}
-            keep = mask[..., None]
-
-            def substituted(hb: str, h_hat: Tensor) -> tuple[Tensor, Tensor]:
-                h_b = hidden[hb]
-                h_sub = torch.where(keep, h_hat.expand_as(h_b), h_b)
-                return h_sub, next_token_ce(run_from_hook(model, hb, h_sub, tokens), tokens)
+            # every substituted continuation of this batch, stacked per hook (run at the latest by flush())
+            cont = Continuations(model, tokens, mask, hidden, stack_contexts)
 
             def replace(hb: str, h_hat: Tensor, acc: SubstitutionAccumulator) -> None:
-                h_sub, ce = substituted(hb, h_hat)
-                acc.update(hidden[hb], h_sub, mask, ce, ce_mask)
+                cont.submit(hb, h_hat, lambda h_sub, ce, hb=hb, acc=acc: acc.update(hidden[hb], h_sub, mask, ce,
+                                                                                    ce_mask))
 
             for hb, accs in ref_acc.items():
                 sst[hb] += float((hidden[hb] - mean[hb].to(device))[mask].double().pow(2).sum())
@@ -142,7 +146,10 @@ def evaluate_functional(
                     st.coact.update(x, xb[:, pm.feature_b.to(device)])
                     st.chance.update(x, xb[:, st.chance_b.to(device)])
             for c in consumers:
-                c.update(PassBatch(tokens, mask, ce_mask, hidden, codes, substituted))
+                c.update(PassBatch(tokens, mask, ce_mask, hidden, codes, cont.run_now, cont.submit))
+            cont.flush()
+            n_requests += cont.n_requests
+            n_forwards += cont.n_forwards
     ce_clean = ce_clean_sum / max(n_ce, 1)
     for c in consumers:
         c.finish(PassTotals(sst=dict(sst), n_ce=n_ce, ce_clean=ce_clean))
@@ -175,6 +182,7 @@ def evaluate_functional(
             "code_scale": s.code_scale, "one_to_one": ONE_TO_ONE_DOC,
             "references": {r: REFERENCE_DOC[r] for r in s.references},
             "max_batches": s.max_batches, "pairs": pairs, "seconds_shared_pass": seconds,
+            "n_continuations": n_requests, "n_continuation_forwards": n_forwards,
         }
     return out
 
