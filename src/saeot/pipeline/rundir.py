@@ -53,12 +53,12 @@ def _check_safetensors(path: Path) -> None:
     """Open ``path`` (header and size only); :class:`~saeot.io.CorruptFileError` naming it if it is
     missing, truncated or not safetensors."""
     if not path.is_file():
-        raise CorruptFileError(f"{path} is missing: rerun train.py for this run")
+        raise CorruptFileError(f"run_dir: {path} is missing: rerun train.py for this run")
     try:
         with safe_open(str(path), framework="pt"):
             pass
     except Exception as e:  # safetensors raises several exception types on bad files
-        raise CorruptFileError(f"cannot read {path} ({e}); rerun train.py for this run") from e
+        raise CorruptFileError(f"run_dir: cannot read {path} ({e}); rerun train.py for this run") from e
 
 
 @dataclass(frozen=True)
