@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from saeot.evaluation import benchmark
 from saeot.evaluation.synthetic import (
     KINDS,
+    activation_agreement,
+    latents_to_true_by_decoder,
     SCENARIOS,
     SyntheticConfig,
     SyntheticSAEs,
@@ -293,6 +295,32 @@ def test_trained_saes_truth_by_decoder_cosine():
     assert ok.any()
     assert torch.equal(tb[truth[ok]], world.truth[(a, b)][ta[ok]])
     assert set(saes.kinds[(a, b)]) <= {*KINDS, "unmapped"}
+    # a latent stands for a feature only if it also fires with it: its activations correlate
+    for hook in world.hooks:
+        l2t = saes.latent_to_true[hook]
+        agree = activation_agreement(saes[hook], world, hook, l2t, "train", 4096)
+        assert (agree[l2t >= 0] >= 0.5).all() and torch.isnan(agree[l2t < 0]).all()
+    by_decoder, _ = latents_to_true_by_decoder(saes[a].W_dec, world.directions[a])
+    strict = trained_saes(world, steps=150, batch_size=256, min_act_corr=0.99)
+    loose = trained_saes(world, steps=150, batch_size=256, min_act_corr=-1.0)
+    assert torch.equal(loose.latent_to_true[a], by_decoder)  # no activation test: the decoder decides alone
+    assert (strict.latent_to_true[a] >= 0).sum() < (loose.latent_to_true[a] >= 0).sum()
+
+
+def test_activation_agreement_is_the_pearson_correlation():
+    world = make_world(SyntheticConfig(n_features=16, d_model=8, n_tokens=2048, chunk_size=512))
+    saes = oracle_saes(world, perturb=0.05)
+    hook = world.hooks[0]
+    l2t = saes.latent_to_true[hook].clone()
+    l2t[3] = -1
+    got = activation_agreement(saes[hook], world, hook, l2t, "train", 1024)
+    h = torch.cat(list(world.hidden_states(hook, "train", n_tokens=1024)))
+    c = torch.cat(list(world.true_activations(hook, "train", n_tokens=1024)))
+    acts = saes[hook].encode(h).detach()
+    for j in (0, 5, 9):
+        want = torch.corrcoef(torch.stack([acts[:, j], c[:, l2t[j]]]))[0, 1]
+        assert float(got[j]) == pytest.approx(float(want), abs=1e-4)
+    assert torch.isnan(got[3])
 
 
 def test_bad_settings_fail_early():

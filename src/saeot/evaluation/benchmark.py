@@ -129,14 +129,15 @@ def correlations(world: Any, saes: Any, n_tokens: int) -> dict:
     return cons.results()
 
 
-def evaluate_world(cfg: DictConfig, world: Any, saes: Any, matchers: dict[str, DictConfig],
-                   k: int | None = None, assignments: tuple[str, ...] = ("nearest", "hungarian")) -> tuple[dict, dict]:
-    """Scores of every matcher on one world; returns ``(scores, info)``."""
+def world_context(cfg: DictConfig, world: Any, saes: Any, k: int | None = None,
+                  samples: dict | None = None) -> tuple[MatchContext, dict, dict]:
+    """``(context, samples, info)``: what every matcher reads on one world: the SAEs, the
+    profiled samples (K = ``k`` or ``synthetic.samples_per_feature``; or ``samples`` if given)
+    projected by ``cfg.reference`` fitted on held-out tokens, the correlations."""
     scfg = cfg.synthetic
     k = k or scfg.samples_per_feature
-    a, b = world.pairs[0]
-    truth = saes.truth[(a, b)]
-    samples = profile_world(world, saes, k, scfg.sampling, cfg.seed)
+    if samples is None:
+        samples = profile_world(world, saes, k, scfg.sampling, cfg.seed)
     info: dict[str, Any] = {"shared_tokens": bool(world.shared_tokens)}
     space = instantiate(cfg.reference)
     if world.shared_tokens:
@@ -150,23 +151,38 @@ def evaluate_world(cfg: DictConfig, world: Any, saes: Any, matchers: dict[str, D
         corr = None
     info.setdefault("reference", space.name)
     projected = {h: project_samples(space, s) for h, s in samples.items()}
-    ctx = MatchContext(saes=dict(saes), samples=projected, correlations=corr)
-    alive_a = samples[a].alive
+    return MatchContext(saes=dict(saes), samples=projected, correlations=corr, reference=space), samples, info
+
+
+def score_matchers(ctx: MatchContext, saes: Any, alive_a: Any, matchers: dict[str, Any],
+                   assignments: tuple[str, ...] = ("nearest", "hungarian"), info: dict | None = None) -> dict:
+    """Scores (:func:`match_scores`) of every matcher (name -> config or Matcher) on the world's first pair."""
+    a, b = saes.world.pairs[0]
+    truth = saes.truth[(a, b)]
     out: dict[str, Any] = {}
     for name, mcfg in matchers.items():
         try:
             t0 = time.perf_counter()
-            matcher = _quiet(instantiate(mcfg))
+            matcher = _quiet(mcfg if isinstance(mcfg, Matcher) else instantiate(mcfg))
             res = matcher.match_assignments(ctx, a, b, assignments)
             out[name] = match_scores(res["nearest"], res.get("hungarian", res["nearest"]), truth, alive_a,
-                               saes.kind_masks(a, b))
+                                     saes.kind_masks(a, b))
             if "hungarian" not in res:
                 out[name]["hungarian_accuracy"] = None
             out[name]["seconds"] = time.perf_counter() - t0
         except MatcherNotApplicable as e:
             out[name] = None
-            info.setdefault("not_applicable", {})[name] = str(e)
-    return out, info
+            if info is not None:
+                info.setdefault("not_applicable", {})[name] = str(e)
+    return out
+
+
+def evaluate_world(cfg: DictConfig, world: Any, saes: Any, matchers: dict[str, DictConfig],
+                   k: int | None = None, assignments: tuple[str, ...] = ("nearest", "hungarian")) -> tuple[dict, dict]:
+    """Scores of every matcher on one world; returns ``(scores, info)``."""
+    ctx, samples, info = world_context(cfg, world, saes, k)
+    a, _ = world.pairs[0]
+    return score_matchers(ctx, saes, samples[a].alive, matchers, assignments, info), info
 
 
 def _quiet(matcher: Matcher) -> Matcher:

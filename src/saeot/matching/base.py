@@ -59,6 +59,8 @@ class MatchContext:
         device: where matchers should compute.
         shard: under DDP, this rank's part of the candidate search (matchers with
             ``shardable``); the gathered result equals one process's.
+        reference: the fitted reference space the samples were projected by (semantic OT's
+            ``decoder_weight`` maps decoder rows through it); None if not given.
     """
 
     saes: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +68,7 @@ class MatchContext:
     correlations: dict[tuple[str, str], Tensor] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     shard: Shard | None = None
+    reference: Any = None
 
 
 class MatcherNotApplicable(RuntimeError):

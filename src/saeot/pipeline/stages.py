@@ -125,7 +125,8 @@ def match(run: RunSetup, streams: Streams, reference: ReferenceFit,
     """Stage 5: every layer pair (default ``run.pairs``) through ``run.matcher``; under DDP
     (``shard``) each rank searches a block of A's features and the result is gathered."""
     ctx = MatchContext(saes=run.saes, samples=reference.projected, correlations=streams.correlations,
-                       device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), shard=shard)
+                       device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), shard=shard,
+                       reference=reference.space)
     results, per_pair = [], {}
     for a, b in run.pairs if pairs is None else pairs:
         t0 = time.perf_counter()

@@ -163,7 +163,7 @@ def run_context(run: RunDir, matcher: Matcher, saes: dict[str, Any], datamodule:
     """What ``matcher`` reads, rebuilt from the run's directory: its SAEs, its feature samples
     projected by its fitted reference space, correlations over its held-out split."""
     device = next(iter(saes.values())).W_dec.device
-    samples = correlations = None
+    samples = correlations = space = None
     hooks = sorted({h for p in pairs for h in p})
     if "samples" in matcher.requires:
         space = run.reference()
@@ -171,7 +171,7 @@ def run_context(run: RunDir, matcher: Matcher, saes: dict[str, Any], datamodule:
     if "correlations" in matcher.requires:
         correlations = _correlations(datamodule, saes, pairs, device, progress)
     return MatchContext(saes=saes, samples=samples, correlations=correlations,
-                        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), reference=space)
 
 
 def assign_run(run: RunDir, saes: dict[str, Any], datamodule: Any, pairs: Sequence[tuple[str, str]],

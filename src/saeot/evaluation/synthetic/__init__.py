@@ -113,7 +113,9 @@ tokens), with
 latents randomly permuted per layer and perturbed; latent ``j`` stands for true
 feature ``pi[j]``. :func:`trained_saes` trains sae_lens TopK SAEs on the ``train``
 split; a trained latent stands for the true feature of highest decoder cosine if that
-cosine is at least ``min_cos`` (else for nothing); it is trained through the one
+cosine is at least ``min_cos`` and its activation correlates with that feature's true
+activation at least ``min_act_corr`` (it writes *and* reads the feature; else it stands
+for nothing); it is trained through the one
 training path of :mod:`saeot.saes.training`. Either way the truth between
 latents follows from the truth between true features (:func:`express_in_latents`).
 
@@ -137,7 +139,12 @@ from saeot.evaluation.synthetic.config import (
     parse_angle,
     parse_scenario,
 )
-from saeot.evaluation.synthetic.latents import SyntheticSAEs, express_in_latents, latents_to_true_by_decoder
+from saeot.evaluation.synthetic.latents import (
+    SyntheticSAEs,
+    activation_agreement,
+    express_in_latents,
+    latents_to_true_by_decoder,
+)
 from saeot.evaluation.synthetic.metrics import (
     AFFECTED,
     affected_accuracy,
@@ -164,6 +171,7 @@ __all__ = [
     "SyntheticSAEs",
     "express_in_latents",
     "latents_to_true_by_decoder",
+    "activation_agreement",
     "ORACLE_ARCHITECTURES",
     "default_k",
     "oracle_encoder",

@@ -2,8 +2,8 @@
 
 An SAE numbers its latents in its own order; latent ``j`` of the SAE at layer ``l``
 *stands for* true feature ``latent_to_true[l][j]`` (-1: none). :func:`express_in_latents`
-re-indexes the world's truth accordingly; :func:`latents_to_true_by_decoder` decides
-what a trained latent stands for.
+re-indexes the world's truth accordingly; :func:`latents_to_true_by_decoder` and
+:func:`activation_agreement` decide what a trained latent stands for.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.util import cosine_similarities
 from torch import Tensor
 
+from saeot.evaluation.synthetic._random import torch_threads
 from saeot.evaluation.synthetic.config import KINDS
 from saeot.evaluation.synthetic.world import SyntheticWorld
 
-__all__ = ["SyntheticSAEs", "express_in_latents", "latents_to_true_by_decoder", "sae_metadata"]
+__all__ = ["SyntheticSAEs", "express_in_latents", "latents_to_true_by_decoder", "activation_agreement",
+           "sae_metadata"]
 
 
 def sae_metadata(hook: str) -> SAEMetadata:
@@ -153,3 +155,32 @@ def latents_to_true_by_decoder(w_dec: Tensor, directions: Tensor, min_cos: float
     best, index = cos.max(dim=1)
     index = torch.where(best >= min_cos, index, torch.full_like(index, -1))
     return index, best
+
+
+@torch.no_grad()
+def activation_agreement(sae: Any, world: SyntheticWorld, hook: str, latent_to_true: Tensor,
+                         split: str = "train", n_tokens: int = 8192) -> Tensor:
+    """``[F]`` Pearson correlation, over ``n_tokens`` tokens of ``split``, between each latent's
+    activation and the true activation of the feature it stands for (NaN for latents that stand
+    for nothing, or that are constant there).
+
+    A latent whose decoder row points at feature f but that does not fire when f fires
+    writes f without reading it; such a latent is not f (see :func:`trained_saes`).
+    """
+    l2t = latent_to_true.long()
+    mapped = (l2t >= 0).nonzero().flatten()
+    n = 0
+    sums = torch.zeros(5, len(mapped), dtype=torch.float64)  # x, y, xx, yy, xy
+    for h, c, _ in world.stream(hook, split, batch_size=world.config.chunk_size, n_tokens=n_tokens):
+        with torch_threads(world.config.threads):
+            x = sae.encode(h)[:, mapped].double()
+        y = c[:, l2t[mapped]].double()
+        sums += torch.stack([x.sum(0), y.sum(0), (x * x).sum(0), (y * y).sum(0), (x * y).sum(0)])
+        n += h.shape[0]
+    sx, sy, sxx, syy, sxy = sums / max(n, 1)
+    cov, vx, vy = sxy - sx * sy, sxx - sx * sx, syy - sy * sy
+    corr = cov / (vx * vy).clamp_min(1e-30).sqrt()
+    corr[(vx <= 1e-20) | (vy <= 1e-20)] = float("nan")
+    out = torch.full((len(l2t),), float("nan"))
+    out[mapped] = corr.float()
+    return out

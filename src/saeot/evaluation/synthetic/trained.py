@@ -12,6 +12,7 @@ import torch
 from saeot.evaluation.synthetic._random import mix_seed, torch_threads
 from saeot.evaluation.synthetic.latents import (
     SyntheticSAEs,
+    activation_agreement,
     express_in_latents,
     latents_to_true_by_decoder,
     sae_metadata,
@@ -34,6 +35,8 @@ def trained_saes(
     min_cos: float = 0.7,
     dead_window: int = 200,
     train_tokens: int | None = None,
+    min_act_corr: float = 0.5,
+    check_tokens: int = 8192,
 ) -> SyntheticSAEs:
     """TopK SAEs trained with :func:`saeot.saes.training.train_sae` on each layer.
 
@@ -47,9 +50,13 @@ def trained_saes(
     ``d_sae`` defaults to the layer's number of true features, ``k`` to
     ``ceil(L0 + sqrt(L0))`` with L0 the layer's expected number of firing features.
 
-    Truth: latent ``j`` stands for the true feature with the highest decoder cosine if
-    it is at least ``min_cos`` (:func:`latents_to_true_by_decoder`), else for nothing;
-    then :func:`express_in_latents` (several latents may stand for one feature: A-side
+    Truth: latent ``j`` stands for the true feature f with the highest decoder cosine if
+    that cosine is at least ``min_cos`` (:func:`latents_to_true_by_decoder`: it *writes*
+    f) and its activation correlates with f's true activation at least ``min_act_corr``
+    over ``check_tokens`` tokens of the ``train`` split (:func:`activation_agreement`: it
+    *reads* f); else for nothing. Without the second test about one latent in six of a
+    600-step TopK SAE stood for a feature whose tokens it hardly fires on, and such latents
+    decided the benchmark for the decoder-based matchers. Then :func:`express_in_latents` (several latents may stand for one feature: A-side
     they all get its partner, B-side the closest one is the partner).
     Deterministic in ``seed`` (the global RNG is forked, not touched).
     """
@@ -69,4 +76,6 @@ def trained_saes(
                             order_seed=mix_seed(cfg.seed, 401, seed, layer), name=hook, metadata=sae_metadata(hook))
         saes[hook] = inference_sae(sae)
         l2t[hook], lcos[hook] = latents_to_true_by_decoder(saes[hook].W_dec, world.directions[hook], min_cos)
+        agree = activation_agreement(saes[hook], world, hook, l2t[hook], "train", check_tokens)
+        l2t[hook] = torch.where(agree >= min_act_corr, l2t[hook], torch.full_like(l2t[hook], -1))
     return express_in_latents(world, saes, l2t, lcos)

@@ -1,0 +1,141 @@
+"""Semantic OT's cost variants (saeot.matching.semantic_cost): each is the cost it says, the pruned
+search equals brute force, the defaults leave the matcher as it was."""
+
+import math
+
+import pytest
+import torch
+
+from saeot.matching.base import MatchContext, MatcherNotApplicable
+from saeot.matching.semantic_cost import SemanticCost, halves, self_distances
+from saeot.matching.semantic_ot import SemanticOT
+from saeot.reference import Standardize, project_samples
+from saeot.transport import ExactW2, SinkhornW2, SlicedW2, w2_exact_pair
+from saeot.types import FeatureSamples
+
+
+def _clouds(F, K, r, seed, dead=()):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(F, 1, r, generator=g, dtype=torch.float64)
+    x = centres + torch.rand(F, 1, 1, generator=g, dtype=torch.float64) * torch.randn(F, K, r, generator=g,
+                                                                                   dtype=torch.float64)
+    w = torch.rand(F, K, generator=g, dtype=torch.float64) + 0.1
+    w[:, K - 2:] = 0  # padding
+    for d in dead:
+        w[d] = 0
+    return x, w
+
+
+def _samples(hook, x, w):
+    F, K, _ = x.shape
+    z = torch.zeros(F)
+    return FeatureSamples(hook=hook, points=x.float(), weights=w.float(), n_fire=(w > 0).sum(1), act_sum=z,
+                          act_max=z, n_tokens=100, token_ids=torch.full((F, K), -1), locations=torch.full((F, K, 2), -1),
+                          activations=w.float())
+
+
+VARIANTS = [
+    {},
+    {"debias": 1.0},
+    {"centred_weight": 0.3},
+    {"normalize": "mean"},
+    {"debias": 0.5, "centred_weight": 0.5, "normalize": "mean"},
+    {"decoder_weight": 0.7, "debias": 0.5},
+]
+
+
+@pytest.mark.parametrize("settings", VARIANTS)
+@pytest.mark.parametrize("solver", [ExactW2(n_jobs=1), SinkhornW2(reg=0.05, n_iter=300), SlicedW2(n_projections=16)])
+def test_pruned_nearest_equals_brute_force(settings, solver):
+    xa, wa = _clouds(13, 9, 4, 0, dead=(3,))
+    xb, wb = _clouds(17, 7, 4, 1, dead=(5,))
+    g = torch.Generator().manual_seed(2)
+    dirs = {"dirs_a": torch.randn(13, 4, generator=g), "dirs_b": torch.randn(17, 4, generator=g)}
+    cost = SemanticCost(solver, xa, wa, xb, wb, **settings, **dirs)
+    ia, ib = torch.meshgrid(torch.arange(13), torch.arange(17), indexing="ij")
+    dense = cost.pairs(ia.flatten(), ib.flatten()).view(13, 17)
+    cost.n_solved = 0
+    c, i = cost.nearest(3, chunk=5)
+    want_c, want_i = torch.sort(dense, dim=1, stable=True)
+    alive = torch.isfinite(want_c[:, 0])
+    assert torch.allclose(c[alive], want_c[alive, :3], rtol=1e-6, atol=1e-9)
+    assert torch.equal(i[alive], want_i[alive, :3])
+    assert (i[3] == -1).all() and torch.isinf(c[3]).all() and not (i == 5).any()
+    if isinstance(solver, ExactW2) and settings.get("debias"):
+        assert cost.n_solved < 13 * 17  # the bound pruned some pairs
+
+
+def test_each_setting_is_the_cost_it_says():
+    xa, wa = _clouds(4, 8, 3, 3)
+    xb, wb = _clouds(5, 6, 3, 4)
+    ex = ExactW2(n_jobs=1)
+    ia, ib = torch.tensor([0, 1, 3]), torch.tensor([4, 0, 2])
+
+    def w2(x, w, y, v):
+        return torch.tensor([w2_exact_pair(x[i], w[i], y[j], v[j]) for i, j in zip(ia.tolist(), ib.tolist())],
+                            dtype=torch.float64)
+
+    plain = w2(xa, wa, xb, wb)
+    assert torch.allclose(SemanticCost(ex, xa, wa, xb, wb).pairs(ia, ib), plain)
+    ma, mb = (torch.einsum("fk,fkr->fr", w / w.sum(1, keepdim=True), x) for x, w in ((xa, wa), (xb, wb)))
+    gap = (ma[ia] - mb[ib]).pow(2).sum(1)
+    assert torch.allclose(SemanticCost(ex, xa, wa, xb, wb, centred_weight=0.0).pairs(ia, ib), gap)
+    assert torch.allclose(SemanticCost(ex, xa, wa, xb, wb, centred_weight=0.25).pairs(ia, ib),
+                          gap + 0.25 * (plain - gap))
+    # debias: half of each feature's self-distance between its two halves (alternate samples by weight)
+    sa, sb = self_distances(ex, xa, wa), self_distances(ex, xb, wb)
+    (h1, v1), (h2, v2) = halves(xa, wa)
+    assert sa[1] == pytest.approx(w2_exact_pair(h1[1], v1[1], h2[1], v2[1]))
+    assert (v1[0] >= v2[0]).sum() >= 3  # the first half takes the heavier sample of each pair
+    assert torch.allclose(SemanticCost(ex, xa, wa, xb, wb, debias=1.5).pairs(ia, ib),
+                          plain - 0.75 * (sa[ia] + sb[ib]))
+    # normalize=mean: W2 of the clouds scaled to a unit mean, so a rescaled copy is at distance 0
+    c = SemanticCost(ex, xa, wa, 3.0 * xa[[1, 0, 2, 3, 0]], wa[[1, 0, 2, 3, 0]], normalize="mean")
+    assert float(c.pairs(torch.tensor([1]), torch.tensor([0]))) == pytest.approx(0.0, abs=1e-9)
+    # the decoder term: gamma * M * (1 - cos), M the median cost of random pairs without it
+    da, db = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    c = SemanticCost(ex, xa, wa, xb, wb, decoder_weight=2.0, dirs_a=da, dirs_b=db)
+    cos = torch.nn.functional.cosine_similarity(da[ia], db[ib], dim=1)
+    assert c.scale > 0 and torch.allclose(c.pairs(ia, ib), plain + 2.0 * c.scale * (1 - cos))
+
+
+def test_matcher_defaults_unchanged_and_variants_reach_the_cost():
+    xa, wa = _clouds(10, 8, 3, 5)
+    xb, wb = _clouds(12, 8, 3, 6)
+    ctx = MatchContext(samples={"a": _samples("a", xa, wa), "b": _samples("b", xb, wb)})
+    base = SemanticOT(progress=False, solver=ExactW2(n_jobs=1))
+    assert base.cfg.plain
+    r = base.match(ctx, "a", "b")
+    brute = ExactW2(n_jobs=1).pairwise(xa.float(), wa.float(), xb.float(), wb.float())
+    assert torch.equal(r.feature_b, brute.argmin(1))
+    assert torch.allclose(r.distance, brute.min(1).values.double().sqrt(), rtol=1e-6)
+    deb = SemanticOT(progress=False, solver=ExactW2(n_jobs=1), debias=1.0)
+    rd = deb.match(ctx, "a", "b")
+    cost = deb.cost(ctx, "a", "b")
+    ia = torch.arange(10)
+    c = cost.pairs(ia, rd.feature_b)
+    assert torch.allclose(rd.distance, c.sign() * c.abs().sqrt())
+    with pytest.raises(ValueError, match="matcher.normalize"):
+        SemanticOT(normalize="unit")
+    with pytest.raises(MatcherNotApplicable, match="reference"):
+        SemanticOT(progress=False, decoder_weight=1.0).match(ctx, "a", "b")
+
+
+def test_decoder_term_reads_the_mapped_decoders():
+    """With the reference space in the context, decoder rows go through its map (phi(b + d) - phi(b))."""
+
+    class _SAE:
+        def __init__(self, w_dec):
+            self.W_dec, self.b_dec = w_dec, torch.zeros(w_dec.shape[1])
+
+    g = torch.Generator().manual_seed(0)
+    states = {"a": torch.randn(500, 3, generator=g), "b": 3.0 * torch.randn(500, 3, generator=g) + 1.0}
+    space = Standardize().fit(states)
+    xa, wa = _clouds(6, 8, 3, 7)
+    samples = {h: project_samples(space, _samples(h, xa, wa)) for h in ("a", "b")}
+    dec = torch.nn.functional.normalize(torch.randn(6, 3, generator=g), dim=1)
+    ctx = MatchContext(saes={"a": _SAE(dec), "b": _SAE(dec[[2, 0, 1, 5, 3, 4]])}, samples=samples, reference=space)
+    m = SemanticOT(progress=False, solver=ExactW2(n_jobs=1), decoder_weight=50.0, centred_weight=0.0)
+    # the clouds say identity, the (much heavier) decoder term says the permutation
+    assert m.match(ctx, "a", "b").feature_b.tolist() == [1, 2, 0, 4, 5, 3]
+    assert math.isfinite(m.cost(ctx, "a", "b").scale)
