@@ -200,7 +200,7 @@ def train_sae(
                 fired = (out.feature_acts > 0).any(0)
                 fired_recently = torch.where(fired, torch.zeros_like(fired_recently), fired_recently + 1)
             if cfg.progress and step % 50 == 0:
-                bar.set_postfix(loss=out.loss.item())
+                bar.set_postfix(loss=out.loss.item(), refresh=False)  # shown at the next timed redraw
     if scale is not None:
         sae.fold_activation_norm_scaling_factor(scale)
     return sae
