@@ -32,7 +32,9 @@ from omegaconf import DictConfig
 
 from saeot.evaluation.benchmark import run_benchmark
 from saeot.evaluation.circuit_run import evaluate_circuit
+from saeot.evaluation.dashboard import log_evaluation
 from saeot.evaluation.functional import evaluate_runs
+from saeot.pipeline.config import build
 
 __all__ = ["Evaluation", "EVALUATIONS", "select_evaluation", "run_evaluate"]
 
@@ -92,8 +94,13 @@ def select_evaluation(cfg: DictConfig) -> Evaluation:
 
 
 def run_evaluate(cfg: DictConfig, out_dir: str | Path) -> Any:
-    """Run the selected evaluation (:func:`select_evaluation`) into ``out_dir``."""
-    return select_evaluation(cfg).run(cfg, Path(out_dir))
+    """Run the selected evaluation (:func:`select_evaluation`) into ``out_dir``; its tables,
+    numbers and plots go to the configured ``logger`` (:mod:`saeot.evaluation.dashboard`)."""
+    evaluation = select_evaluation(cfg)
+    logger = build(cfg.logger) if cfg.get("logger") else None  # built first: a bad logger setting fails now
+    result = evaluation.run(cfg, Path(out_dir))
+    log_evaluation(logger, cfg, result, out_dir)
+    return result
 
 
 def _expand(patterns: list) -> list[str]:
