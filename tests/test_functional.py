@@ -6,6 +6,7 @@ from __future__ import annotations
 import html.parser
 import json
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -449,15 +450,21 @@ def test_report_is_escaped_and_structured():
     assert "report <of> run" in "".join(p.text)  # escaped, then decoded back to the same text
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None and not Path("/usr/bin/chromium").exists(),
+def _chromium() -> str | None:
+    return shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+# in CI (.ci/run installs chromium; CI=true) a missing chromium is a failure, not a skip
+@pytest.mark.skipif(_chromium() is None and not os.environ.get("CI"),
                     reason="no chromium: structure is checked by test_report_is_escaped_and_structured")
 def test_report_renders_in_headless_chromium(tmp_path):
     from PIL import Image
 
+    exe = _chromium()
+    assert exe is not None, "CI=true but chromium is not installed (.ci/run installs it with apt-get)"
     page = tmp_path / "report.html"
     page.write_text(_report_html())
     png = tmp_path / "shot.png"
-    exe = shutil.which("chromium") or "/usr/bin/chromium"
     subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
                     f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900", f"--screenshot={png}",
