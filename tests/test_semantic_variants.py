@@ -1,5 +1,5 @@
 """Semantic OT's cost variants (saeot.matching.semantic_cost): each is the cost it says, the pruned
-search equals brute force, the defaults leave the matcher as it was."""
+search equals brute force, debias=0 is the plain W2 matcher."""
 
 import math
 
@@ -99,11 +99,12 @@ def test_each_setting_is_the_cost_it_says():
     assert c.scale > 0 and torch.allclose(c.pairs(ia, ib), plain + 2.0 * c.scale * (1 - cos))
 
 
-def test_matcher_defaults_unchanged_and_variants_reach_the_cost():
+def test_plain_w2_setting_and_variants_reach_the_cost():
     xa, wa = _clouds(10, 8, 3, 5)
     xb, wb = _clouds(12, 8, 3, 6)
     ctx = MatchContext(samples={"a": _samples("a", xa, wa), "b": _samples("b", xb, wb)})
-    base = SemanticOT(progress=False, solver=ExactW2(n_jobs=1))
+    assert SemanticOT().cfg.debias == 1.0 and not SemanticOT().cfg.plain  # the default is debiased
+    base = SemanticOT(progress=False, solver=ExactW2(n_jobs=1), debias=0.0)
     assert base.cfg.plain
     r = base.match(ctx, "a", "b")
     brute = ExactW2(n_jobs=1).pairwise(xa.float(), wa.float(), xb.float(), wb.float())
@@ -135,7 +136,7 @@ def test_decoder_term_reads_the_mapped_decoders():
     samples = {h: project_samples(space, _samples(h, xa, wa)) for h in ("a", "b")}
     dec = torch.nn.functional.normalize(torch.randn(6, 3, generator=g), dim=1)
     ctx = MatchContext(saes={"a": _SAE(dec), "b": _SAE(dec[[2, 0, 1, 5, 3, 4]])}, samples=samples, reference=space)
-    m = SemanticOT(progress=False, solver=ExactW2(n_jobs=1), decoder_weight=50.0, centred_weight=0.0)
+    m = SemanticOT(progress=False, solver=ExactW2(n_jobs=1), decoder_weight=50.0, centred_weight=0.0, debias=0.0)
     # the clouds say identity, the (much heavier) decoder term says the permutation
     assert m.match(ctx, "a", "b").feature_b.tolist() == [1, 2, 0, 4, 5, 3]
     assert math.isfinite(m.cost(ctx, "a", "b").scale)
