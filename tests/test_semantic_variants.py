@@ -140,3 +140,52 @@ def test_decoder_term_reads_the_mapped_decoders():
     # the clouds say identity, the (much heavier) decoder term says the permutation
     assert m.match(ctx, "a", "b").feature_b.tolist() == [1, 2, 0, 4, 5, 3]
     assert math.isfinite(m.cost(ctx, "a", "b").scale)
+
+
+@pytest.mark.parametrize("solver", [ExactW2(n_jobs=1), ExactW2(n_jobs=2, bound="gelbrich"),
+                                    ExactW2(n_jobs=1, bound="max_sliced", certify=True, certify_candidates=6)])
+@pytest.mark.parametrize("settings", [{"debias": 1.0}, {"debias": 1.5, "decoder_weight": 0.7}])
+def test_debiased_cost_runs_the_exact_cascade_and_equals_brute_force(solver, settings):
+    """With centred_weight 1 the cost is W2^2 + exact terms: the search runs the solver's bound cascade
+    (fidelity / Gelbrich / max-sliced, optionally Sinkhorn-certified) shifted by those terms; a subset of
+    rows (a DDP shard) gives the same rows of the result."""
+    xa, wa = _clouds(40, 12, 5, 7, dead=(4,))
+    xb, wb = _clouds(50, 10, 5, 8, dead=(9,))
+    g = torch.Generator().manual_seed(3)
+    dirs = {"dirs_a": torch.randn(40, 5, generator=g), "dirs_b": torch.randn(50, 5, generator=g)}
+    cost = SemanticCost(solver, xa, wa, xb, wb, **settings, **dirs)
+    assert cost.cascades
+    ia, ib = torch.meshgrid(torch.arange(40), torch.arange(50), indexing="ij")
+    dense = cost.pairs(ia.flatten(), ib.flatten()).view(40, 50)
+    want_c, want_i = torch.sort(dense, dim=1, stable=True)
+    cost.n_solved = 0
+    c, i = cost.nearest(2, chunk=16)
+    alive = torch.isfinite(want_c[:, 0])
+    assert torch.equal(c[alive], want_c[alive, :2])  # the same numbers, not only close ones
+    assert torch.equal(i[alive], want_i[alive, :2]) and (i[4] == -1).all()
+    assert cost.n_solved < 0.6 * 39 * 49
+    rows = torch.tensor([31, 4, 0, 17])
+    cr, ir = cost.nearest(2, rows=rows, chunk=3)
+    assert torch.equal(ir, i[rows]) and torch.equal(cr[ir[:, 0] >= 0], c[rows][ir[:, 0] >= 0])
+
+
+def test_cascade_prunes_the_debiased_cost_like_plain_w2():
+    """The debiased default is searched with the same cascade as plain W2 (before, only the mean + spread
+    bound pruned it): on clouds with shared means and different covariances it solves far fewer pairs."""
+    g = torch.Generator().manual_seed(0)
+    F, K, r = 60, 16, 6
+    frames = torch.linalg.qr(torch.randn(F, r, 2, generator=g, dtype=torch.float64))[0]  # [F, r, 2]
+    x = (torch.randn(F, K, 2, generator=g, dtype=torch.float64) @ frames.transpose(1, 2)) \
+        + 0.05 * torch.randn(F, 1, r, generator=g, dtype=torch.float64)
+    w = torch.rand(F, K, generator=g, dtype=torch.float64) + 0.1
+    y = x[torch.randperm(F, generator=g)] + 0.01 * torch.randn(F, K, r, generator=g, dtype=torch.float64)
+    solved = {}
+    for name, solver in (("cascade", ExactW2(n_jobs=1)), ("mean_spread", ExactW2(n_jobs=1))):
+        cost = SemanticCost(solver, x, w, y, w, debias=1.0)
+        cost.cascades = name == "cascade"
+        cost.n_solved = 0
+        solved[name] = (cost.nearest(2), cost.n_solved)
+    (c1, i1), n1 = solved["cascade"]
+    (c2, i2), n2 = solved["mean_spread"]
+    assert torch.equal(i1, i2) and torch.allclose(c1, c2, rtol=0, atol=1e-12)
+    assert n1 < 0.5 * n2

@@ -24,8 +24,11 @@ centred term), the cost of the pair (i, j) is
 * ``normalize="mean"``: every feature's cloud is divided by the norm of its mean first
   (invariant to per-feature rescaling of the activations' scale in the reference space).
 
-All defaults give :math:`c = W_2^2`. :func:`SemanticCost.nearest` is exact under the
-solver: :math:`\|m_i - m_j\|^2 + \omega (s_i - s_j)^2 + \text{(the exact extra terms)}`
+:func:`SemanticCost.nearest` is exact under the solver. With :class:`~saeot.transport.ExactW2`
+and ``centred_weight = 1`` (the default cost, debiased) ``c`` is :math:`W_2^2` plus exact
+per-pair terms, so the solver's own bound cascade (fidelity, Gelbrich, ...) prunes it,
+shifted by those terms (:class:`~saeot.transport.CostOffset`). Otherwise
+:math:`\|m_i - m_j\|^2 + \omega (s_i - s_j)^2 + \text{(the exact extra terms)}`
 is a lower bound of ``c`` wherever :math:`(s_i - s_j)^2` bounds the solver's centred
 term (mean + spread bound, :func:`saeot.transport.lower_bound_mean_spread`), so
 candidates are visited in increasing bound order and the search of a row stops when the
@@ -42,7 +45,7 @@ import torch
 from torch import Tensor
 
 from saeot.progress import progress_bar
-from saeot.transport import W2Solver, feature_moments
+from saeot.transport import CostOffset, ExactW2, W2Solver, feature_moments
 
 __all__ = ["NORMALIZE", "SemanticCost", "self_distances", "mapped_directions"]
 
@@ -125,19 +128,39 @@ class SemanticCost:
             self.ua = torch.nn.functional.normalize(self.dirs_a.double().cpu(), dim=1)
             self.ub = torch.nn.functional.normalize(self.dirs_b.double().cpu(), dim=1)
         self.scale = self._decoder_scale() if self.decoder_weight > 0 else 0.0
+        # the exact solver's cascade bounds W2^2, so it prunes W2^2 + exact terms (centred_weight 1)
+        self.cascades = isinstance(self.solver, ExactW2) and self.centred_weight == 1.0
         bound = self.solver.nearest_bound("mean_spread")  # "sliced" for the sliced solver: no pruning
         self.bound_spread = bound == "mean_spread"
         self.prunes = bound in ("mean_spread", "mean")
 
     # ------------------------------------------------------------------ the cost
+    def _w2(self, ia: Tensor, ib: Tensor) -> Tensor:
+        w2 = self.solver.pair(self.xa, self.wa, self.xb, self.wb, ia.to(self.xa.device), ib.to(self.xa.device))
+        self.n_solved += len(ia)
+        return w2.double().cpu()
+
     def _base(self, ia: Tensor, ib: Tensor) -> Tensor:
         """``[n]`` the cost without the decoder term."""
-        w2 = self.solver.pair(self.xa, self.wa, self.xb, self.wb, ia.to(self.xa.device), ib.to(self.xa.device))
-        w2 = w2.double().cpu()
-        self.n_solved += len(ia)
-        gap = (self.ma[ia] - self.mb[ib]).pow(2).sum(1).cpu()
-        cost = gap + self.centred_weight * (w2 - gap) if self.centred_weight != 1.0 else w2
-        return cost - 0.5 * self.debias * (self.self_a[ia] + self.self_b[ib])
+        w2 = self._w2(ia, ib)
+        if self.centred_weight != 1.0:
+            gap = (self.ma[ia] - self.mb[ib]).pow(2).sum(1).cpu()
+            w2 = gap + self.centred_weight * (w2 - gap)
+        return w2 - self._debias_term(ia, ib)
+
+    def _full(self, ia: Tensor, ib: Tensor) -> Tensor:
+        """``[n]`` ``c`` of alive pairs; with ``centred_weight == 1`` as ``W2^2 + offset``, the very sum
+        the cascade search makes."""
+        if self.centred_weight != 1.0:
+            return self._base(ia, ib) + self._decoder_term(ia, ib)
+        return self._w2(ia, ib) + self._offset_pairs(ia, ib)
+
+    def _debias_term(self, ia: Tensor, ib: Tensor) -> Tensor:
+        return 0.5 * self.debias * (self.self_a[ia] + self.self_b[ib])
+
+    def _offset_pairs(self, ia: Tensor, ib: Tensor) -> Tensor:
+        """``[n]`` what ``c`` adds to :math:`W_2^2` when ``centred_weight == 1`` (debias and decoder terms)."""
+        return self._decoder_term(ia, ib) - self._debias_term(ia, ib)
 
     def _decoder_term(self, ia: Tensor, ib: Tensor) -> Tensor:
         if not self.decoder_weight:
@@ -150,7 +173,7 @@ class SemanticCost:
         out = torch.full((len(ia),), math.inf, dtype=torch.float64)
         ok = self.alive_a[ia].cpu() & self.alive_b[ib].cpu()
         if ok.any():
-            out[ok] = self._base(ia[ok], ib[ok]) + self._decoder_term(ia[ok], ib[ok])
+            out[ok] = self._full(ia[ok], ib[ok])
         return out
 
     def _decoder_scale(self) -> float:
@@ -180,6 +203,8 @@ class SemanticCost:
                 progress: bool = False) -> tuple[Tensor, Tensor]:
         """``(cost [n, k], index [n, k])``: the k cheapest B features of A's ``rows`` (default all),
         ascending, exact under the solver (ties by index); ``inf`` / -1 padding, dead rows all padding."""
+        if self.cascades:
+            return self._nearest_cascade(k, rows, chunk, progress)
         rows = torch.arange(self.xa.shape[0]) if rows is None else rows.long().cpu()
         n, kk = len(rows), min(k, self.xb.shape[0])
         cost = torch.full((n, k), math.inf, dtype=torch.float64)
@@ -191,6 +216,16 @@ class SemanticCost:
             cost[s:s + chunk, :kk], index[s:s + chunk, :kk] = c, i
             bar.update(len(r))
         bar.close()
+        return cost, index
+
+    def _nearest_cascade(self, k: int, rows: Tensor | None, chunk: int, progress: bool) -> tuple[Tensor, Tensor]:
+        """The exact solver's bound cascade (:meth:`saeot.transport.ExactW2.nearest`) on ``W2^2 + O``."""
+        xa, wa = (self.xa, self.wa) if rows is None else (self.xa[rows], self.wa[rows])
+        offset = _Offset(self, None if rows is None else rows.long().cpu())
+        res = self.solver.nearest(xa, wa, self.xb, self.wb, k=k, chunk=chunk, progress=progress, offset=offset)
+        self.n_solved += int(res.n_solved)
+        cost, index = res.cost.double().cpu(), res.index.cpu()
+        index[~torch.isfinite(cost)] = -1
         return cost, index
 
     def _nearest_chunk(self, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -216,7 +251,7 @@ class SemanticCost:
             jj = torch.gather(order[act], 1, take)[valid]
             c = torch.full(take.shape, math.inf, dtype=torch.float64)
             if len(rr):
-                c[valid] = self._base(rows[rr], jj) + self._decoder_term(rows[rr], jj)
+                c[valid] = self._full(rows[rr], jj)
             j_full = torch.where(valid, torch.gather(order[act], 1, take), torch.full_like(take, -1))
             allc = torch.cat([best_c[act], c], 1)
             alli = torch.cat([best_i[act], j_full], 1)
@@ -234,6 +269,28 @@ class SemanticCost:
             step = min(2 * step, 64)
         best_i[~torch.isfinite(best_c)] = -1
         return best_c, best_i
+
+
+class _Offset(CostOffset):
+    """The debias and decoder terms of a :class:`SemanticCost` for the cascade search (rows of A
+    optionally a subset ``rows``)."""
+
+    def __init__(self, cost: SemanticCost, rows: Tensor | None):
+        self.cost, self.rows = cost, rows
+
+    def _rows(self, local: Tensor) -> Tensor:
+        return local if self.rows is None else self.rows[local]
+
+    def dense(self, rows: slice) -> Tensor:
+        c = self.cost
+        ia = self._rows(torch.arange(rows.start, rows.stop))
+        out = -0.5 * c.debias * (c.self_a[ia][:, None] + c.self_b[None, :])
+        if c.decoder_weight:
+            out = out + c.decoder_weight * c.scale * (1 - c.ua[ia] @ c.ub.T)
+        return out
+
+    def pairs(self, ia: Tensor, ib: Tensor) -> Tensor:
+        return self.cost._offset_pairs(self._rows(ia.long().cpu()), ib.long().cpu())
 
 
 def _normalize(x: Tensor, w: Tensor) -> Tensor:

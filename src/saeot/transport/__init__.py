@@ -90,6 +90,7 @@ from saeot.transport._gelbrich import lower_bound_fidelity, lower_bound_gelbrich
 from saeot.transport._max_sliced import lower_bound_max_sliced
 from saeot.transport._moments import feature_moments
 from saeot.transport._nearest import NearestResult
+from saeot.transport._nearest_exact import CostOffset
 from saeot.transport._sinkhorn import w2_sinkhorn
 from saeot.transport._sliced import sliced_directions, w2_sliced
 from saeot.transport.solvers import ExactW2, SinkhornW2, SlicedW2, W2Solver
@@ -102,6 +103,7 @@ __all__ = [
     "BOUNDS",
     "CASCADES",
     "NearestResult",
+    "CostOffset",
     "cost_matrices",
     "w2_exact_pair",
     "w2_sinkhorn",

@@ -14,6 +14,12 @@ For each chunk of rows of A (:func:`_search_exact`):
 4. the survivors are solved exactly in increasing bound, one row per task on threads,
    skipping every pair whose bound exceeds ``min(t_i, current k-th best cost)``.
 
+With an ``offset`` (:class:`CostOffset`) the cost searched is ``W2^2 + O[i, j]`` for exact
+extra terms ``O`` (e.g. semantic OT's debiasing and decoder terms): every bound above is
+shifted by the same ``O`` (lowered by a rounding slack), thresholds go back to ``W2^2``
+units for the pair stages, and each solved pair's cost is ``w2 + offset.pairs(i, j)``, the
+very number the caller's own pair evaluation gives.
+
 A pair is left unsolved only when its safe bound exceeds a number that is at least the
 row's k-th smallest computed cost, so its own computed cost is strictly larger: the
 result equals brute force under the same solver, ties broken by the smaller index. A row
@@ -35,26 +41,55 @@ from saeot.transport._cost import _alive
 from saeot.transport._nearest import NearestResult
 from saeot.transport._parallel import _bar, _parallel_map, _split
 
+#: relative slack by which an offset bound is lowered (covers the rounding of ``L + O`` and the
+#: difference between ``offset.dense`` and ``offset.pairs``)
+_OFFSET_REL = 1e-12
+
+
+class CostOffset:
+    """Exact extra terms of a cost ``W2^2 + O[i, j]`` searched by :meth:`~saeot.transport.ExactW2.nearest`.
+
+    Subclasses give ``O`` for a block of rows against every column (``dense``, for bounds:
+    it may differ from ``pairs`` by rounding only) and for given pairs (``pairs``: the
+    values added to solved costs, so they must be the caller's own). Indices are rows of
+    the ``xa`` and ``xb`` passed to the search.
+    """
+
+    def dense(self, rows: slice) -> Tensor:  # pragma: no cover - interface
+        """``[n, Fb]`` float64 offsets of rows ``rows`` against every column."""
+        raise NotImplementedError
+
+    def pairs(self, ia: Tensor, ib: Tensor) -> Tensor:  # pragma: no cover - interface
+        """``[P]`` float64 offsets of the pairs ``(ia, ib)``."""
+        raise NotImplementedError
+
+
+def _shift(L: Tensor, O: Tensor) -> Tensor:
+    """``L + O`` lowered by a rounding slack; ``inf`` stays ``inf`` (dead pairs)."""
+    return torch.where(torch.isfinite(L), L + O - _OFFSET_REL * (O.abs() + L.abs()), L)
+
 
 def _visit(ex, jobs: list, k: int, n_jobs: int, bar=None) -> list[tuple[list, int]]:
     """Exact solves along each row's candidate list; returns ``(best, n_solved)`` per job.
 
-    A job is ``(i, bounds, cols, limit, best)``: candidates ``cols`` of row ``i`` sorted by
+    A job is ``(i, bounds, cols, limit, best, offs)``: candidates ``cols`` of row ``i`` sorted by
     their safe ``bounds`` (ascending), a threshold ``limit`` (>= the row's k-th smallest
-    cost) and the ``(cost, j)`` pairs already solved. A candidate is solved unless its
+    cost), the ``(cost, j)`` pairs already solved and the candidates' cost offsets (None: 0). A candidate is solved unless its
     bound exceeds ``min(limit, k-th best cost so far)``; then all later ones are skipped too.
     """
 
     def one(job) -> tuple[list, int]:
-        i, bounds, cols, limit, best = job
+        i, bounds, cols, limit, best, offs = job
         best = list(best)
         pa = ex.side_a(i)
         n = 0
-        for b, j in zip(bounds.tolist(), cols.tolist()):
+        offs = [0.0] * len(cols) if offs is None else offs.tolist()
+        for b, j, o in zip(bounds.tolist(), cols.tolist(), offs):
             thr = min(limit, best[k - 1][0]) if len(best) >= k else limit
             if b > thr:
                 break
-            best.append((ex.cost_trimmed(pa, ex.side_b(j)), j))
+            c = ex.cost_trimmed(pa, ex.side_b(j))
+            best.append((c + o if o else c, j))
             best.sort()  # (cost, j): ties by the smaller index, like a stable sort of the row
             del best[k:]
             n += 1
@@ -69,13 +104,14 @@ def _kth(best: list, k: int) -> float:
 
 
 def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int, chunk: int,
-                  certify: dict | None = None, progress: bool = False, desc: str = "W2 exact nearest") -> NearestResult:
+                  certify: dict | None = None, progress: bool = False, desc: str = "W2 exact nearest",
+                  offset: CostOffset | None = None) -> NearestResult:
     """The search of :meth:`~saeot.transport.ExactW2.nearest` (inputs already checked).
 
     ``ex`` is the exact pair evaluator (``side_a``, ``side_b``, ``cost_trimmed``, ``n_jobs``),
     ``cascade`` the bounds. ``certify`` (None: off) holds ``candidates``, ``reg``, ``n_iter``
     of the Sinkhorn certification. ``chunk`` rows of A are bounded at once (two
-    ``[chunk, Fb]`` float64 matrices).
+    ``[chunk, Fb]`` float64 matrices). ``offset``: search ``W2^2 + O`` (:class:`CostOffset`).
     """
     Fa = xa.shape[0]
     alive_a, alive_b = _alive(wa), _alive(wb)
@@ -96,15 +132,22 @@ def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb:
                 continue
             A = cascade.side_a(rows)
             L, tol = cascade.dense(A)
+            O = None if offset is None else offset.dense(rows).to(L)
             ids = live.nonzero().flatten().tolist()
             best = {i: [] for i in ids}
             if certify is None:
-                thr, n0 = _seed(ex, L, ids, s, k, kk, best)
+                thr, n0 = _seed(ex, L, ids, s, k, kk, best, O, offset)
             else:
-                thr, n0 = _certify(cascade, L, tol, ids, s, kk, certify, xa, wa, xb, wb)
+                thr, n0 = _certify(cascade, L, tol, ids, s, kk, certify, xa, wa, xb, wb, O)
             n_solved += n0
-            ia, ib = ((L <= thr.unsqueeze(1)) & torch.isfinite(L)).nonzero(as_tuple=True)
-            Lr = cascade.refine(A, ia, ib, L[ia, ib], tol[ia, ib], thr[ia])
+            Lc = L if O is None else _shift(L, O)
+            ia, ib = ((Lc <= thr.unsqueeze(1)) & torch.isfinite(Lc)).nonzero(as_tuple=True)
+            if O is None:
+                Lr = cascade.refine(A, ia, ib, L[ia, ib], tol[ia, ib], thr[ia])
+            else:  # the pair stages bound W2^2: thresholds back in its units (a little loose: safe)
+                o = O[ia, ib]
+                lim = thr[ia] - o + _OFFSET_REL * (o.abs() + thr[ia].abs())
+                Lr = _shift(cascade.refine(A, ia, ib, L[ia, ib], tol[ia, ib], lim), o)
             keep = Lr <= thr[ia]
             ia, ib, Lr = ia[keep], ib[keep], Lr[keep]
             counts = torch.bincount(ia, minlength=n).cpu()
@@ -115,8 +158,11 @@ def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb:
             Lr_np, ib_np = Lr[o].cpu().numpy(), ib[o].cpu().numpy()
             starts = np.concatenate([[0], np.cumsum(counts.numpy())])
             thr_l = thr.cpu().tolist()
-            jobs = [(s + i, Lr_np[starts[i]:starts[i + 1]], ib_np[starts[i]:starts[i + 1]], thr_l[i], best[i])
-                    for i in ids]
+            offs = None
+            if offset is not None:
+                offs = offset.pairs(ia[o].cpu() + s, ib[o].cpu()).double().cpu().numpy()
+            jobs = [(s + i, Lr_np[starts[i]:starts[i + 1]], ib_np[starts[i]:starts[i + 1]], thr_l[i], best[i],
+                     None if offs is None else offs[starts[i]:starts[i + 1]]) for i in ids]
             if bar is not None:
                 bar.update(n - len(ids))
             for i, (b, m) in zip(ids, _visit(ex, jobs, k, ex.n_jobs, bar)):
@@ -130,13 +176,20 @@ def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb:
                          cascade.bound, n_certified=n_certified, n_rows=int(alive_a.sum()))
 
 
-def _seed(ex, L: Tensor, ids: list, s: int, k: int, kk: int, best: dict) -> tuple[Tensor, int]:
+def _seed(ex, L: Tensor, ids: list, s: int, k: int, kk: int, best: dict, O: Tensor | None = None,
+          offset: CostOffset | None = None) -> tuple[Tensor, int]:
     """Solve the ``kk`` smallest-bound candidates of each live row exactly (into ``best``);
     the threshold is the k-th of those costs (inf with fewer than k). Seeded pairs get
-    ``L = inf`` so that they are not visited again."""
-    v, first = torch.topk(L, kk, dim=1, largest=False, sorted=True)
+    ``L = inf`` so that they are not visited again. With offsets ``O`` (and their exact
+    ``offset``) the candidates are the smallest ``L + O`` and the costs ``W2^2 + O``."""
+    v, first = torch.topk(L if O is None else _shift(L, O), kk, dim=1, largest=False, sorted=True)
     v_np, f_np = v.cpu().numpy(), first.cpu().numpy()
-    jobs = [(s + i, v_np[i][np.isfinite(v_np[i])], f_np[i][np.isfinite(v_np[i])], math.inf, []) for i in ids]
+    offs = None
+    if offset is not None:
+        rows = torch.arange(L.shape[0]).unsqueeze(1).expand_as(first)
+        offs = offset.pairs(rows.reshape(-1) + s, first.cpu().reshape(-1)).double().cpu().numpy().reshape(v_np.shape)
+    jobs = [(s + i, v_np[i][np.isfinite(v_np[i])], f_np[i][np.isfinite(v_np[i])], math.inf, [],
+             None if offs is None else offs[i][np.isfinite(v_np[i])]) for i in ids]
     thr = torch.full((L.shape[0],), -math.inf, dtype=torch.float64)
     n = 0
     for i, (b, m) in zip(ids, _visit(ex, jobs, k, ex.n_jobs)):
@@ -148,11 +201,13 @@ def _seed(ex, L: Tensor, ids: list, s: int, k: int, kk: int, best: dict) -> tupl
 
 
 def _certify(cascade: _Cascade, L: Tensor, tol: Tensor, ids: list, s: int, kk: int, opts: dict,
-             xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, batch: int = 8192) -> tuple[Tensor, int]:
+             xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, O: Tensor | None = None,
+             batch: int = 8192) -> tuple[Tensor, int]:
     """Sinkhorn bounds on the ``candidates`` smallest-bound pairs of each live row: the threshold is
-    the kk-th smallest upper bound (+ tolerance); their bounds become ``max(L, dual - tolerance)``."""
+    the kk-th smallest upper bound (+ tolerance; + the offsets ``O`` when given); their bounds
+    become ``max(L, dual - tolerance)`` (``L`` stays in ``W2^2`` units)."""
     m = min(L.shape[1], max(int(opts["candidates"]), kk))
-    v, cand = torch.topk(L, m, dim=1, largest=False, sorted=True)
+    v, cand = torch.topk(L if O is None else _shift(L, O), m, dim=1, largest=False, sorted=True)
     live = torch.zeros(L.shape[0], dtype=torch.bool, device=L.device)
     live[torch.tensor(ids, device=L.device)] = True
     ok = torch.isfinite(v) & live.unsqueeze(1)
@@ -164,7 +219,7 @@ def _certify(cascade: _Cascade, L: Tensor, tol: Tensor, ids: list, s: int, kk: i
         r, c, j = ri[q:q + batch], ci[q:q + batch], jb[q:q + batch]
         U, D = _sinkhorn_bounds(xa[s + r], wa[s + r], xb[j], wb[j], opts["reg"], opts["n_iter"], dtype=dtype)
         t = tol[r, j]
-        up[r, c] = U + t
+        up[r, c] = U + t if O is None else U + t + O[r, j] + _OFFSET_REL * (O[r, j].abs() + U.abs())
         L[r, j] = torch.maximum(L[r, j], (D - t).clamp_min(0.0))
     thr = up.sort(dim=1).values[:, kk - 1]
     return thr.masked_fill(~live, -math.inf), 0

@@ -31,7 +31,7 @@ from saeot.transport._cascade import BOUNDS, CASCADES, _Cascade
 from saeot.transport._checks import _check_nearest, _check_pair_index, _check_two
 from saeot.transport._exact import _ExactPairs
 from saeot.transport._nearest import NearestResult, _search_nearest
-from saeot.transport._nearest_exact import _search_exact
+from saeot.transport._nearest_exact import CostOffset, _search_exact
 from saeot.transport._pairs import _SinkhornPairs, _SlicedPairs
 from saeot.transport._parallel import _bar, _n_jobs
 from saeot.transport._sinkhorn import _check_sinkhorn_options
@@ -223,7 +223,7 @@ class ExactW2(W2Solver):
         return _ExactPairs(xa, wa, xb, wb, self.num_itermax, _n_jobs(self.n_jobs))
 
     def nearest(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int = 2, bound: str | None = None,
-                chunk: int = 1024, progress: bool = False) -> NearestResult:
+                chunk: int = 1024, progress: bool = False, offset: CostOffset | None = None) -> NearestResult:
         r"""Exact k nearest neighbours in B of every feature of A, pruned by a cascade of lower bounds.
 
         The cascade ``bound`` (default: the solver's ``bound``) runs its dense stages for
@@ -242,6 +242,8 @@ class ExactW2(W2Solver):
             bound: a key of :data:`~saeot.transport._cascade.CASCADES`, or None for ``self.bound``.
             chunk: rows of A bounded at once (memory about ``3 * chunk * Fb`` float64).
             progress: tqdm bar over the rows of A.
+            offset: a :class:`~saeot.transport.CostOffset`: search ``W2^2 + O[i, j]`` instead
+                (exact extra terms, e.g. semantic OT's debiasing); ``cost`` then holds those values.
 
         Returns:
             :class:`NearestResult` (``certified_fraction`` with ``certify``). Dead rows of A
@@ -254,7 +256,7 @@ class ExactW2(W2Solver):
         certify = {"candidates": self.certify_candidates, "reg": self.certify_reg,
                    "n_iter": self.certify_iter} if self.certify else None
         return _search_exact(self.prepare(xa, wa, xb, wb), cascade, xa, wa, xb, wb, k, chunk, certify, progress,
-                             f"W2 {self.name} nearest")
+                             f"W2 {self.name} nearest", offset=offset)
 
 
 @dataclass(frozen=True)
