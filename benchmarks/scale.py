@@ -131,10 +131,14 @@ def brute_force(solver: ExactW2, xa, wa, xb, wb, k: int):
     """``cost [n, k]``, ``index [n, k]`` of every pair solved (same solver, same threads), and seconds."""
     t0 = time.perf_counter()
     D = solver.pairwise(xa, wa, xb, wb).cpu()
-    dt = time.perf_counter() - t0
+    return (*_k_smallest(D, k), time.perf_counter() - t0)
+
+
+def _k_smallest(D: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest of each row of ``D`` (ties by index) and their columns (-1 where inf)."""
     v, i = D.sort(dim=1, stable=True)
     v, i = v[:, :k], i[:, :k]
-    return v, torch.where(torch.isfinite(v), i, torch.full_like(i, -1)), dt
+    return v, torch.where(torch.isfinite(v), i, torch.full_like(i, -1))
 
 
 def brute_force_cost(cost: SemanticCost, rows: torch.Tensor, n_b: int, k: int):
@@ -143,10 +147,7 @@ def brute_force_cost(cost: SemanticCost, rows: torch.Tensor, n_b: int, k: int):
     ia = rows.repeat_interleave(n_b)
     ib = torch.arange(n_b).repeat(len(rows))
     D = cost.pairs(ia, ib).view(len(rows), n_b)
-    dt = time.perf_counter() - t0
-    v, i = D.sort(dim=1, stable=True)
-    v, i = v[:, :k], i[:, :k]
-    return v, torch.where(torch.isfinite(v), i, torch.full_like(i, -1)), dt
+    return (*_k_smallest(D, k), time.perf_counter() - t0)
 
 
 def main() -> None:

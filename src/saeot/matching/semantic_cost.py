@@ -224,9 +224,7 @@ class SemanticCost:
         offset = _Offset(self, None if rows is None else rows.long().cpu())
         res = self.solver.nearest(xa, wa, self.xb, self.wb, k=k, chunk=chunk, progress=progress, offset=offset)
         self.n_solved += int(res.n_solved)
-        cost, index = res.cost.double().cpu(), res.index.cpu()
-        index[~torch.isfinite(cost)] = -1
-        return cost, index
+        return res.cost.double().cpu(), res.index.cpu()
 
     def _nearest_chunk(self, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
         lb = self.lower_bound(rows)

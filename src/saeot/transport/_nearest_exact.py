@@ -88,8 +88,7 @@ def _visit(ex, jobs: list, k: int, n_jobs: int, bar=None) -> list[tuple[list, in
             thr = min(limit, best[k - 1][0]) if len(best) >= k else limit
             if b > thr:
                 break
-            c = ex.cost_trimmed(pa, ex.side_b(j))
-            best.append((c + o if o else c, j))
+            best.append((ex.cost_trimmed(pa, ex.side_b(j)) + o, j))
             best.sort()  # (cost, j): ties by the smaller index, like a stable sort of the row
             del best[k:]
             n += 1
@@ -133,14 +132,16 @@ def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb:
             A = cascade.side_a(rows)
             L, tol = cascade.dense(A)
             O = None if offset is None else offset.dense(rows).to(L)
+            Lc = L if O is None else _shift(L, O)  # bounds of the searched cost
             ids = live.nonzero().flatten().tolist()
             best = {i: [] for i in ids}
             if certify is None:
-                thr, n0 = _seed(ex, L, ids, s, k, kk, best, O, offset)
-            else:
-                thr, n0 = _certify(cascade, L, tol, ids, s, kk, certify, xa, wa, xb, wb, O)
+                thr, n0 = _seed(ex, Lc, ids, s, k, kk, best, offset)
+            else:  # tightens L (W2^2 units) with Sinkhorn duals: the shifted bounds follow
+                thr, n0 = _certify(cascade, L, Lc, tol, ids, s, kk, certify, xa, wa, xb, wb, O)
+                if O is not None:
+                    Lc = _shift(L, O)
             n_solved += n0
-            Lc = L if O is None else _shift(L, O)
             ia, ib = ((Lc <= thr.unsqueeze(1)) & torch.isfinite(Lc)).nonzero(as_tuple=True)
             if O is None:
                 Lr = cascade.refine(A, ia, ib, L[ia, ib], tol[ia, ib], thr[ia])
@@ -176,13 +177,13 @@ def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb:
                          cascade.bound, n_certified=n_certified, n_rows=int(alive_a.sum()))
 
 
-def _seed(ex, L: Tensor, ids: list, s: int, k: int, kk: int, best: dict, O: Tensor | None = None,
+def _seed(ex, L: Tensor, ids: list, s: int, k: int, kk: int, best: dict,
           offset: CostOffset | None = None) -> tuple[Tensor, int]:
     """Solve the ``kk`` smallest-bound candidates of each live row exactly (into ``best``);
     the threshold is the k-th of those costs (inf with fewer than k). Seeded pairs get
-    ``L = inf`` so that they are not visited again. With offsets ``O`` (and their exact
-    ``offset``) the candidates are the smallest ``L + O`` and the costs ``W2^2 + O``."""
-    v, first = torch.topk(L if O is None else _shift(L, O), kk, dim=1, largest=False, sorted=True)
+    ``L = inf`` so that they are not visited again. With an ``offset`` ``L`` bounds the
+    shifted cost and the solved costs are ``W2^2 + offset.pairs``."""
+    v, first = torch.topk(L, kk, dim=1, largest=False, sorted=True)
     v_np, f_np = v.cpu().numpy(), first.cpu().numpy()
     offs = None
     if offset is not None:
@@ -200,14 +201,14 @@ def _seed(ex, L: Tensor, ids: list, s: int, k: int, kk: int, best: dict, O: Tens
     return thr.to(L.device), n
 
 
-def _certify(cascade: _Cascade, L: Tensor, tol: Tensor, ids: list, s: int, kk: int, opts: dict,
+def _certify(cascade: _Cascade, L: Tensor, Lc: Tensor, tol: Tensor, ids: list, s: int, kk: int, opts: dict,
              xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, O: Tensor | None = None,
              batch: int = 8192) -> tuple[Tensor, int]:
-    """Sinkhorn bounds on the ``candidates`` smallest-bound pairs of each live row: the threshold is
-    the kk-th smallest upper bound (+ tolerance; + the offsets ``O`` when given); their bounds
-    become ``max(L, dual - tolerance)`` (``L`` stays in ``W2^2`` units)."""
+    """Sinkhorn bounds on the ``candidates`` smallest-bound pairs of each live row (by ``Lc``, the
+    bounds of the searched cost): the threshold is the kk-th smallest upper bound (+ tolerance; + the
+    offsets ``O`` when given); their bounds become ``max(L, dual - tolerance)`` (``L`` in ``W2^2`` units)."""
     m = min(L.shape[1], max(int(opts["candidates"]), kk))
-    v, cand = torch.topk(L if O is None else _shift(L, O), m, dim=1, largest=False, sorted=True)
+    v, cand = torch.topk(Lc, m, dim=1, largest=False, sorted=True)
     live = torch.zeros(L.shape[0], dtype=torch.bool, device=L.device)
     live[torch.tensor(ids, device=L.device)] = True
     ok = torch.isfinite(v) & live.unsqueeze(1)
