@@ -1,4 +1,5 @@
-"""Hydra entry points: ``train.py`` / ``saeot-train`` and ``evaluate.py`` / ``saeot-evaluate``.
+"""Hydra entry points: ``train.py`` / ``saeot-train``, ``evaluate.py`` / ``saeot-evaluate`` and
+``rematch.py`` / ``saeot-rematch``.
 
 Bad settings end the run with one line naming the setting (exit code 2), before
 any long work; ``SAEOT_TRACEBACK=1`` shows the full traceback instead.
@@ -24,6 +25,7 @@ from saeot.io import CorruptFileError, read_json
 from saeot.matching.base import MatcherNotApplicable
 from saeot.pipeline import run_train
 from saeot.pipeline.completion import is_complete_run
+from saeot.pipeline.rematch import run_rematch
 
 #: the Hydra configs, shipped inside the package (in a checkout, src/saeot/conf links to conf/)
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -72,6 +74,10 @@ def _evaluate(cfg: DictConfig):
     return run_evaluate(cfg, HydraConfig.get().runtime.output_dir)
 
 
+def _rematch(cfg: DictConfig) -> dict:
+    return run_rematch(cfg, HydraConfig.get().runtime.output_dir)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def train_main(cfg: DictConfig):
     return _guard(_train, cfg)
@@ -80,3 +86,8 @@ def train_main(cfg: DictConfig):
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def evaluate_main(cfg: DictConfig):
     return _guard(_evaluate, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="rematch")
+def rematch_main(cfg: DictConfig):
+    return _guard(_rematch, cfg)
