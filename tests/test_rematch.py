@@ -65,3 +65,29 @@ def test_rematch_refuses_a_missing_or_unfinished_run(tmp_path, compose_cfg):
     with pytest.raises(FileNotFoundError, match="incomplete"):
         run_rematch(cfg, tmp_path / "re")
     assert not (tmp_path / "re" / "matches.csv").exists()
+
+
+def test_rematched_runs_share_the_evaluation_pass_and_functional_pairs_selects(tmp_path, compose_cfg):
+    from saeot.evaluation.functional import evaluate_runs
+
+    cache = tmp_path / "cache"
+    _train(compose_cfg, tmp_path / "src", cache, "semantic_ot")
+    cfg = compose_cfg(f"run_dir={tmp_path / 'src'}", "matcher=feature_flow", config_name="rematch",
+                      run_dir=tmp_path / "ff")
+    run_rematch(cfg, tmp_path / "ff")
+    ev = compose_cfg(f"paths.cache_dir={cache}", "functional.progress=false", "functional.report=false",
+                     "functional.pairs=[[1,3]]", "functional.fresh_contexts=4", "functional.coverage_grid=[0.5,1.0]",
+                     config_name="evaluate", run_dir=tmp_path / "eval")
+    out = evaluate_runs(ev, [tmp_path / "src", tmp_path / "ff"], tmp_path / "eval")
+    assert sorted(r["matcher"] for r in out["rows"]) == ["feature_flow", "semantic_ot"]
+    for d in ("src", "ff"):
+        f = json.loads((tmp_path / d / "metrics.json").read_text())["functional"]
+        assert list(f["pairs"]) == ["blocks.1.hook_resid_post|blocks.3.hook_resid_post"]  # 1->2 left out
+        assert f["n_runs_sharing_pass"] == 2 and "equal_coverage" in f["pairs"]["blocks.1.hook_resid_post|blocks.3.hook_resid_post"]
+    bad = compose_cfg(f"paths.cache_dir={cache}", "functional.pairs=[[2,3]]", config_name="evaluate",
+                      run_dir=tmp_path / "eval2")
+    with pytest.raises(ValueError, match=r"functional.pairs has \[\[2, 3\]\]"):
+        evaluate_runs(bad, [tmp_path / "src"], tmp_path / "eval2")
+    with pytest.raises(ValueError, match="functional.pairs"):
+        evaluate_runs(compose_cfg("functional.pairs=[[1]]", config_name="evaluate", run_dir=tmp_path / "e3"),
+                      [tmp_path / "src"], tmp_path / "e3")

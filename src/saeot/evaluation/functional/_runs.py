@@ -81,6 +81,20 @@ def evaluation_data(run: RunDir, lm: Any, settings: FunctionalSettings) -> Evalu
     return EvaluationData(run_dm, "heldout", f"fell back to heldout: {why}")
 
 
+def select_pairs(run: RunDir, pairs: Sequence[tuple[int, int]] | None) -> RunDir:
+    """``run`` with only the rows of ``matches.csv`` whose (layer_a, layer_b) is in ``pairs``
+    (``functional.pairs``; None: all); ValueError naming the setting if a pair is not the run's."""
+    if pairs is None:
+        return run
+    have = {(int(r["layer_a"]), int(r["layer_b"])) for r in run.rows}
+    missing = [list(p) for p in pairs if tuple(p) not in have]
+    if missing:
+        raise ValueError(f"functional.pairs has {missing}, not a layer pair of {run.path} "
+                         f"(its pairs: {sorted(map(list, have))})")
+    keep = set(map(tuple, pairs))
+    return dataclasses.replace(run, rows=[r for r in run.rows if (int(r["layer_a"]), int(r["layer_b"])) in keep])
+
+
 def label_runs(runs: Sequence[RunDir]) -> list[RunDir]:
     """Label = matcher name, made unique with the directory name where matchers repeat."""
     counts: dict[str, int] = {}
@@ -112,7 +126,7 @@ def evaluate_runs(cfg: DictConfig, run_dirs: Sequence[str | Path], out_dir: str 
     settings = FunctionalSettings.from_cfg(cfg.get("functional"))
     judge = build(cfg.judge) if cfg.get("judge") is not None else None
     out_dir = Path(out_dir)
-    runs = label_runs([RunDir.load(d) for d in run_dirs])
+    runs = label_runs([select_pairs(RunDir.load(d), settings.pairs) for d in run_dirs])
     groups: dict[str, list[RunDir]] = {}
     for r in runs:
         groups.setdefault(r.setup_key(), []).append(r)

@@ -25,6 +25,8 @@ class FunctionalSettings:
         split: ``fresh`` (contexts after the run's last one; default), ``heldout`` or ``profile``.
         fresh_contexts: contexts in the ``fresh`` split (None: as many as the held-out split).
         max_batches: cap on the batches streamed (None: the whole split).
+        pairs: the layer pairs ``[[a, b], ...]`` evaluated (None: every pair of each run's
+            ``matches.csv``); each must be a pair of every run.
         code_scale: ``fold`` (SAE Match Eq. 5 in folded parameters) or ``none``.
         references: which of ``sae``, ``bias``, ``mean`` to compute.
         coverage: equal-coverage curves (every matcher's full one-to-one assignment with
@@ -47,6 +49,7 @@ class FunctionalSettings:
     split: str = "fresh"
     fresh_contexts: int | None = None
     max_batches: int | None = None
+    pairs: tuple[tuple[int, int], ...] | None = None
     code_scale: str = "fold"
     references: tuple[str, ...] = REFERENCES
     coverage: bool = True
@@ -78,6 +81,14 @@ class FunctionalSettings:
         self.coverage_grid = grid
         if self.coverage_candidates < 2:
             raise ValueError(f"functional.coverage_candidates={self.coverage_candidates} must be >= 2")
+        if self.pairs is not None:
+            try:
+                pairs = tuple((int(a), int(b)) for a, b in self.pairs)
+            except (TypeError, ValueError):
+                raise ValueError(f"functional.pairs={self.pairs!r} must be a list of [layer_a, layer_b] pairs") from None
+            if not pairs:
+                raise ValueError("functional.pairs=[] selects nothing: list [layer_a, layer_b] pairs, or null for all")
+            self.pairs = pairs
         if self.max_batches is not None and self.max_batches < 1:
             raise ValueError(f"functional.max_batches={self.max_batches} must be >= 1 or null")
 
