@@ -30,7 +30,7 @@ from transformer_lens import HookedTransformer
 
 import saeot.hub as hub
 import saeot.models as models
-from saeot.cli import evaluate_main, train_main
+from saeot.cli import evaluate_main, rematch_main, train_main
 from saeot.data.text import StdlibDocstrings
 from saeot.pipeline.completion import RUN_MARKER
 from saeot.pipeline.rundir import RunDir
@@ -214,6 +214,10 @@ CASES = [
          r"cannot read .*features/blocks\.1\.hook_resid_post\.safetensors", entry="evaluate"),
     Case("matches-csv-columns", _e("run_columns"), "run_dir", r"has columns \[.*'feat_b'.*\], expected",
          entry="evaluate"),
+    Case("rematch-run-dir-null", ("matcher=feature_flow",), "run_dir", r"run_dir=null: point run_dir at a finished",
+         entry="rematch"),
+    Case("rematch-run-dir-incomplete", ("run_dir={ws}/run_incomplete", "matcher=feature_flow"), "run_dir",
+         r"is incomplete \(no \.saeot_complete", entry="rematch"),
     Case("judge-never-answers", _e("run_judge", "judge=openai_compatible", "judge.base_url=http://127.0.0.1:{port}/v1",
                                    "judge.model=m", "judge.timeout_s=1", "judge.n_pairs=2", "judge.n_control=0",
                                    "functional.coverage=false", "functional.report=false"),
@@ -293,7 +297,8 @@ def test_bad_input_ends_in_one_line_naming_the_setting(case, ws, capsys, monkeyp
     out = ws / "out" / case.id
     argv = [a.format(ws=ws, cache=ws / "cache", port=port) for a in case.argv] + [f"hydra.run.dir={out}"]
     t0 = time.perf_counter()
-    code, err = _run_cli(train_main if case.entry == "train" else evaluate_main, argv, capsys)
+    main = {"train": train_main, "evaluate": evaluate_main, "rematch": rematch_main}[case.entry]
+    code, err = _run_cli(main, argv, capsys)
     seconds = time.perf_counter() - t0
     assert code == 2, err[-20:]
     errors = [line for line in err if line.startswith("saeot: error:")]
