@@ -12,7 +12,8 @@ centred term), the cost of the pair (i, j) is
 * ``centred_weight`` :math:`\omega` (1: plain :math:`W_2^2`; 0: the mean embedding;
   between: a shrunk centred term, which carries most of the finite-sample noise);
 * ``debias`` :math:`\lambda`: :math:`S_i` is the :math:`W_2^2` between the two halves of
-  feature i's own samples (alternate samples in the order of their weights). Between two
+  feature i's own samples (alternate samples in the order of their weights; 0 for a feature
+  with fewer samples than the layer's full K, :func:`self_distances`). Between two
   K-sample clouds in r dimensions the centred term is inflated by about the clouds'
   spreads, more for broad candidates than for tight ones whatever their shape;
   subtracting half of each self-distance removes that inflation (as the Sinkhorn
@@ -67,10 +68,19 @@ def halves(x: Tensor, w: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, T
 
 
 def self_distances(solver: W2Solver, x: Tensor, w: Tensor) -> Tensor:
-    """``[F]`` the solver's :math:`W_2^2` between the two :func:`halves` of each feature's samples
-    (0 where a half is empty, e.g. a feature with one sample)."""
+    """``[F]`` the solver's :math:`W_2^2` between the two :func:`halves` of each feature's samples,
+    for the features with the full number of samples (the most any feature of the layer has,
+    K once a feature fired on K tokens); 0 for the rarer ones.
+
+    Halves of a few points overstate the inflation of a K-sample comparison (a feature seen
+    on two tokens far apart has their whole squared distance as its self-distance), and
+    subtracting it made such features every row's nearest candidate: on the SAE suite one
+    layer-12 feature seen on 2 of 2.1M tokens took 2,191 of layer 8's 2,222 matches. A rare
+    feature is compared by plain :math:`W_2^2`, which does not favour it."""
     (x1, w1), (x2, w2) = halves(x, w)
-    ok = _alive(w1) & _alive(w2)
+    n = (w > 0).sum(dim=1)
+    full = n == n.max() if n.numel() else n.bool()
+    ok = full & _alive(w1) & _alive(w2)
     out = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     idx = ok.nonzero().flatten()
     if len(idx):
