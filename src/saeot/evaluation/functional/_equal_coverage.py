@@ -117,4 +117,5 @@ def plot_equal_coverage(rows: list[dict], path: str | Path) -> Path:
             ax.set_xlabel("fraction of A matched (best pairs by the matcher's own cost)", fontsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
+    fig.tight_layout()  # rows of panels: titles clear of the x labels above them
     return save_figure(fig, Path(path))
