@@ -150,7 +150,7 @@ def _correlations(datamodule: Any, saes: dict[str, Any], pairs: Sequence[tuple[s
     hooks = sorted({h for p in pairs for h in p})
     acc = {(a, b): CorrelationAccumulator(saes[a].cfg.d_sae, saes[b].cfg.d_sae) for a, b in pairs}
     for batch in datamodule.iter_batches("heldout", device=device, progress=progress,
-                                         desc="equal coverage: correlations", hooks=hooks):
+                                         desc="activation correlations (held-out split)", hooks=hooks):
         m = batch["mask"]
         codes = {h: encode(saes[h], batch["hidden"][h][m]).cpu() for h in hooks}
         for (a, b), c in acc.items():
