@@ -31,15 +31,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from saeot.hooks import hook_layer
 from saeot.io import atomic_path, update_json
 from saeot.matching.base import Matcher
 from saeot.matching.flows import build_flows, write_flows
 from saeot.pipeline.artifacts import write_matches
 from saeot.pipeline.completion import clear_complete, mark_complete
-from saeot.pipeline.config import build, run_hooks
+from saeot.pipeline.config import build
 from saeot.pipeline.rundir import RunDir
-from saeot.pipeline.stages import summarize
+from saeot.pipeline.stages import match_pairs
 
 __all__ = ["run_rematch", "COPIED"]
 
@@ -74,7 +73,7 @@ def run_rematch(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     matcher = build(cfg.matcher)
     if not isinstance(matcher, Matcher):
         raise TypeError(f"matcher config builds a {type(matcher).__name__}, not a saeot Matcher")
-    pairs = _pairs(src)
+    pairs = src.pairs
     clear_complete(out)  # a rerun in a finished directory is unfinished until it ends
     datamodule, device = None, "cpu"
     if "correlations" in matcher.requires:  # the held-out pass of the source run, through the model
@@ -83,16 +82,8 @@ def run_rematch(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         datamodule = src.data_module(lm)
     saes = src.load_saes(device)
     ctx = run_context(src, matcher, saes, datamodule, pairs, progress=bool(cfg.get("progress", True)))
-    results, per_pair = [], {}
-    for a, b in pairs:
-        t1 = time.perf_counter()
-        res = matcher.match(ctx, a, b)
-        res.extras["seconds"] = time.perf_counter() - t1
-        results.append(res)
-        per_pair[f"{a}|{b}"] = summarize(res)
-        log.info("%s -> %s: %d/%d matched (%.1fs)", a, b, int(res.matched.sum()), res.n_features, res.extras["seconds"])
-    alive = src.alive()
-    flows = build_flows(results, alive={h: alive[h] for h in src.hooks if h in alive})
+    matches = match_pairs(matcher, ctx, pairs)
+    flows = build_flows(matches.results, alive=src.alive())
 
     run_cfg = src.cfg.copy()
     with open_dict(run_cfg):
@@ -106,10 +97,10 @@ def run_rematch(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     (out / ".hydra").mkdir(exist_ok=True)
     with atomic_path(out / ".hydra" / "config.yaml") as tmp:
         OmegaConf.save(run_cfg, tmp)
-    write_matches(results, out / "matches.csv")
+    write_matches(matches.results, out / "matches.csv")
     write_flows(flows, out / "flows.csv")
     metrics = {
-        "matching": {"matcher": matcher.name, "assignment": matcher.cfg.assignment, "pairs": per_pair},
+        "matching": matches.metrics,
         "flows": flows.summary(),
         "rematched_from": str(src.path.resolve()),
         "seconds_total": time.perf_counter() - t0,
@@ -121,10 +112,4 @@ def run_rematch(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     mark_complete(out, run_cfg)  # last: the run dir is finished
     log.info("rematched %s with %s in %.1f s -> %s", src.path, matcher.name, metrics["seconds_total"], out)
     return metrics
-
-
-def _pairs(run: RunDir) -> list[tuple[str, str]]:
-    """The source run's layer pairs, in its ``matches.csv`` order."""
-    n_layers = 1 + max(hook_layer(h) for h in run.sae_records)
-    return [(a, b) for a, b in run_hooks(run.cfg, n_layers)[1]]
 

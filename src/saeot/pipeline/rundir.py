@@ -122,11 +122,19 @@ class RunDir:
         """The same run under another table label."""
         return dataclasses.replace(self, label=label)
 
+    def _hooks_and_pairs(self) -> tuple[list[str], list[tuple[str, str]]]:
+        n_layers = 1 + max((hook_layer(h) for h in self.sae_records), default=0)  # for layers.ids=all
+        return run_hooks(self.cfg, n_layers)
+
     @property
     def hooks(self) -> tuple[str, ...]:
         """The run's SAE hooks, sorted by layer (``layers.ids`` at ``layers.site``)."""
-        n_layers = 1 + max((hook_layer(h) for h in self.sae_records), default=0)  # for layers.ids=all
-        return tuple(run_hooks(self.cfg, n_layers)[0])
+        return tuple(self._hooks_and_pairs()[0])
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """The run's layer pairs (hook A, hook B), as ``train.py`` matched them (``layers.pairs``)."""
+        return tuple((a, b) for a, b in self._hooks_and_pairs()[1])
 
     @property
     def site(self) -> str:

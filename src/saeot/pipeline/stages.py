@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from saeot.matching.base import MatchContext, Shard
+from saeot.matching.base import Matcher, MatchContext, Shard
 from saeot.pipeline.config import build, check_layers, layer_ids, run_hooks, wants_all_layers
 from saeot.pipeline.state import Matches, ReferenceFit, RunSetup, Streams
 from saeot.profiling import (
@@ -36,7 +36,7 @@ from saeot.reference import project_samples
 from saeot.saes import check_saes
 from saeot.types import MatchResult
 
-__all__ = ["setup", "stream", "fit_reference", "match", "summarize", "trainer_shard"]
+__all__ = ["setup", "stream", "fit_reference", "match", "match_pairs", "summarize", "trainer_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +127,20 @@ def match(run: RunSetup, streams: Streams, reference: ReferenceFit,
     ctx = MatchContext(saes=run.saes, samples=reference.projected, correlations=streams.correlations,
                        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), shard=shard,
                        reference=reference.space)
+    return match_pairs(run.matcher, ctx, run.pairs if pairs is None else pairs)
+
+
+def match_pairs(matcher: Matcher, ctx: MatchContext, pairs: Sequence[tuple[str, str]]) -> Matches:
+    """Every layer pair through ``matcher`` on ``ctx``, timed and summarized (``metrics.json["matching"]``)."""
     results, per_pair = [], {}
-    for a, b in run.pairs if pairs is None else pairs:
+    for a, b in pairs:
         t0 = time.perf_counter()
-        res = run.matcher.match(ctx, a, b)
+        res = matcher.match(ctx, a, b)
         res.extras["seconds"] = time.perf_counter() - t0
         results.append(res)
         per_pair[f"{a}|{b}"] = summarize(res)
         log.info("%s -> %s: %d/%d matched (%.1fs)", a, b, int(res.matched.sum()), res.n_features, res.extras["seconds"])
-    metrics = {"matcher": run.matcher.name, "assignment": run.matcher.cfg.assignment, "pairs": per_pair}
+    metrics = {"matcher": matcher.name, "assignment": matcher.cfg.assignment, "pairs": per_pair}
     return Matches(results=results, metrics=metrics)
 
 
