@@ -114,6 +114,29 @@ def test_a_changed_file_builds_a_new_corpus(tmp_path):
     assert any("A new guide" in t for s in SPLITS for t in c2.split_documents(s))
 
 
+def test_this_project_is_not_part_of_its_own_corpus(tmp_path):
+    """saeot's METADATA is its README: were it in the corpus, every README edit + reinstall would
+    build another corpus (found when a reinstall made the suite re-extract it)."""
+    site = tmp_path / "site"
+    _fake_site(site)
+    own = site / "saeot-0.1.0.dist-info"
+    own.mkdir()
+    (own / "METADATA").write_text("Metadata-Version: 2.1\nName: saeot\n\n# saeot README\n\n" + PROSE * 2)
+    (site / "saeot").mkdir()
+    (site / "saeot" / "__init__.py").write_text('"""saeot package docstring. ' + PROSE + '"""\n')
+    (site / "__editable___saeot_0_1_0_finder.py").write_text('"""saeot editable finder. ' + PROSE + '"""\n')
+    (site / "saeotherpkg.py").write_text('"""Another package whose name starts alike. ' + PROSE + '"""\n')
+    c = _corpus(tmp_path)
+    first = c.directory()
+    ids = {r["id"] for s in SPLITS for r in c.records(s)}
+    assert not any("saeot" in i.split(":")[1] and "saeotherpkg" not in i for i in ids), ids
+    assert any(i.startswith("saeotherpkg:") for i in ids)  # only the distribution itself is left out
+    assert "alpha:alpha-1.0.dist-info/METADATA" in ids
+    (own / "METADATA").write_text("Metadata-Version: 2.1\nName: saeot\n\n# saeot README, edited\n\n" + PROSE * 3)
+    os.utime(own / "METADATA", ns=(1, 1))
+    assert _corpus(tmp_path).directory() == first
+
+
 def test_bad_settings_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match="data.text.fractions"):
         PackagesCorpus(roots=[str(tmp_path)], stdlib=False, fractions={"profile": 0.9, "heldout": 0.2, "fresh": 0.0})

@@ -69,6 +69,9 @@ _SKIP_DOC_DIRS = {"data", "benchmarks", "examples", "fixtures"}  # data files na
 _SKIP_NAME_PARTS = ("license", "licence", "copying", "notice", "authors", "requirements", "entry_points",
                     "top_level", "record", "sources", "dependency_links", "installer", "requested", "wheel",
                     "namespace_packages", "not-zip-safe", "api_tests", "changelog", "changes", "history")
+#: distributions left out: this project itself (its METADATA is the README, which changes with every
+#: edit and reinstall: the corpus, and every cache keyed on it, would change with it)
+_SKIP_DISTS = {"saeot"}
 FORMAT = 1
 
 
@@ -109,8 +112,20 @@ def _prose(text: str, min_letters: float = 0.5) -> bool:
     return n_letters / min(len(text), 20000) >= min_letters and len(text.split()) >= 8
 
 
+def _own(top: str) -> bool:
+    """``top`` (a site-packages entry) belongs to a distribution in :data:`_SKIP_DISTS`
+    (its package, its ``.dist-info``, its editable-install hooks)."""
+    name = top.lower()
+    for d in _SKIP_DISTS:
+        if name in (d, f"{d}.py") or name.startswith((f"{d}-", f"__editable__.{d}-", f"__editable___{d}_")):
+            return True
+    return False
+
+
 def _skipped(rel: Path) -> bool:
     parts = [p.lower() for p in rel.parts]
+    if _own(parts[0]):
+        return True
     if _SKIP_DIRS.intersection(parts[:-1]):
         return True
     if any(p.endswith(".dist-info") or p.endswith(".egg-info") for p in parts[:-1]):
