@@ -29,7 +29,7 @@ from saeot.circuits import (
     select_nodes,
 )
 from saeot.circuits.curves import curve_counts
-from saeot.circuits.evaluate import coherence, feature_means, pearson, score_circuit
+from saeot.circuits.evaluate import CircuitScore, coherence, feature_means, pearson, score_circuit
 from saeot.circuits.grouping import attribution_profiles, cosine_distances, random_partition_distances
 from saeot.circuits.supernodes import agglomerate, decoder_cosine_distances, semantic_distances
 from saeot.circuits.tasks import TaskError, clean_accuracy
@@ -452,6 +452,8 @@ def test_callback_compresses_the_planted_circuit(tmp_path):
         assert pts[-1]["largest_supernode"] == 4 and pts[-1]["error_share_kept"] == 0.0  # no error node here
     at_one = {g: pts[0]["faithfulness"] for g, pts in m["curves"].items()}  # ratio 1: singletons for everyone
     assert len(set(at_one.values())) == 1
+    for pts in m["curves"].values():  # singletons keep the top nodes themselves: no gain, no loss
+        assert pts[0]["faithfulness_top_nodes"] == pts[0]["faithfulness"] and pts[0]["grouping_gain"] == 0.0
     assert m["curves"]["semantic_ot"][2]["faithfulness"] == m["faithfulness_compressed"]  # same count, same circuit
     assert (tmp_path / "circuit_curves.png").stat().st_size > 5000
 
@@ -546,6 +548,31 @@ def test_attribution_profile_clustering_merges_nodes_with_identical_edge_profile
     assert D[4].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0]  # no profile: no direction
     labels = agglomerate(D, n_clusters=6)
     assert labels[0] == labels[1] and len(set(labels.tolist())) == 6
+
+
+def test_curve_point_compares_whole_supernodes_with_the_same_number_of_top_nodes():
+    """A big supernode is kept whole (more nodes); the point also scores the same number of
+    nodes chosen one by one, so the grouping is judged at an equal node count."""
+    from saeot.circuits.curves import curve_point, ranked_nodes
+
+    a, b, c, d, e = (NodeRef(H0, i) for i in range(5))
+    effect = {a: 4.0, b: 3.0, c: 0.5, d: -0.5, e: 0.1}
+    total = sum(abs(v) for v in effect.values())
+    calls = []
+
+    def score(kept):  # faithfulness = share of |effect| kept (a stand-in for patching the model)
+        calls.append(sorted(kept))
+        f = sum(abs(effect[n]) for n in kept) / total
+        return CircuitScore(metric=f, faithfulness=f, accuracy=1.0, n_nodes=len(kept))
+
+    assert ranked_nodes([[c, a], [e, d, b]], effect) == [a, b, c, d, e]
+    p = curve_point([[a, c, d, e], [b]], effect, 5, 0.5, score)  # budget 1 supernode: the big one (|4.1| > 3)
+    assert p["nodes_kept"] == 4 and p["faithfulness"] == pytest.approx(5.1 / total)
+    assert p["faithfulness_top_nodes"] == pytest.approx(8.0 / total)  # a, b, c, d
+    assert p["grouping_gain"] == pytest.approx(-2.9 / total)
+    assert calls == [sorted([a, c, d, e]), sorted([a, b, c, d])]
+    q = curve_point([[a, b], [c, d, e]], effect, 5, 0.5, score)  # the two largest together: nothing lost
+    assert q["nodes_kept"] == 2 and q["grouping_gain"] == 0.0
 
 
 def test_random_grouping_is_seeded_and_curve_counts_cover_the_ratios():

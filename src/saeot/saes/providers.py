@@ -158,6 +158,7 @@ class LocalTrainedSAEs(SAEProvider):
         d_sae: number of features (or ``expansion`` x d_model when None).
         k: TopK's k.
         l1_coefficient / l0_coefficient: sparsity penalties of standard / JumpReLU.
+        target_l0: JumpReLU: train towards this L0 (quadratic loss) instead of penalising L0.
         lr, steps, batch_size, train_tokens, seed: training settings.
         cache_dir: cache root (default ``$SAEOT_CACHE`` or ``~/.cache/saeot``).
     """
@@ -171,6 +172,7 @@ class LocalTrainedSAEs(SAEProvider):
         l1_coefficient: float = 5.0,
         l0_coefficient: float = 1.0,
         jumprelu_init_threshold: float = 0.01,
+        target_l0: float | None = None,
         lr: float = 3e-3,
         steps: int = 600,
         batch_size: int = 512,
@@ -185,7 +187,7 @@ class LocalTrainedSAEs(SAEProvider):
         self.architecture = architecture
         self.d_sae, self.expansion, self.k = d_sae, expansion, k
         self.l1_coefficient, self.l0_coefficient = l1_coefficient, l0_coefficient
-        self.jumprelu_init_threshold = jumprelu_init_threshold
+        self.jumprelu_init_threshold, self.target_l0 = jumprelu_init_threshold, target_l0
         self.lr, self.steps, self.batch_size, self.train_tokens, self.seed = lr, steps, batch_size, train_tokens, seed
         self.cache_dir = cache_dir
         self.device = device
@@ -198,7 +200,7 @@ class LocalTrainedSAEs(SAEProvider):
         return SAETrainingConfig(
             architecture=self.architecture, d_sae=self.d_sae or self.expansion * d_model, k=self.k,
             l1_coefficient=self.l1_coefficient, l0_coefficient=self.l0_coefficient,
-            jumprelu_init_threshold=self.jumprelu_init_threshold, lr=self.lr, steps=self.steps,
+            jumprelu_init_threshold=self.jumprelu_init_threshold, target_l0=self.target_l0, lr=self.lr, steps=self.steps,
             batch_size=self.batch_size, normalize_inputs=True, device=self.device, progress=self.progress,
         )
 

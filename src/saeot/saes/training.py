@@ -67,6 +67,9 @@ class SAETrainingConfig:
         k: TopK's k.
         l1_coefficient: sparsity penalty of ``standard``.
         l0_coefficient, jumprelu_init_threshold: sparsity penalty and initial threshold of ``jumprelu``.
+        target_l0: ``jumprelu`` only: when set, sae_lens' quadratic sparsity loss around this L0
+            (``l0_coefficient * 2 / target_l0 * (L0 - target_l0)^2``, Gemma Scope 2) instead of
+            the L0 penalty; null keeps the L0 penalty (and the cache keys of SAEs trained with it).
         lr, steps, batch_size: Adam learning rate, steps, rows per step.
         dead_window: a latent silent for more than this many consecutive steps is dead.
         normalize_inputs: rescale inputs to mean norm ``sqrt(d)`` while training (folded back after).
@@ -80,6 +83,7 @@ class SAETrainingConfig:
     l1_coefficient: float = 5.0
     l0_coefficient: float = 1.0
     jumprelu_init_threshold: float = 0.01
+    target_l0: float | None = None
     lr: float = 3e-3
     steps: int = 600
     batch_size: int = 512
@@ -91,6 +95,8 @@ class SAETrainingConfig:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"sae.architecture={self.architecture!r}; expected one of {sorted(ARCHITECTURES)}")
+        if self.target_l0 is not None and not (0 < self.target_l0 <= self.d_sae):
+            raise ValueError(f"sae.target_l0={self.target_l0}: expected a number in (0, d_sae={self.d_sae}] or null")
 
     def architecture_options(self) -> dict[str, Any]:
         """The settings specific to :attr:`architecture` (e.g. ``{"k": 16}`` for TopK)."""
@@ -112,7 +118,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "jumprelu": Architecture(
         JumpReLUTrainingSAE,
         JumpReLUTrainingSAEConfig,
-        lambda c: {"l0_coefficient": c.l0_coefficient, "jumprelu_init_threshold": c.jumprelu_init_threshold},
+        lambda c: {"l0_coefficient": c.l0_coefficient, "jumprelu_init_threshold": c.jumprelu_init_threshold,
+                   **({} if c.target_l0 is None else {"jumprelu_sparsity_loss_mode": "quadratic",
+                                                      "target_l0": float(c.target_l0)})},
     ),
     "standard": Architecture(StandardTrainingSAE, StandardTrainingSAEConfig, lambda c: {"l1_coefficient": c.l1_coefficient}),
 }
