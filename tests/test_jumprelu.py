@@ -65,3 +65,28 @@ def test_sae_architecture_jumprelu_trains_through_the_config(compose_cfg, tiny_l
     assert provider.n_trained == 0
     with pytest.raises(ValueError, match="sae.architecture"):
         build(compose_cfg("experiment=smoke", "sae.architecture=gated"))
+
+
+def test_target_l0_trains_towards_it_and_keys_the_cache():
+    """``sae.target_l0`` switches sae_lens' JumpReLU to its quadratic loss around that L0; null
+    leaves the settings (so the cache keys of SAEs trained before it existed) unchanged."""
+    from saeot.saes.providers import LocalTrainedSAEs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(4096, 32, generator=g)) @ torch.randn(32, 24, generator=g)
+
+    def l0(target):
+        cfg = SAETrainingConfig(architecture="jumprelu", d_sae=64, steps=400, batch_size=256, target_l0=target)
+        tsae = train_sae(x, cfg, seed=0)
+        assert tsae.cfg.jumprelu_sparsity_loss_mode == "quadratic" and tsae.cfg.target_l0 == float(target)
+        with torch.no_grad():
+            return float((inference_sae(tsae).eval().encode(x[:1024]) > 0).float().sum(1).mean())
+
+    low, high = l0(2), l0(48)
+    assert high > 2 * low  # the same data, seed and steps: the L0 follows the target
+    assert abs(high - 48) < 8  # and lands near it (the threshold moves slowly: 2 is not reached in 400 steps)
+    plain = LocalTrainedSAEs(architecture="jumprelu").settings(24)
+    assert "target_l0" not in plain and "jumprelu_sparsity_loss_mode" not in plain
+    assert LocalTrainedSAEs(architecture="jumprelu", target_l0=64).settings(24)["target_l0"] == 64.0
+    with pytest.raises(ValueError, match="sae.target_l0"):
+        SAETrainingConfig(architecture="jumprelu", d_sae=64, target_l0=100)
