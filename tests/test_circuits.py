@@ -454,6 +454,8 @@ def test_callback_compresses_the_planted_circuit(tmp_path):
     assert len(set(at_one.values())) == 1
     for pts in m["curves"].values():  # singletons keep the top nodes themselves: no gain, no loss
         assert pts[0]["faithfulness_top_nodes"] == pts[0]["faithfulness"] and pts[0]["grouping_gain"] == 0.0
+    for g, pts in m["curves"].items():
+        assert m["curve_mean_grouping_gain"][g] == pytest.approx(sum(p["grouping_gain"] for p in pts) / len(pts), abs=1e-5)
     assert m["curves"]["semantic_ot"][2]["faithfulness"] == m["faithfulness_compressed"]  # same count, same circuit
     assert (tmp_path / "circuit_curves.png").stat().st_size > 5000
 

@@ -364,9 +364,12 @@ class CircuitCompression(L.Callback, RunCallback):
         curves = supernode_curves(graph, ref_of, c_sem.node_ids, effect, dist, counts, score, self.keep_fraction,
                                   self.linkage, self.random_seed)
         mean = {g: sum(p["faithfulness"] for p in pts) / len(pts) for g, pts in curves.items() if pts}
-        log.info("supernode curves (mean faithfulness over %d counts): %s", len(counts),
-                 ", ".join(f"{g} {_fmt(v)}" for g, v in mean.items()))
+        gain = {g: sum(p["grouping_gain"] for p in pts) / len(pts) for g, pts in curves.items() if pts}
+        log.info("supernode curves over %d counts: mean faithfulness %s; mean gain over the same number of top "
+                 "nodes %s", len(counts), ", ".join(f"{g} {_fmt(v)}" for g, v in mean.items()),
+                 ", ".join(f"{g} {v:+.3f}" for g, v in gain.items()))
         return {"curves": curves, "curve_counts": counts, "curve_mean_faithfulness": mean,
+                "curve_mean_grouping_gain": gain,
                 **({"curve_notes": notes} if notes else {})}
 
     def _score_clustering(self, c: Clustering, d_sem: torch.Tensor, d_cos: torch.Tensor, ref_of: dict[str, NodeRef],
