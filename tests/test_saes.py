@@ -170,6 +170,18 @@ def test_local_trained_saes_train_through_train_sae(tiny_dm, tiny_lm):
     assert torch.equal(mine.W_dec, direct.W_dec) and torch.equal(mine.b_enc, direct.b_enc)
 
 
+def test_the_training_pool_is_the_profile_tokens_in_order(tiny_dm):
+    """collect fills a preallocated buffer: the same rows as concatenating the batches, cut at train_tokens."""
+    hooks = list(tiny_dm.hooks)
+    batches = list(tiny_dm.iter_batches("profile", hooks=hooks))
+    want = {h: torch.cat([b["hidden"][h][b["mask"]].float() for b in batches]) for h in hooks}
+    n_all = want[hooks[0]].shape[0]
+    for n in (n_all // 3, n_all + 50):  # cut inside a batch; more than the split holds
+        pool = LocalTrainedSAEs(train_tokens=n, progress=False).collect(tiny_dm, hooks)
+        for h in hooks:
+            assert pool[h].dtype == torch.float32 and torch.equal(pool[h], want[h][:n])
+
+
 def test_unknown_architecture_names_the_setting():
     with pytest.raises(ValueError, match="sae.architecture"):
         LocalTrainedSAEs(architecture="nope")

@@ -271,20 +271,28 @@ class LocalTrainedSAEs(SAEProvider):
         return {h: disk_record(self._paths[h]) for h in hooks}
 
     def collect(self, datamodule: Any, hooks: list[str]) -> dict[str, torch.Tensor]:
-        """Up to ``train_tokens`` hidden states per hook from the profile split, ``[N, d]``."""
-        bufs: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+        """Up to ``train_tokens`` hidden states per hook from the profile split, ``[N, d]`` fp32,
+        written into one buffer per hook allocated up front (peak memory: the pool, not the
+        pool plus its batches, as gathering and concatenating took)."""
+        bufs: dict[str, torch.Tensor] = {}
         n = 0
         with progress_bar(total=self.train_tokens, desc="collect SAE training tokens", enabled=self.progress, leave=False) as bar:
             for batch in datamodule.iter_batches("profile", device=self.device, hooks=hooks):
                 mask = batch["mask"]
+                take = min(int(mask.sum()), self.train_tokens - n)
                 for h in hooks:
-                    bufs[h].append(batch["hidden"][h][mask].float().cpu())
-                got = int(mask.sum())
-                n += got
-                bar.update(got)
+                    x = batch["hidden"][h][mask][:take]
+                    if h not in bufs:
+                        bufs[h] = torch.empty(self.train_tokens, x.shape[-1], dtype=torch.float32)
+                    bufs[h][n:n + take].copy_(x)
+                n += take
+                bar.update(take)
                 if n >= self.train_tokens:
                     break
-        return {h: torch.cat(v)[: self.train_tokens] for h, v in bufs.items()}
+        if n == 0:
+            raise ValueError(f"sae.train_tokens={self.train_tokens}: the profile split gave no token to train the SAEs "
+                             f"of {hooks} on (data.max_contexts, data.heldout_fraction)")
+        return {h: b if n == b.shape[0] else b[:n].clone() for h, b in bufs.items()}
 
     def train_one(self, acts: torch.Tensor, hook: str) -> Any:
         """Train a fresh training SAE on ``acts [N, d]``; returns it with the input scale folded in."""
