@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from saeot.profiling import StreamingProfiler
@@ -83,18 +84,20 @@ def test_dead_feature_has_zero_weights():
     assert torch.all(fs.token_ids[3] == -1)
 
 
-def test_sparse_topk_update_equals_the_dense_one():
-    """The topk profiler reads only the firing entries; the result is the dense computation's."""
+@pytest.mark.parametrize("mode", ["topk", "reservoir"])
+def test_sparse_update_equals_the_dense_one(mode):
+    """The profiler reads only the firing entries; the result is the dense computation's, in both modes."""
     for seed, density, k in ((0, 0.02, 4), (1, 0.3, 7), (2, 0.9, 3)):
         h, acts, toks, locs = _stream(n=900, F=40, d=6, seed=seed, density=density)
-        sparse = _run(h, acts, toks, locs, k=k, batch=50)
-        dense = StreamingProfiler("blocks.0.hook_resid_post", 40, 6, k=k)
+        sparse = _run(h, acts, toks, locs, k=k, batch=50, mode=mode, seed=seed)
+        dense = StreamingProfiler("blocks.0.hook_resid_post", 40, 6, k=k, mode=mode, seed=seed)
         for i in range(0, len(h), 50):
             dense._update_dense(h[i:i + 50], acts[i:i + 50], toks[i:i + 50], locs[i:i + 50])
         a, b = sparse.finalize(), dense.finalize()
         for field in ("points", "weights", "token_ids", "locations", "activations", "n_fire", "act_max"):
             assert torch.equal(getattr(a, field), getattr(b, field)), (seed, field)
         assert torch.allclose(a.act_sum, b.act_sum, rtol=1e-12) and a.n_tokens == b.n_tokens
+        assert torch.equal(sparse.keys.sort(1).values, dense.keys.sort(1).values), seed  # slots may differ
 
 
 def test_any_number_of_shards_gives_the_one_pass_samples_with_ties():

@@ -147,11 +147,7 @@ class StreamingProfiler:
             raise ValueError(f"update: h {tuple(h.shape)} / acts {tuple(acts.shape)} do not fit F={self.F}, d={self.d}")
         if not bool(torch.isfinite(acts.sum())):  # one reduction: NaN / inf anywhere make the sum non-finite
             raise FloatingPointError(f"non-finite SAE activations at {self.hook}")
-        acts = acts.float()
-        if self.mode == "topk":
-            self._update_topk_sparse(h, acts, token_ids, locations)
-        else:
-            self._update_dense(h, acts, token_ids, locations)
+        self._update_sparse(h, acts.float(), token_ids, locations)
 
     def _update_dense(self, h: Tensor, acts: Tensor, token_ids: Tensor, locations: Tensor) -> None:
         """Per-feature candidates from the whole ``[N, F]`` key matrix (reservoir keys are random per entry)."""
@@ -173,13 +169,15 @@ class StreamingProfiler:
             fetch=lambda f, j: (h[cand_rows[f, j]], token_ids[cand_rows[f, j]]),
         )
 
-    def _update_topk_sparse(self, h: Tensor, acts: Tensor, token_ids: Tensor, locations: Tensor) -> None:
-        """``topk`` from the firing entries only: the same state as :meth:`_update_dense` (up to exact ties).
+    def _update_sparse(self, h: Tensor, acts: Tensor, token_ids: Tensor, locations: Tensor) -> None:
+        """From the firing entries only: the same state as :meth:`_update_dense` (up to exact ties).
 
         SAE codes are sparse (TopK: k of F per token), so the statistics are scattered from
-        the ``nnz`` firing entries, and a firing entry is a candidate only if it beats its
-        feature's current K-th largest activation; the survivors are ranked per feature
-        (at most K kept) and merged by :meth:`_absorb`. Cost ``O(nnz)`` instead of ``O(N F)``.
+        the ``nnz`` firing entries, their keys are computed there alone (the activation for
+        ``topk``; :meth:`keys_of`'s reservoir key for ``reservoir``), and a firing entry is a
+        candidate only if its key beats its feature's current K-th largest key; the survivors
+        are ranked per feature (at most K kept) and merged by :meth:`_absorb`. Cost ``O(nnz)``
+        instead of ``O(N F)``, for both modes.
         """
         rows, feats = acts.nonzero(as_tuple=True)  # SAE codes are >= 0: the firing entries, in one pass
         vals = acts[rows, feats]
@@ -191,27 +189,34 @@ class StreamingProfiler:
         self.act_sum.index_add_(0, feats, vals.double())
         self.act_max = self.act_max.scatter_reduce(0, feats, vals, "amax", include_self=True)
         self.n_tokens += h.shape[0]
+        if self.mode == "topk":
+            keys = vals
+        else:  # as keys_of, entry by entry
+            u = token_uniform(self.seed, locations[rows, 0], locations[rows, 1], feats)
+            keys = (torch.log(u) / vals.double()).to(self.keys.dtype)
         # ties with the K-th key are candidates too: _absorb ranks equal keys by token order
-        beat = vals >= self.keys.min(dim=1).values[feats]  # -inf while a feature has a free slot
+        beat = keys >= self.keys.min(dim=1).values[feats]  # -inf while a feature has a free slot
         if not bool(beat.any()):
             return
-        rows, feats, vals = rows[beat], feats[beat], vals[beat]
+        rows, feats, vals, keys = rows[beat], feats[beat], vals[beat], keys[beat]
         by_token = torch.argsort(locations[rows, 0] * _POS_SPAN + locations[rows, 1], stable=True)
-        rows, feats, vals = rows[by_token], feats[by_token], vals[by_token]
-        order = torch.argsort(vals, descending=True, stable=True)
-        order = order[torch.argsort(feats[order], stable=True)]  # by feature, then by activation (desc.)
-        rows, feats, vals = rows[order], feats[order], vals[order]
+        rows, feats, vals, keys = rows[by_token], feats[by_token], vals[by_token], keys[by_token]
+        order = torch.argsort(keys, descending=True, stable=True)
+        order = order[torch.argsort(feats[order], stable=True)]  # by feature, then by key (desc.)
+        rows, feats, vals, keys = rows[order], feats[order], vals[order], keys[order]
         counts = torch.bincount(feats, minlength=F)
         rank = torch.arange(len(feats), device=feats.device) - (torch.cumsum(counts, 0) - counts)[feats]
         top = rank < K
-        rows, feats, vals, rank = rows[top], feats[top], vals[top], rank[top]
+        rows, feats, vals, keys, rank = rows[top], feats[top], vals[top], keys[top], rank[top]
         m = int(rank.max()) + 1
         cand_keys = torch.full((F, m), float("-inf"), device=acts.device)
+        cand_acts = torch.zeros((F, m), device=acts.device)
         cand_rows = torch.zeros((F, m), dtype=torch.long, device=acts.device)
-        cand_keys[feats, rank] = vals
+        cand_keys[feats, rank] = keys
+        cand_acts[feats, rank] = vals
         cand_rows[feats, rank] = rows
         self._absorb(
-            cand_keys, cand_keys, locations[cand_rows],
+            cand_keys, cand_acts, locations[cand_rows],
             fetch=lambda f, j: (h[cand_rows[f, j]], token_ids[cand_rows[f, j]]),
         )
 
