@@ -95,3 +95,12 @@ def test_option_composes_and_builds(group, option, tmp_path, compose_cfg):
     elif group == "model" and option == "tiny_random":
         lm = instantiate(node)
         assert lm.n_layers >= 2
+
+
+def test_the_local_sae_config_lists_every_training_setting():
+    """Every training setting of LocalTrainedSAEs is in conf/sae/train_local.yaml, so each one can be
+    overridden from the command line (sae.jumprelu_init_threshold once was not: Hydra refused it)."""
+    node = OmegaConf.load(Path(CONF_DIR) / "sae" / "train_local.yaml")
+    params = set(inspect.signature(get_object(node["_target_"])).parameters) - {"self", "device", "progress"}
+    missing = sorted(params - set(node))
+    assert not missing, f"conf/sae/train_local.yaml lacks {missing}"
