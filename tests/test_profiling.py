@@ -62,17 +62,39 @@ def test_merge_of_shards_equals_one_pass_topk():
     assert torch.allclose(merged.weights, whole.weights)
 
 
-def test_reservoir_samples_proportionally_to_activation():
-    # K = 1: A-Res keeps token t with probability a_t / sum(a)
+@pytest.mark.parametrize("mode", ["reservoir", "coupled"])
+def test_reservoir_samples_proportionally_to_activation(mode):
+    # K = 1: A-Res keeps token t with probability a_t / sum(a); coupling the draws across features keeps that law
     a = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
     h = torch.eye(4)
     counts = torch.zeros(4)
     for s in range(2000):
-        p = StreamingProfiler("x", 1, 4, k=1, mode="reservoir", seed=s)
+        p = StreamingProfiler("x", 1, 4, k=1, mode=mode, seed=s)
         p.update(h, a, torch.arange(4), torch.stack([torch.zeros(4, dtype=torch.long), torch.arange(4)], 1))
         counts[int(p.finalize().points[0, 0].argmax())] += 1
     freq = counts / counts.sum()
     assert torch.allclose(freq, a.flatten() / a.sum(), atol=0.04)
+
+
+def test_coupled_sampling_keeps_the_same_tokens_for_features_that_fire_alike():
+    """Features 0 and 1 fire on the same tokens with proportional activations, feature 2 on the
+    same tokens with other activations: under ``coupled`` 0 and 1 keep the same tokens (common
+    random numbers), under ``reservoir`` their independent draws differ."""
+    g = torch.Generator().manual_seed(3)
+    n = 400
+    base = torch.rand(n, generator=g) * (torch.rand(n, generator=g) < 0.5)
+    other = torch.rand(n, generator=g) * (base > 0)
+    acts = torch.stack([base, 3.0 * base, other], 1)
+    h = torch.randn(n, 4, generator=g)
+    locs = torch.stack([torch.arange(n) // 20, torch.arange(n) % 20], 1)
+    toks = torch.zeros(n, dtype=torch.long)
+    kept = {}
+    for mode in ("coupled", "reservoir"):
+        fs = _run(h, acts, toks, locs, k=16, mode=mode, seed=1, batch=50).finalize()
+        kept[mode] = [set(map(tuple, fs.locations[f].tolist())) for f in range(3)]
+    assert kept["coupled"][0] == kept["coupled"][1]
+    assert kept["coupled"][2] != kept["coupled"][0]  # other activations: another weighted sample
+    assert len(kept["reservoir"][0] & kept["reservoir"][1]) < 16
 
 
 def test_dead_feature_has_zero_weights():
@@ -84,7 +106,7 @@ def test_dead_feature_has_zero_weights():
     assert torch.all(fs.token_ids[3] == -1)
 
 
-@pytest.mark.parametrize("mode", ["topk", "reservoir"])
+@pytest.mark.parametrize("mode", ["topk", "reservoir", "coupled"])
 def test_sparse_update_equals_the_dense_one(mode):
     """The profiler reads only the firing entries; the result is the dense computation's, in both modes."""
     for seed, density, k in ((0, 0.02, 4), (1, 0.3, 7), (2, 0.9, 3)):
@@ -107,7 +129,7 @@ def test_any_number_of_shards_gives_the_one_pass_samples_with_ties():
     acts[400:500] = acts[100:200]  # contexts 40-49 repeat contexts 10-19: tied activations
     acts[:, 0] = 0.5  # every token ties: the first K tokens are kept
     acts[:, 1] = (acts[:, 1] > 0) * 0.25
-    for mode in ("topk", "reservoir"):
+    for mode in ("topk", "reservoir", "coupled"):
         whole = _run(h, acts, toks, locs, mode=mode, seed=7, batch=40).finalize()
         if mode == "topk":
             assert torch.equal(whole.locations[0], locs[:7])

@@ -9,12 +9,18 @@ memory ``O(F x K x d)`` whatever the stream length:
 * ``reservoir``: weighted reservoir sampling (Efraimidis & Spirakis' A-Res): each
   firing token gets the key ``u^(1/a_t)``, ``u ~ U(0, 1)``, and the K largest keys
   are kept; the kept tokens are an activation-weighted sample without replacement,
-  so they carry uniform weights.
+  so they carry uniform weights;
+* ``coupled``: the same weighted reservoir sample, with ``u`` drawn per *token*
+  instead of per (token, feature) (common random numbers): each feature's sample has
+  the same law as under ``reservoir``, but two features that fire on the same tokens
+  with proportional activations keep the same tokens, so the distance between them
+  measures how their distributions differ, not the luck of two independent draws.
 
 Both keep the K largest *keys* (``a_t`` itself for topk, ``log(u) / a_t`` for
 reservoir), so merging two streams (e.g. two DDP ranks) is exact: keep the K
 largest keys of the union. A reservoir key's ``u`` is a hash of (seed, context
-index, position, feature), not a draw from a stream of random numbers, so a token
+index, position, feature) (``coupled``: of seed, context index and position), not a
+draw from a stream of random numbers, so a token
 gets the same key whichever rank reads it, and equal keys are ranked by (context,
 position): the kept samples are the same for any number of processes. Multiplying a feature's activations by c > 0 leaves
 both the kept tokens and the weights unchanged (the ranking of ``a_t`` and of
@@ -30,7 +36,7 @@ from torch import Tensor
 
 from saeot.types import FeatureSamples
 
-MODES = ("topk", "reservoir")
+MODES = ("topk", "reservoir", "coupled")
 _M32 = 0xFFFFFFFF
 #: positions are below this: ``context * _POS_SPAN + position`` orders tokens by (context, position)
 _POS_SPAN = 1 << 32
@@ -121,6 +127,10 @@ class StreamingProfiler:
         self.act_max = torch.zeros(n_features, device=dev)
         self.n_tokens = 0
 
+    def _key_feature(self, feats: Tensor) -> Tensor:
+        """What the reservoir hash sees of the feature: itself (``reservoir``) or nothing (``coupled``)."""
+        return feats if self.mode == "reservoir" else torch.zeros_like(feats)
+
     def keys_of(self, acts: Tensor, locations: Tensor) -> Tensor:
         """``[N, F]`` sampling keys of activations ``[N, F]`` at tokens ``locations [N, 2]``
         (-inf where the feature is off); reservoir keys from :func:`token_uniform`."""
@@ -129,7 +139,7 @@ class StreamingProfiler:
             return torch.where(fire, acts, torch.full_like(acts, float("-inf")))
         keys = torch.full_like(acts, float("-inf"))
         rows, feats = fire.nonzero(as_tuple=True)
-        u = token_uniform(self.seed, locations[rows, 0], locations[rows, 1], feats)
+        u = token_uniform(self.seed, locations[rows, 0], locations[rows, 1], self._key_feature(feats))
         keys[rows, feats] = (torch.log(u) / acts[rows, feats].double()).to(keys.dtype)
         return keys
 
@@ -192,7 +202,7 @@ class StreamingProfiler:
         if self.mode == "topk":
             keys = vals
         else:  # as keys_of, entry by entry
-            u = token_uniform(self.seed, locations[rows, 0], locations[rows, 1], feats)
+            u = token_uniform(self.seed, locations[rows, 0], locations[rows, 1], self._key_feature(feats))
             keys = (torch.log(u) / vals.double()).to(self.keys.dtype)
         # ties with the K-th key are candidates too: _absorb ranks equal keys by token order
         beat = keys >= self.keys.min(dim=1).values[feats]  # -inf while a feature has a free slot
