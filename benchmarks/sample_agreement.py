@@ -55,7 +55,7 @@ def weighted_means(s: FeatureSamples) -> torch.Tensor:
 
 def shared_locations(a: FeatureSamples, b: FeatureSamples) -> sp.csr_matrix:
     """``[F_a, F_b]`` sparse: how many (context, position) the samples of each pair share."""
-    def incidence(s: FeatureSamples, index: dict) -> sp.csr_matrix:
+    def incidence(s: FeatureSamples, index: dict) -> tuple[list[int], list[int]]:
         loc = s.locations.long()
         rows, cols = [], []
         for f, k in zip(*torch.nonzero(loc[..., 0] >= 0, as_tuple=True)):
