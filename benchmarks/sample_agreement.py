@@ -48,11 +48,6 @@ def nearest_of(run: RunDir, layer_a: int, layer_b: int) -> dict[int, int]:
     return out
 
 
-def weighted_means(s: FeatureSamples) -> torch.Tensor:
-    """``[F, d]`` activation-weighted mean of each feature's samples."""
-    return (s.weights.unsqueeze(-1).double() * s.points.double()).sum(1)
-
-
 def shared_locations(a: FeatureSamples, b: FeatureSamples) -> sp.csr_matrix:
     """``[F_a, F_b]`` sparse: how many (context, position) the samples of each pair share."""
     def incidence(s: FeatureSamples, index: dict) -> tuple[list[int], list[int]]:
@@ -96,11 +91,11 @@ def main() -> None:
     full = [int(f) for f in torch.nonzero((sa.weights > 0).sum(1) == K).flatten()]
     space = run.reference()
     pa, pb = project_samples(space, sa), project_samples(space, sb)
-    m_ref_a, m_ref_b = weighted_means(pa), weighted_means(pb)
+    m_ref_a, m_ref_b = pa.weighted_mean(), pb.weighted_mean()
     d_ref = torch.cdist(m_ref_a, m_ref_b)
     nearest = {
         "semantic_ot": nearest_of(run, la, lb),
-        "mean_raw": dict(enumerate(torch.cdist(weighted_means(sa), weighted_means(sb)).argmin(1).tolist())),
+        "mean_raw": dict(enumerate(torch.cdist(sa.weighted_mean(), sb.weighted_mean()).argmin(1).tolist())),
         "mean_reference": dict(enumerate(d_ref.argmin(1).tolist())),
     }
     shared = shared_locations(sa, sb)

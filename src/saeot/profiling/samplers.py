@@ -127,9 +127,12 @@ class StreamingProfiler:
         self.act_max = torch.zeros(n_features, device=dev)
         self.n_tokens = 0
 
-    def _key_feature(self, feats: Tensor) -> Tensor:
-        """What the reservoir hash sees of the feature: itself (``reservoir``) or nothing (``coupled``)."""
-        return feats if self.mode == "reservoir" else torch.zeros_like(feats)
+    def _reservoir_keys(self, rows: Tensor, feats: Tensor, vals: Tensor, locations: Tensor) -> Tensor:
+        """Keys ``log(u) / a`` of the firing entries ``(rows, feats)`` with activations ``vals``;
+        ``u`` hashes the token and the feature (``reservoir``) or the token alone (``coupled``)."""
+        key_feats = feats if self.mode == "reservoir" else torch.zeros_like(feats)
+        u = token_uniform(self.seed, locations[rows, 0], locations[rows, 1], key_feats)
+        return (torch.log(u) / vals.double()).to(self.keys.dtype)
 
     def keys_of(self, acts: Tensor, locations: Tensor) -> Tensor:
         """``[N, F]`` sampling keys of activations ``[N, F]`` at tokens ``locations [N, 2]``
@@ -139,8 +142,7 @@ class StreamingProfiler:
             return torch.where(fire, acts, torch.full_like(acts, float("-inf")))
         keys = torch.full_like(acts, float("-inf"))
         rows, feats = fire.nonzero(as_tuple=True)
-        u = token_uniform(self.seed, locations[rows, 0], locations[rows, 1], self._key_feature(feats))
-        keys[rows, feats] = (torch.log(u) / acts[rows, feats].double()).to(keys.dtype)
+        keys[rows, feats] = self._reservoir_keys(rows, feats, acts[rows, feats], locations).to(keys.dtype)
         return keys
 
     @torch.no_grad()
@@ -184,10 +186,10 @@ class StreamingProfiler:
 
         SAE codes are sparse (TopK: k of F per token), so the statistics are scattered from
         the ``nnz`` firing entries, their keys are computed there alone (the activation for
-        ``topk``; :meth:`keys_of`'s reservoir key for ``reservoir``), and a firing entry is a
+        ``topk``; the reservoir key for ``reservoir`` / ``coupled``), and a firing entry is a
         candidate only if its key beats its feature's current K-th largest key; the survivors
         are ranked per feature (at most K kept) and merged by :meth:`_absorb`. Cost ``O(nnz)``
-        instead of ``O(N F)``, for both modes.
+        instead of ``O(N F)``, in every mode.
         """
         rows, feats = acts.nonzero(as_tuple=True)  # SAE codes are >= 0: the firing entries, in one pass
         vals = acts[rows, feats]
@@ -199,11 +201,7 @@ class StreamingProfiler:
         self.act_sum.index_add_(0, feats, vals.double())
         self.act_max = self.act_max.scatter_reduce(0, feats, vals, "amax", include_self=True)
         self.n_tokens += h.shape[0]
-        if self.mode == "topk":
-            keys = vals
-        else:  # as keys_of, entry by entry
-            u = token_uniform(self.seed, locations[rows, 0], locations[rows, 1], self._key_feature(feats))
-            keys = (torch.log(u) / vals.double()).to(self.keys.dtype)
+        keys = vals if self.mode == "topk" else self._reservoir_keys(rows, feats, vals, locations)
         # ties with the K-th key are candidates too: _absorb ranks equal keys by token order
         beat = keys >= self.keys.min(dim=1).values[feats]  # -inf while a feature has a free slot
         if not bool(beat.any()):
