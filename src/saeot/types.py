@@ -21,6 +21,9 @@ from torch import Tensor
 
 from saeot.io import atomic_save_safetensors, load_safetensors_checked
 
+#: positions are below this: ``context * POS_SPAN + position`` orders tokens by (context, position)
+POS_SPAN = 1 << 32
+
 
 @dataclass
 class FeatureSamples:
@@ -76,6 +79,14 @@ class FeatureSamples:
     def weighted_mean(self) -> Tensor:
         """``[F, d]`` the barycentre of each feature's distribution (0 for dead features)."""
         return torch.einsum("fk,fkd->fd", self.weights.to(self.points.dtype), self.points)
+
+    def occurrences(self) -> Tensor:
+        """``[F, K]`` long: one id per token occurrence, ``context * POS_SPAN + position`` (-1 on padding).
+
+        Features of one profiling pass share the token stream, so equal ids at two layers are the
+        same token occurrence (the labels of :class:`saeot.transport.LabelCost`)."""
+        loc = self.locations.long()
+        return torch.where(loc[..., 0] >= 0, loc[..., 0] * POS_SPAN + loc[..., 1], torch.full_like(loc[..., 0], -1))
 
     def with_points(self, points: Tensor) -> "FeatureSamples":
         """The same distribution with its support moved (e.g. projected), ``[F, K, r]``."""

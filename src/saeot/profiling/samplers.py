@@ -34,12 +34,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from saeot.types import POS_SPAN as _POS_SPAN
 from saeot.types import FeatureSamples
 
 MODES = ("topk", "reservoir", "coupled")
 _M32 = 0xFFFFFFFF
-#: positions are below this: ``context * _POS_SPAN + position`` orders tokens by (context, position)
-_POS_SPAN = 1 << 32
 
 
 def _mix32(x: Tensor) -> Tensor:

@@ -70,7 +70,8 @@ spread solves 21% of the pairs, ``fidelity`` 2.1%, ``gelbrich`` 0.83%.
 Modules: ``_checks`` (input checks), ``_cost`` (weights, ground cost), ``_exact``
 (network simplex), ``_sinkhorn``, ``_sliced``, ``_moments`` (per-feature statistics),
 ``_bounds`` (embedding bounds), ``_gelbrich`` (Gelbrich and fidelity bounds),
-``_max_sliced`` (1-D frame bound), ``_cascade`` (the cascade, rounding tolerance),
+``_max_sliced`` (1-D frame bound), ``_labels`` (the fused cost of labelled points, e.g. by token
+occurrence, and its bound), ``_cascade`` (the cascade, rounding tolerance),
 ``_certify`` (Sinkhorn bounds of the exact cost), ``_pairs`` (batched pair evaluators),
 ``_nearest`` (pruned search of the batched solvers), ``_nearest_exact`` (the exact
 solver's search), ``_parallel`` (threads, blocks, progress bars) and the public ``solvers``.
@@ -88,6 +89,7 @@ from saeot.transport._cost import cost_matrices
 from saeot.transport._exact import w2_exact_pair
 from saeot.transport._gelbrich import lower_bound_fidelity, lower_bound_gelbrich
 from saeot.transport._max_sliced import lower_bound_max_sliced
+from saeot.transport._labels import LabelCost
 from saeot.transport._moments import feature_moments
 from saeot.transport._nearest import NearestResult
 from saeot.transport._nearest_exact import CostOffset
@@ -104,6 +106,7 @@ __all__ = [
     "CASCADES",
     "NearestResult",
     "CostOffset",
+    "LabelCost",
     "cost_matrices",
     "w2_exact_pair",
     "w2_sinkhorn",

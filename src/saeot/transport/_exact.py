@@ -14,6 +14,7 @@ import ot
 import torch
 from torch import Tensor
 
+from saeot.transport._labels import LabelCost
 from saeot.transport._parallel import _parallel_map, _RowsToPairs, _split
 
 try:  # the C++ network simplex behind ot.emd2, without its per-call Python overhead
@@ -76,7 +77,8 @@ def w2_exact_pair(x, a, y, b, num_itermax: int = 100_000) -> float:
 
 
 class _ExactPairs:
-    """Per-pair exact solves between two sets: float64, padding removed, on the CPU.
+    """Per-pair exact solves between two sets: float64, padding removed, on the CPU; with ``labels``
+    (:class:`~saeot.transport.LabelCost`) under the fused ground cost ``||x - y||^2 + lambda [t != t']``.
 
     The float64 copies of the trimmed clouds are built once when they fit in
     ``cache_bytes``; otherwise each cloud is converted when a pair needs it. Pairs
@@ -87,49 +89,56 @@ class _ExactPairs:
     theta = None  # no sliced directions: the sliced bound does not apply
 
     def __init__(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, num_itermax: int = 100_000,
-                 n_jobs: int = 1, cache_bytes: int = 1 << 30):
+                 n_jobs: int = 1, cache_bytes: int = 1 << 30, labels: LabelCost | None = None):
         self.num_itermax = int(num_itermax)
         self.n_jobs = int(n_jobs)
         self.device = xa.device
         self.xa, self.wa = xa.detach().cpu(), wa.detach().cpu()
         self.xb, self.wb = xb.detach().cpu(), wb.detach().cpu()
+        self.labels = labels  # None: the squared Euclidean ground cost; else the fused one (_labels)
+        self.la = self.lb = None
+        if labels is not None:
+            self.la, self.lb = labels.labels_a.cpu().long().numpy(), labels.labels_b.cpu().long().numpy()
         self.cache = 8 * (self.xa.numel() + self.xb.numel()) <= cache_bytes
         if self.cache:
-            self.a = self._trim_all(self.xa, self.wa)
-            self.b = self._trim_all(self.xb, self.wb)
+            self.a = self._trim_all(self.xa, self.wa, self.la)
+            self.b = self._trim_all(self.xb, self.wb, self.lb)
 
     @staticmethod
-    def _trim_one(x: np.ndarray, w: np.ndarray):
+    def _trim_one(x: np.ndarray, w: np.ndarray, lab: np.ndarray | None = None):
         keep = w > 0
         if not keep.any():
             return None
         x = np.ascontiguousarray(x[keep])
         w = w[keep]
-        return x, w / w.sum(), (x * x).sum(1)
+        return x, w / w.sum(), (x * x).sum(1), None if lab is None else lab[keep]
 
     @classmethod
-    def _trim_all(cls, x: Tensor, w: Tensor) -> list:
+    def _trim_all(cls, x: Tensor, w: Tensor, lab: np.ndarray | None) -> list:
         x64 = x.to(torch.float64).numpy()
         w64 = w.to(torch.float64).numpy()
-        return [cls._trim_one(x64[i], w64[i]) for i in range(x64.shape[0])]
+        return [cls._trim_one(x64[i], w64[i], None if lab is None else lab[i]) for i in range(x64.shape[0])]
 
     @classmethod
-    def _trim(cls, x: Tensor, w: Tensor, i: int):
-        return cls._trim_one(x[i].to(torch.float64).numpy(), w[i].to(torch.float64).numpy())
+    def _trim(cls, x: Tensor, w: Tensor, i: int, lab: np.ndarray | None):
+        return cls._trim_one(x[i].to(torch.float64).numpy(), w[i].to(torch.float64).numpy(),
+                             None if lab is None else lab[i])
 
     def side_a(self, i: int):
-        return self.a[i] if self.cache else self._trim(self.xa, self.wa, i)
+        return self.a[i] if self.cache else self._trim(self.xa, self.wa, i, self.la)
 
     def side_b(self, j: int):
-        return self.b[j] if self.cache else self._trim(self.xb, self.wb, j)
+        return self.b[j] if self.cache else self._trim(self.xb, self.wb, j, self.lb)
 
     def cost_trimmed(self, pa, pb) -> float:
         if pa is None or pb is None:
             return math.inf
-        x, a, na = pa
-        y, b, nb = pb
+        x, a, na, la = pa
+        y, b, nb, lb = pb
         M = na[:, None] + nb[None, :] - 2.0 * (x @ y.T)
         np.maximum(M, 0.0, out=M)
+        if self.labels is not None:
+            M += self.labels.mismatch(la, lb)
         return _emd_cost(a, b, M, self.num_itermax)
 
     def cost(self, i: int, j: int) -> float:

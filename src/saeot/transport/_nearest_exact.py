@@ -14,6 +14,10 @@ For each chunk of rows of A (:func:`_search_exact`):
 4. the survivors are solved exactly in increasing bound, one row per task on threads,
    skipping every pair whose bound exceeds ``min(t_i, current k-th best cost)``.
 
+With ``labels`` (:class:`~saeot.transport.LabelCost`) the pairs are solved under the fused ground
+cost and :math:`\lambda (1 - o_{ij})`, a lower bound of its label term, is added to every bound
+like an offset (:mod:`saeot.transport._labels` proves it); solved costs are the fused ones.
+
 With an ``offset`` (:class:`CostOffset`) the cost searched is ``W2^2 + O[i, j]`` for exact
 extra terms ``O`` (e.g. semantic OT's debiasing and decoder terms): every bound above is
 shifted by the same ``O`` (lowered by a rounding slack), thresholds go back to ``W2^2``
@@ -38,6 +42,7 @@ from torch import Tensor
 from saeot.transport._cascade import _Cascade
 from saeot.transport._certify import _sinkhorn_bounds
 from saeot.transport._cost import _alive
+from saeot.transport._labels import LabelCost, _LabelBound
 from saeot.transport._nearest import NearestResult
 from saeot.transport._parallel import _bar, _parallel_map, _split
 
@@ -104,14 +109,19 @@ def _kth(best: list, k: int) -> float:
 
 def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int, chunk: int,
                   certify: dict | None = None, progress: bool = False, desc: str = "W2 exact nearest",
-                  offset: CostOffset | None = None) -> NearestResult:
+                  offset: CostOffset | None = None, labels: LabelCost | None = None) -> NearestResult:
     """The search of :meth:`~saeot.transport.ExactW2.nearest` (inputs already checked).
 
     ``ex`` is the exact pair evaluator (``side_a``, ``side_b``, ``cost_trimmed``, ``n_jobs``),
     ``cascade`` the bounds. ``certify`` (None: off) holds ``candidates``, ``reg``, ``n_iter``
     of the Sinkhorn certification. ``chunk`` rows of A are bounded at once (two
     ``[chunk, Fb]`` float64 matrices). ``offset``: search ``W2^2 + O`` (:class:`CostOffset`).
+    ``labels``: ``ex`` solves the fused cost (:mod:`saeot.transport._labels`); its label term's
+    bound :math:`\\lambda (1 - o)` joins the offset in every bound, not in the solved costs.
     """
+    if labels is not None and certify is not None:
+        raise ValueError("transport certify bounds W2^2 only: it does not take a label cost (set certify=false)")
+    lbound = None if labels is None else _LabelBound(labels, wa, wb)
     Fa = xa.shape[0]
     alive_a, alive_b = _alive(wa), _alive(wb)
     n_alive_b = int(alive_b.sum())
@@ -132,6 +142,9 @@ def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb:
             A = cascade.side_a(rows)
             L, tol = cascade.dense(A)
             O = None if offset is None else offset.dense(rows).to(L)
+            if lbound is not None:  # a bound of the label term: in the bounds only, ex solves the fused cost
+                E = lbound.dense(rows).to(L)
+                O = E if O is None else O + E
             Lc = L if O is None else _shift(L, O)  # bounds of the searched cost
             ids = live.nonzero().flatten().tolist()
             best = {i: [] for i in ids}

@@ -30,6 +30,7 @@ from torch import Tensor
 from saeot.transport._cascade import BOUNDS, CASCADES, _Cascade
 from saeot.transport._checks import _check_nearest, _check_pair_index, _check_two
 from saeot.transport._exact import _ExactPairs
+from saeot.transport._labels import LabelCost
 from saeot.transport._nearest import NearestResult, _search_nearest
 from saeot.transport._nearest_exact import CostOffset, _search_exact
 from saeot.transport._pairs import _SinkhornPairs, _SlicedPairs
@@ -219,11 +220,23 @@ class ExactW2(W2Solver):
                              + ("; 'sliced' only bounds the sliced solver" if bound == "sliced" else ""))
         return bound
 
-    def prepare(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor) -> _ExactPairs:
-        return _ExactPairs(xa, wa, xb, wb, self.num_itermax, _n_jobs(self.n_jobs))
+    def prepare(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor,
+                labels: LabelCost | None = None) -> _ExactPairs:
+        if labels is not None:
+            labels.check(wa, wb)
+        return _ExactPairs(xa, wa, xb, wb, self.num_itermax, _n_jobs(self.n_jobs), labels=labels)
+
+    def pair(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, ia: Tensor, ib: Tensor,
+             labels: LabelCost | None = None) -> Tensor:
+        r"""As :meth:`W2Solver.pair`; with ``labels`` (:class:`~saeot.transport.LabelCost`) the fused cost
+        :math:`\min_P \sum P_{kl}(\|x_k - y_l\|^2 + \lambda [t_k \ne t_l])` instead of :math:`W_2^2`."""
+        _check_two(xa, wa, xb, wb, ("xa", "wa", "xb", "wb"), paired=False)
+        ia, ib = _check_pair_index(ia, ib, xa.shape[0], xb.shape[0])
+        return self.prepare(xa, wa, xb, wb, labels).costs(ia, ib)
 
     def nearest(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int = 2, bound: str | None = None,
-                chunk: int = 1024, progress: bool = False, offset: CostOffset | None = None) -> NearestResult:
+                chunk: int = 1024, progress: bool = False, offset: CostOffset | None = None,
+                labels: LabelCost | None = None) -> NearestResult:
         r"""Exact k nearest neighbours in B of every feature of A, pruned by a cascade of lower bounds.
 
         The cascade ``bound`` (default: the solver's ``bound``) runs its dense stages for
@@ -244,6 +257,9 @@ class ExactW2(W2Solver):
             progress: tqdm bar over the rows of A.
             offset: a :class:`~saeot.transport.CostOffset`: search ``W2^2 + O[i, j]`` instead
                 (exact extra terms, e.g. semantic OT's debiasing); ``cost`` then holds those values.
+            labels: a :class:`~saeot.transport.LabelCost`: search the fused cost (plus ``offset``),
+                still exact (its label term is bounded by :math:`\lambda (1 - o)`, :mod:`~saeot.transport._labels`);
+                not with ``certify``.
 
         Returns:
             :class:`NearestResult` (``certified_fraction`` with ``certify``). Dead rows of A
@@ -255,8 +271,8 @@ class ExactW2(W2Solver):
         cascade = _Cascade(xa, wa, xb, wb, used, self.n_directions, n_jobs=_n_jobs(self.n_jobs))
         certify = {"candidates": self.certify_candidates, "reg": self.certify_reg,
                    "n_iter": self.certify_iter} if self.certify else None
-        return _search_exact(self.prepare(xa, wa, xb, wb), cascade, xa, wa, xb, wb, k, chunk, certify, progress,
-                             f"W2 {self.name} nearest", offset=offset)
+        return _search_exact(self.prepare(xa, wa, xb, wb, labels), cascade, xa, wa, xb, wb, k, chunk, certify,
+                             progress, f"W2 {self.name} nearest", offset=offset, labels=labels)
 
 
 @dataclass(frozen=True)
