@@ -223,3 +223,78 @@ def test_a_rare_feature_is_not_debiased_into_a_hub():
     old_rare = to_rare - 0.5 * (sa[ia] + s_old[F])
     old_own = to_own - 0.5 * (sa[ia] + s_old[ia])
     assert (old_rare < old_own).float().mean() > 0.5  # the old rule: the rare feature wins most rows
+
+
+def _occurrences(F, K, w, seed, share=None):
+    """``[F, K]`` distinct occurrence ids per feature (-1 on padding); ``share``: (rows, ids) to copy in."""
+    g = torch.Generator().manual_seed(seed)
+    occ = torch.stack([torch.randperm(3 * K, generator=g)[:K] for _ in range(F)]).long()
+    if share is not None:
+        occ[share[0]] = share[1]
+    return torch.where(w > 0, occ, torch.full_like(occ, -1))
+
+
+def test_token_weight_is_the_fused_cost_and_its_search_is_exact():
+    """token_weight: W2^2 under ||x - y||^2 + tau M [t != t'] (M the median random-pair cost without it),
+    debiasing unchanged (plain self-distances); the cascade search equals brute force on two layers."""
+    from saeot.transport import LabelCost
+
+    xa, wa = _clouds(13, 9, 4, 10, dead=(3,))
+    xb, wb = _clouds(17, 9, 4, 11, dead=(5,))
+    oa = _occurrences(13, 9, wa, 12)
+    shared = torch.tensor([0, 1, 2, 4, 5, 6])  # alive in A; B's other features fire on other tokens
+    ob = _occurrences(17, 9, wb, 13) + 1000
+    ob[shared] = oa[shared]
+    ob = torch.where(wb > 0, ob, torch.full_like(ob, -1))
+    ex = ExactW2(n_jobs=1)
+    base = SemanticCost(ex, xa, wa, xb, wb, debias=1.0)
+    cost = SemanticCost(ex, xa, wa, xb, wb, debias=1.0, token_weight=0.8, occurrences_a=oa, occurrences_b=ob)
+    assert cost.scale > 0 and cost.labels.weight == pytest.approx(0.8 * cost.scale)
+    assert torch.equal(cost.self_a, base.self_a)
+    ia, ib = torch.meshgrid(torch.arange(13), torch.arange(17), indexing="ij")
+    ia, ib = ia.flatten(), ib.flatten()
+    dense = cost.pairs(ia, ib).view(13, 17)
+    fused = ex.pair(xa, wa, xb, wb, ia, ib, labels=LabelCost(oa, ob, 0.8 * cost.scale)).view(13, 17)
+    debias = 0.5 * (base.self_a[:, None] + base.self_b[None, :])
+    live = torch.isfinite(dense)
+    assert torch.allclose(dense[live], (fused - debias)[live])
+    # pairs with no shared occurrence pay the full tau M on top of the debiased W2^2, sharing ones less
+    plain = base.pairs(ia, ib).view(13, 17)
+    disjoint = torch.ones(13, 17, dtype=torch.bool)
+    disjoint[:, shared] = False
+    assert torch.allclose(dense[live & disjoint], (plain + 0.8 * cost.scale)[live & disjoint])
+    same = torch.zeros(13, 17, dtype=torch.bool)
+    same[shared, shared] = True
+    assert bool((dense < plain + 0.8 * cost.scale - 1e-9)[same & live].all())
+    cost.n_solved = 0
+    c, i = cost.nearest(2, chunk=4)
+    want_c, want_i = torch.sort(dense, dim=1, stable=True)
+    alive = torch.isfinite(want_c[:, 0])
+    assert torch.allclose(c[alive], want_c[alive, :2], rtol=1e-9, atol=1e-12)
+    assert torch.equal(i[alive], want_i[alive, :2])
+    assert cost.n_solved < 13 * 17
+    rows = torch.tensor([7, 0, 2])
+    c2, i2 = cost.nearest(2, rows=rows)
+    assert torch.equal(i2, i[rows])
+
+
+def test_token_weight_pulls_co_firing_features_together_in_the_matcher():
+    xa, wa = _clouds(10, 8, 3, 20)
+    xb = xa[torch.randperm(10, generator=torch.Generator().manual_seed(1))] + 0.0  # unrelated order of B
+    xb = xb + 0.8 * torch.randn(xb.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    wb = wa.clone()
+    oa = _occurrences(10, 8, wa, 21) + 100 * torch.arange(10)[:, None]  # each feature on its own tokens
+    oa = torch.where(wa > 0, oa, torch.full_like(oa, -1))
+    ob = oa.clone()  # B feature j fired on the very tokens of A feature j
+    sa, sb = _samples("a", xa, wa), _samples("b", xb, wb)
+    for s, o in ((sa, oa), (sb, ob)):
+        s.locations = torch.stack([torch.where(o >= 0, torch.zeros_like(o), -1), o], dim=-1)
+    ctx = MatchContext(samples={"a": sa, "b": sb})
+    plain = SemanticOT(progress=False, solver=ExactW2(n_jobs=1)).candidates(ctx, "a", "b", 1)[1][:, 0]
+    fused = SemanticOT(progress=False, solver=ExactW2(n_jobs=1), token_weight=5.0).candidates(ctx, "a", "b", 1)[1][:, 0]
+    assert bool((fused == torch.arange(10)).all())
+    assert int((plain == torch.arange(10)).sum()) < 10
+    with pytest.raises(ValueError, match="token_weight > 0 needs transport=exact"):
+        SemanticOT(progress=False, solver=SinkhornW2(reg=0.05), token_weight=1.0)
+    with pytest.raises(ValueError, match="token_weight"):
+        SemanticOT(progress=False, token_weight=-1.0)

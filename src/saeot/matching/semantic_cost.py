@@ -9,6 +9,16 @@ centred term), the cost of the pair (i, j) is
              - \tfrac{\lambda}{2}\,(S_i + S_j)
              + \gamma\, M\, (1 - \cos(\phi_A d_i, \phi_B d_j))
 
+where, with ``token_weight`` :math:`\tau > 0`, :math:`W_2^2` is the *fused* transport cost with
+ground cost :math:`\|x - y\|^2 + \tau M [t \ne t']` (``t``: the token occurrence each sample
+was taken at, :class:`saeot.transport.LabelCost`): mass moved between samples of the same
+occurrence pays only its distance, mass that changes occurrence pays :math:`\tau M` on top.
+It is still an OT distance between the two weighted clouds (:math:`\tau = 0` is plain
+:math:`W_2^2`); it sees whether two features fire on the *same tokens*, which the sampled
+clouds alone cannot (``benchmarks/sample_agreement.py``: coupled samples' shared tokens agree
+with activation correlation on 46% of the suite's features, W2 on them on 27%). Self-distances
+stay plain :math:`W_2^2` (the two halves of a feature share no occurrence);
+
 * ``centred_weight`` :math:`\omega` (1: plain :math:`W_2^2`; 0: the mean embedding;
   between: a shrunk centred term, which carries most of the finite-sample noise);
 * ``debias`` :math:`\lambda`: :math:`S_i` is the :math:`W_2^2` between the two halves of
@@ -20,8 +30,9 @@ centred term), the cost of the pair (i, j) is
   divergence removes the entropic one). ``c`` may then be negative;
 * ``decoder_weight`` :math:`\gamma`: the decoder rows ``d`` of both SAEs mapped into the
   reference space by its linear part (``phi(b + d) - phi(b)``), compared by cosine; ``M``
-  is the median cost of random pairs without this term, so ``gamma = 1`` weighs an
-  orthogonal pair of decoders like a typical unrelated pair of distributions;
+  is the median cost of random pairs without this term and without the token term, so
+  ``gamma = 1`` weighs an orthogonal pair of decoders (and ``tau = 1`` a change of token) like
+  a typical unrelated pair of distributions;
 * ``normalize="mean"``: every feature's cloud is divided by the norm of its mean first
   (invariant to per-feature rescaling of the activations' scale in the reference space).
 
@@ -46,7 +57,7 @@ import torch
 from torch import Tensor
 
 from saeot.progress import progress_bar
-from saeot.transport import CostOffset, ExactW2, W2Solver, feature_moments
+from saeot.transport import CostOffset, ExactW2, LabelCost, W2Solver, feature_moments
 
 __all__ = ["NORMALIZE", "SemanticCost", "self_distances", "mapped_directions"]
 
@@ -115,6 +126,9 @@ class SemanticCost:
     dirs_a: Tensor | None = None
     dirs_b: Tensor | None = None
     seed: int = 0
+    token_weight: float = 0.0
+    occurrences_a: Tensor | None = None
+    occurrences_b: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE:
@@ -123,6 +137,15 @@ class SemanticCost:
             raise ValueError(f"matcher.centred_weight must be >= 0, got {self.centred_weight}")
         if self.decoder_weight > 0 and (self.dirs_a is None or self.dirs_b is None):
             raise ValueError("matcher.decoder_weight > 0 needs the decoder directions in the reference space")
+        if self.token_weight < 0:
+            raise ValueError(f"matcher.token_weight must be >= 0, got {self.token_weight}")
+        if self.token_weight > 0:
+            if not isinstance(self.solver, ExactW2) or self.centred_weight != 1.0:
+                raise ValueError("matcher.token_weight > 0 needs transport=exact and matcher.centred_weight=1 "
+                                 "(the fused cost is solved by the exact solver)")
+            if self.occurrences_a is None or self.occurrences_b is None:
+                raise ValueError("matcher.token_weight > 0 needs each sample's token occurrence")
+        self.labels: LabelCost | None = None  # set below, after the scale M (measured without it)
         if self.normalize == "mean":
             self.xa, self.xb = _normalize(self.xa, self.wa), _normalize(self.xb, self.wb)
         self.alive_a, self.alive_b = _alive(self.wa), _alive(self.wb)
@@ -137,7 +160,10 @@ class SemanticCost:
         if self.decoder_weight > 0:
             self.ua = torch.nn.functional.normalize(self.dirs_a.double().cpu(), dim=1)
             self.ub = torch.nn.functional.normalize(self.dirs_b.double().cpu(), dim=1)
-        self.scale = self._decoder_scale() if self.decoder_weight > 0 else 0.0
+        self.scale = self._decoder_scale() if self.decoder_weight > 0 or self.token_weight > 0 else 0.0
+        if self.token_weight > 0:
+            self.labels = LabelCost(self.occurrences_a.cpu(), self.occurrences_b.cpu(),
+                                    self.token_weight * self.scale)
         # the exact solver's cascade bounds W2^2, so it prunes W2^2 + exact terms (centred_weight 1)
         self.cascades = isinstance(self.solver, ExactW2) and self.centred_weight == 1.0
         bound = self.solver.nearest_bound("mean_spread")  # "sliced" for the sliced solver: no pruning
@@ -146,7 +172,11 @@ class SemanticCost:
 
     # ------------------------------------------------------------------ the cost
     def _w2(self, ia: Tensor, ib: Tensor) -> Tensor:
-        w2 = self.solver.pair(self.xa, self.wa, self.xb, self.wb, ia.to(self.xa.device), ib.to(self.xa.device))
+        ia, ib = ia.to(self.xa.device), ib.to(self.xa.device)
+        if self.labels is not None:
+            w2 = self.solver.pair(self.xa, self.wa, self.xb, self.wb, ia, ib, labels=self.labels)
+        else:
+            w2 = self.solver.pair(self.xa, self.wa, self.xb, self.wb, ia, ib)
         self.n_solved += len(ia)
         return w2.double().cpu()
 
@@ -232,7 +262,11 @@ class SemanticCost:
         """The exact solver's bound cascade (:meth:`saeot.transport.ExactW2.nearest`) on ``W2^2 + O``."""
         xa, wa = (self.xa, self.wa) if rows is None else (self.xa[rows], self.wa[rows])
         offset = _Offset(self, None if rows is None else rows.long().cpu())
-        res = self.solver.nearest(xa, wa, self.xb, self.wb, k=k, chunk=chunk, progress=progress, offset=offset)
+        labels = self.labels
+        if labels is not None and rows is not None:
+            labels = LabelCost(labels.labels_a[rows.long().cpu()], labels.labels_b, labels.weight)
+        res = self.solver.nearest(xa, wa, self.xb, self.wb, k=k, chunk=chunk, progress=progress, offset=offset,
+                                  labels=labels)
         self.n_solved += int(res.n_solved)
         return res.cost.double().cpu(), res.index.cpu()
 

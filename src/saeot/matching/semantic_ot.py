@@ -50,6 +50,9 @@ class SemanticOTConfig(MatcherConfig):
         decoder_weight: weight of the cosine distance of the two SAEs' decoder rows mapped
             into the reference space (0: off; needs ``ctx.reference``).
         normalize: ``none`` | ``mean`` (each cloud divided by the norm of its mean).
+        token_weight: the fused ground cost's price of moving mass between different token
+            occurrences, in units of the median random-pair cost (0: off, plain W2; needs
+            ``transport=exact``). Features that fire on the same tokens transport at low cost.
         (:mod:`saeot.matching.semantic_cost` defines the cost these settings make.)
     """
 
@@ -60,6 +63,7 @@ class SemanticOTConfig(MatcherConfig):
     debias: float = 1.0
     decoder_weight: float = 0.0
     normalize: str = "none"
+    token_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,14 +74,17 @@ class SemanticOTConfig(MatcherConfig):
                              f"sliced), got {type(self.solver).__name__}")
         if self.normalize not in NORMALIZE:
             raise ValueError(f"matcher.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
-        if self.centred_weight < 0 or self.decoder_weight < 0:
-            raise ValueError("matcher.centred_weight and matcher.decoder_weight must be >= 0")
+        if self.centred_weight < 0 or self.decoder_weight < 0 or self.token_weight < 0:
+            raise ValueError("matcher.centred_weight, matcher.decoder_weight and matcher.token_weight must be >= 0")
+        if self.token_weight > 0 and (not isinstance(self.solver, ExactW2) or self.centred_weight != 1.0):
+            raise ValueError("matcher.token_weight > 0 needs transport=exact and matcher.centred_weight=1 "
+                             "(the fused cost is solved by the exact solver)")
 
     @property
     def plain(self) -> bool:
         """The cost is plain W2 (every variant off)."""
         return (self.centred_weight == 1.0 and self.debias == 0.0 and self.decoder_weight == 0.0
-                and self.normalize == "none")
+                and self.normalize == "none" and self.token_weight == 0.0)
 
 
 class SemanticOT(Matcher):
@@ -112,6 +119,9 @@ class SemanticOT(Matcher):
                 cfg.solver, sa.points.to(dev), sa.weights.to(dev), sb.points.to(dev), sb.weights.to(dev),
                 centred_weight=cfg.centred_weight, debias=cfg.debias, decoder_weight=cfg.decoder_weight,
                 normalize=cfg.normalize, dirs_a=dirs[0], dirs_b=dirs[1], seed=cfg.seed,
+                token_weight=cfg.token_weight,
+                occurrences_a=sa.occurrences() if cfg.token_weight > 0 else None,
+                occurrences_b=sb.occurrences() if cfg.token_weight > 0 else None,
             ))
         return self._cost[1]
 
