@@ -521,3 +521,63 @@ def test_fresh_split_is_text_after_the_runs_contexts(tiny_lm, tmp_path):
     all_text = evaluation_data(_data_run(tmp_path, None), tiny_lm, FunctionalSettings(fresh_contexts=5))
     assert all_text.split == "heldout" and "all of its text" in all_text.note
     assert "fresh" not in all_text.datamodule.splits
+
+
+# ---------------------------------------------------------------------------- causal deactivation
+def test_deactivation_drop_equals_an_ablation_run_through_hooks(tiny_lm, tiny_saes, dm):
+    """Deactivation across two different layers (0 -> 1): removing i's decoder contribution at A where it
+    fires, j's relative drop at B equals the same ablation done with a forward hook on the whole model."""
+    from saeot.evaluation.functional._deactivation import SUCCESS_DROP, DeactivationAccumulator, sample_ranks
+    from saeot.evaluation.functional._substitution import run_between
+    from saeot.saes.codes import encode
+
+    model = tiny_lm.model
+    sa, sb = tiny_saes[H0], tiny_saes[H1]
+    batch = next(iter(dm.iter_batches("heldout", device=torch.device("cpu"), progress=False, desc="t",
+                                      hooks=None, hidden=False)))
+    tokens, mask = batch["tokens"], batch["mask"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[H0, H1])
+        h0, h1 = cache[H0].float(), cache[H1].float()
+        assert torch.allclose(run_between(model, H0, H1, h0), h1, atol=1e-4)
+        ca, cb = encode(sa, h0), encode(sb, h1)
+    fires = ((ca > 0) & mask[..., None]).sum((0, 1))
+    fa = torch.argsort(fires, descending=True)[:6]  # features of A that fire in this batch
+    fb = torch.tensor([int((cb[..., :][(ca[..., i] > 0) & mask]).sum(0).argmax()) for i in fa])  # j co-firing most
+    acc = DeactivationAccumulator(sa, sb, fa, fb, stack_contexts=3)
+    acc.update(lambda a, b, h: run_between(model, a, b, h), H0, H1, h0, ca, cb, mask)
+    got = acc.per_pair()
+    for q, (i, j) in enumerate(zip(fa.tolist(), fb.tolist())):
+        fire = (ca[..., i] > 0) & mask
+
+        def ablate(act, hook, i=i, fire=fire):
+            return act - torch.where(fire, ca[..., i], torch.zeros(())).unsqueeze(-1) * sa.W_dec[i].detach()
+
+        store = {}
+        with torch.no_grad():
+            model.run_with_hooks(tokens, fwd_hooks=[(H0, ablate), (H1, lambda act, hook: store.update(h=act))])
+            zj = encode(sb, store["h"].float())[..., j]
+        want = 1 - float(zj[fire].sum()) / float(cb[..., j][fire].sum())
+        assert got["change"][q].item() == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert got["success"][q].item() == float(want >= SUCCESS_DROP)
+    assert float(got["change"].abs().max()) > 0  # removing a feature moved its co-firing partner somewhere
+    assert sample_ranks(100, 5).tolist() == [0, 25, 50, 74, 99] and sample_ranks(3, 8).tolist() == [0, 1, 2]
+
+
+def test_equal_coverage_curves_carry_deactivation_over_the_sampled_ranks(tiny_lm, tiny_saes, dm):
+    F = tiny_saes[H0].cfg.d_sae
+    g = torch.Generator().manual_seed(4)
+    fa, fb = torch.randperm(F, generator=g), torch.randperm(F, generator=g)
+    rp = RankedPairs(H0, H1, fa, fb, torch.arange(F, dtype=torch.float64), n_features_a=F, n_features_b=F)
+    curves = CoverageCurves([rp], tiny_saes, (0.5, 1.0), code_scale="fold", with_ce=False, deactivation=F)
+    evaluate_functional(tiny_lm, tiny_saes, dm, {"id": [identity_matching(H1, F)]}, QUIET, consumers=[curves])
+    c = curves.results()[rp.key]
+    per = curves.curves[rp.key].deact.per_pair()
+    assert c["n_deactivation_pairs"] == F
+    assert c["deactivation"][0] == pytest.approx(float(per["change"][: F // 2].mean()))
+    assert c["deactivation"][1] == pytest.approx(float(per["change"].mean()))
+    assert c["deactivation_success"][1] == pytest.approx(float(per["success"].mean()))
+    off = CoverageCurves([rp], tiny_saes, (1.0,), code_scale="fold", with_ce=False, deactivation=0)
+    assert off.curves[rp.key].deact is None
+    with pytest.raises(ValueError, match="coverage_deactivation"):
+        FunctionalSettings(coverage_deactivation=-1)

@@ -31,6 +31,9 @@ class PassBatch:
         submit: ``(hook_b, h_hat, done)``: the same, queued and run stacked with the batch's
             other continuations; ``done(h_sub, ce)`` is called before the batch ends
             (:class:`~saeot.evaluation.functional._continuations.Continuations`). None: use ``substituted``.
+        run_between: ``(hook_a, hook_b, h [n, T, d]) -> [n, T, d]``: the model run from hook A's
+            states of ``n`` contexts (rows of this batch) up to hook B (residual-stream hooks;
+            None where the pass cannot).
     """
 
     tokens: Tensor
@@ -40,6 +43,7 @@ class PassBatch:
     codes: dict[str, Tensor]
     substituted: Callable[[str, Tensor], tuple[Tensor, Tensor]]
     submit: Callable[[str, Tensor, Callable[[Tensor, Tensor], None]], None] | None = None
+    run_between: Callable[[str, str, Tensor], Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,11 @@ Per level and batch:
   level and batch: the expensive part, so levels with equal ``n_f`` are computed once);
 * **co-activation**: one :class:`CoactivationAccumulator` over all ranked pairs; the
   curve at ``f`` is the mean Pearson correlation (and precision / recall) over the
-  first ``n_f`` pairs where it is defined -- no extra cost per level.
+  first ``n_f`` pairs where it is defined -- no extra cost per level;
+* **deactivation** (``functional.coverage_deactivation`` pairs spread over the ranking,
+  :mod:`saeot.evaluation.functional._deactivation`): the mean relative drop of j when i is
+  removed at A, and the share of pairs where j loses at least half, over the sampled pairs
+  among the first ``n_f``.
 
 The area under each curve (``auc``) is the trapezoid area over the actual fractions
 (the same grid for every matcher, so areas compare directly; ΔCE: lower is better).
@@ -36,6 +40,7 @@ from torch import Tensor
 from saeot.evaluation.functional._batch import PassBatch, PassTotals
 from saeot.evaluation.functional._coactivation import CoactivationAccumulator
 from saeot.evaluation.functional._coverage import RankedPairs
+from saeot.evaluation.functional._deactivation import DeactivationAccumulator, sample_ranks
 from saeot.evaluation.functional._substitution import code_ratio, substitute_codes
 from saeot.hooks import hook_layer
 from saeot.saes.codes import decode
@@ -44,7 +49,9 @@ __all__ = ["CURVE_METRICS", "curve_auc", "PairCurve", "CoverageCurves"]
 
 #: metric -> (label, higher is better)
 CURVE_METRICS = {"explained_variance": ("substitution EV", True), "delta_ce": ("substitution ΔCE (nats)", False),
-                 "corr": ("co-activation correlation", True)}
+                 "corr": ("co-activation correlation", True),
+                 "deactivation": ("deactivation: mean drop of B's feature", True),
+                 "deactivation_success": ("deactivation success rate", True)}
 
 
 def curve_auc(x: Sequence[float], y: Sequence[float]) -> float:
@@ -61,7 +68,7 @@ class PairCurve:
     """The curves of one layer pair of one run (module docstring)."""
 
     def __init__(self, ranked: RankedPairs, sae_a: Any, sae_b: Any, grid: Sequence[float], code_scale: str,
-                 with_ce: bool) -> None:
+                 with_ce: bool, deactivation: int = 0) -> None:
         self.rp, self.sae_b, self.with_ce = ranked, sae_b, with_ce
         self.grid = [float(f) for f in grid]
         self.n = [ranked.n_at(f) for f in self.grid]
@@ -73,6 +80,9 @@ class PairCurve:
         self.sse = {n: 0.0 for n in self.levels}
         self.ce_sum = {n: 0.0 for n in self.levels}
         self.coact = CoactivationAccumulator(ranked.n_pairs)
+        self.deact_ranks = sample_ranks(ranked.n_pairs, deactivation)
+        self.deact = (DeactivationAccumulator(sae_a, sae_b, ranked.feature_a[self.deact_ranks],
+                                              ranked.feature_b[self.deact_ranks]) if len(self.deact_ranks) else None)
         self._result: dict | None = None
 
     @torch.no_grad()
@@ -96,6 +106,8 @@ class PairCurve:
                 h_sub = torch.where(keep, h_hat.expand_as(h_b), h_b)
             self.sse[n] += float((h_b - h_sub)[b.mask].double().pow(2).sum())
         self.coact.update(ca[b.mask][:, fa], cb[b.mask][:, fb])
+        if self.deact is not None and b.run_between is not None:
+            self.deact.update(b.run_between, rp.hook_a, rp.hook_b, b.hidden[rp.hook_a], ca, cb, b.mask)
 
     def _absorb(self, n: int, b: PassBatch, h_b: Tensor, h_sub: Tensor, ce: Tensor) -> None:
         """Level ``n``'s squared error and cross-entropy of one batch."""
@@ -116,10 +128,22 @@ class PairCurve:
         ev = [1.0 - self.sse[n] / sst if sst > 0 else float("nan") for n in self.n]
         dce = ([self.ce_sum[n] / max(t.n_ce, 1) - t.ce_clean for n in self.n] if self.with_ce
                else [float("nan")] * len(self.n))
+        nan = [float("nan")] * len(self.n)
+        deact, deact_ok = nan, nan
+        if self.deact is not None:
+            dp = self.deact.per_pair()
+
+            def sampled_mean(v: Tensor, n: int) -> float:
+                x = v[self.deact_ranks < n]
+                return float(x.mean()) if x.numel() else float("nan")
+
+            deact = [sampled_mean(dp["change"], n) for n in self.n]
+            deact_ok = [sampled_mean(dp["success"], n) for n in self.n]
         out = {
             "layer_a": hook_layer(rp.hook_a), "layer_b": hook_layer(rp.hook_b),
             "grid": self.grid, "fraction": frac, "n_pairs": self.n,
-            "explained_variance": ev, "delta_ce": dce,
+            "explained_variance": ev, "delta_ce": dce, "deactivation": deact, "deactivation_success": deact_ok,
+            "n_deactivation_pairs": int(len(self.deact_ranks)),
             "corr": [prefix_mean(pp["corr"], n) for n in self.n],
             "precision": [prefix_mean(pp["precision"], n) for n in self.n],
             "recall": [prefix_mean(pp["recall"], n) for n in self.n],
@@ -143,7 +167,7 @@ class CoverageCurves:
     pair of one run."""
 
     def __init__(self, ranked: Sequence[RankedPairs], saes: dict[str, Any], grid: Sequence[float],
-                 code_scale: str = "fold", with_ce: bool = True) -> None:
+                 code_scale: str = "fold", with_ce: bool = True, deactivation: int = 0) -> None:
         if not grid:
             raise ValueError("functional.coverage_grid is empty")
         bad = [f for f in grid if not 0.0 <= float(f) <= 1.0]
@@ -151,8 +175,8 @@ class CoverageCurves:
             raise ValueError(f"functional.coverage_grid has {bad}: fractions of A must be in [0, 1]")
         if list(grid) != sorted(grid):
             raise ValueError(f"functional.coverage_grid={list(grid)} must be ascending")
-        self.curves = {rp.key: PairCurve(rp, saes[rp.hook_a], saes[rp.hook_b], grid, code_scale, with_ce)
-                       for rp in ranked}
+        self.curves = {rp.key: PairCurve(rp, saes[rp.hook_a], saes[rp.hook_b], grid, code_scale, with_ce,
+                                         deactivation) for rp in ranked}
         self.hooks = tuple(sorted({h for rp in ranked for h in (rp.hook_a, rp.hook_b)}, key=hook_layer))
         self.hooks_b = tuple(sorted({rp.hook_b for rp in ranked}, key=hook_layer))
 

@@ -26,6 +26,7 @@ __all__ = ["COVERAGE_COLUMNS", "coverage_rows", "format_coverage_markdown", "wri
 COVERAGE_COLUMNS = [
     "matcher", "layer_a", "layer_b", "n_pairs", "n_forced", "fraction_full",
     "ev_full", "dce_full", "corr_full", "auc_ev", "auc_dce", "auc_corr",
+    "deact_full", "deact_success_full", "auc_deact", "auc_deact_success",
     "own_frac_a_matched", "own_ev_sub", "own_dce_sub", "assignment_seconds", "run_dir",
 ]
 
@@ -43,6 +44,10 @@ def coverage_rows(label: str, run_dir: str, func: dict) -> list[dict]:
             "n_forced": c["n_forced"], "fraction_full": full["fraction"],
             "ev_full": full["explained_variance"], "dce_full": full["delta_ce"], "corr_full": full["corr"],
             "auc_ev": auc["explained_variance"], "auc_dce": auc["delta_ce"], "auc_corr": auc["corr"],
+            "deact_full": full.get("deactivation", float("nan")),
+            "deact_success_full": full.get("deactivation_success", float("nan")),
+            "auc_deact": auc.get("deactivation", float("nan")),
+            "auc_deact_success": auc.get("deactivation_success", float("nan")),
             "own_frac_a_matched": p["coverage"]["frac_a_matched"],
             "own_ev_sub": p["substitution"]["explained_variance"], "own_dce_sub": p["substitution"]["delta_ce"],
             "assignment_seconds": c["assignment_seconds"], "run_dir": run_dir,
@@ -61,12 +66,14 @@ def format_coverage_markdown(rows: list[dict]) -> str:
     rows = sorted(rows, key=lambda r: (r["layer_b"] - r["layer_a"], r["layer_a"], r["layer_b"], r["matcher"]))
     grid = rows[0]["curve"]["grid"] if rows else []
     head = ["matcher", "A→B", "pairs (forced)", "EV full", "ΔCE full", "corr full", "AUC EV ↑", "AUC ΔCE ↓",
-            "AUC corr ↑", "own: A matched", "own: EV", "own: ΔCE"]
+            "AUC corr ↑", "deact. drop full", "deact. success full", "AUC deact. success ↑",
+            "own: A matched", "own: EV", "own: ΔCE"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = [r["matcher"], f"{r['layer_a']}→{r['layer_b']}", f"{r['n_pairs']} ({r['n_forced']})",
                  _f(r["ev_full"]), _f(r["dce_full"]), _f(r["corr_full"]), _f(r["auc_ev"]), _f(r["auc_dce"]),
-                 _f(r["auc_corr"]), _f(r["own_frac_a_matched"]), _f(r["own_ev_sub"]), _f(r["own_dce_sub"])]
+                 _f(r["auc_corr"]), _f(r["deact_full"]), _f(r["deact_success_full"]), _f(r["auc_deact_success"]),
+                 _f(r["own_frac_a_matched"]), _f(r["own_ev_sub"]), _f(r["own_dce_sub"])]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
         "",
@@ -74,7 +81,9 @@ def format_coverage_markdown(rows: list[dict]) -> str:
         "min_margin=0), its pairs ranked by the matcher's own cost; coverage level f keeps the best round(f F_a) "
         "pairs. full: f = 1 (SAE Match Eq. 5: every feature of A assigned; 'forced' pairs completed the sparse "
         "assignment and rank last). EV / ΔCE: layer substitution through the kept pairs (folded codes); corr: mean "
-        "Pearson correlation of the kept pairs' activations. AUC: trapezoid area over the coverage grid "
+        "Pearson correlation of the kept pairs' activations. deact.: feature i removed at A where it fires, the "
+        "relative drop of j at B (mean), success: j loses >= half (sampled pairs spread over the ranking). "
+        "AUC: trapezoid area over the coverage grid "
         f"{[round(g, 3) for g in grid]} (the same for every matcher). own: the run's own matching and null "
         "(functional_table.md), for reference.",
     ]
@@ -94,16 +103,19 @@ def write_coverage_table(rows: list[dict], out_dir: str | Path) -> Path:
         for r in rows:
             out = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k != "curve"}
             for m in CURVE_METRICS:
-                for g, v in zip(grid, r["curve"][m]):
+                for g, v in zip(grid, r["curve"].get(m, [float("nan")] * len(grid))):
                     out[f"{m}@{g:g}"] = f"{v:.6g}"
             w.writerow(out)
     return md
 
 
 def plot_equal_coverage(rows: list[dict], path: str | Path) -> Path:
-    """Three panels (EV, ΔCE, correlation vs fraction of A matched) per layer pair, one line per matcher."""
+    """One panel per curve metric (EV, ΔCE, correlation, deactivation vs fraction of A matched) per layer
+    pair, one line per matcher."""
     pairs = sorted({(r["layer_a"], r["layer_b"]) for r in rows}, key=lambda p: (p[1] - p[0], p))
-    fig, axes = plt.subplots(max(len(pairs), 1), 3, figsize=(13, 3.4 * max(len(pairs), 1)), squeeze=False)
+    n_col = len(CURVE_METRICS)
+    fig, axes = plt.subplots(max(len(pairs), 1), n_col, figsize=(4.3 * n_col, 3.4 * max(len(pairs), 1)),
+                             squeeze=False)
     labels = sorted({r["matcher"] for r in rows})
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(labels)}
     for i, pair in enumerate(pairs):
@@ -111,8 +123,8 @@ def plot_equal_coverage(rows: list[dict], path: str | Path) -> Path:
             ax = axes[i][j]
             for r in (r for r in rows if (r["layer_a"], r["layer_b"]) == pair):
                 c = r["curve"]
-                ax.plot(c["fraction"], c[metric], marker="o", ms=3, color=colors[r["matcher"]],
-                        label=f"{r['matcher']} (AUC {_f(c['auc'][metric])})")
+                ax.plot(c["fraction"], c.get(metric, [float("nan")] * len(c["fraction"])), marker="o", ms=3,
+                        color=colors[r["matcher"]], label=f"{r['matcher']} (AUC {_f(c['auc'].get(metric, math.nan))})")
             ax.set_title(f"{pair[0]}→{pair[1]}: {title} ({'higher' if higher else 'lower'} is better)", fontsize=9)
             ax.set_xlabel("fraction of A matched (best pairs by the matcher's own cost)", fontsize=8)
             ax.grid(alpha=0.3)

@@ -21,7 +21,7 @@ from saeot.evaluation.functional._continuations import Continuations
 from saeot.evaluation.functional._matchings import ONE_TO_ONE_DOC, PairMatching
 from saeot.evaluation.functional._settings import REFERENCE_DOC, FunctionalSettings
 from saeot.evaluation.functional._substitution import (
-    SubstitutionAccumulator, code_ratio, next_token_ce, substitute_codes,
+    SubstitutionAccumulator, code_ratio, is_residual, next_token_ce, run_between, substitute_codes,
 )
 from saeot.hooks import hook_layer
 from saeot.saes.codes import decode, encode
@@ -145,8 +145,9 @@ def evaluate_functional(
                     x = xa[:, pm.feature_a.to(device)]
                     st.coact.update(x, xb[:, pm.feature_b.to(device)])
                     st.chance.update(x, xb[:, st.chance_b.to(device)])
+            between = (lambda ha, hb, h: run_between(model, ha, hb, h)) if all(map(is_residual, hooks)) else None
             for c in consumers:
-                c.update(PassBatch(tokens, mask, ce_mask, hidden, codes, cont.run_now, cont.submit))
+                c.update(PassBatch(tokens, mask, ce_mask, hidden, codes, cont.run_now, cont.submit, between))
             cont.flush()
             n_requests += cont.n_requests
             n_forwards += cont.n_forwards

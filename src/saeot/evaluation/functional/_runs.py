@@ -191,5 +191,6 @@ def _coverage_curves(group: Sequence[RunDir], matchings: dict, saes: dict, datam
         except MatcherNotApplicable as e:
             log.warning("%s: no equal-coverage curves (%s)", r.label, e)
             continue
-        out[r.label] = CoverageCurves(ranked, saes, settings.coverage_grid, settings.code_scale, settings.coverage_ce)
+        out[r.label] = CoverageCurves(ranked, saes, settings.coverage_grid, settings.code_scale, settings.coverage_ce,
+                                      settings.coverage_deactivation)
     return out

@@ -36,6 +36,9 @@ class FunctionalSettings:
             False: EV and co-activation only (no extra forward pass).
         coverage_candidates: candidates per feature of A for the full assignment (at least
             the matcher's own ``n_candidates``).
+        coverage_deactivation: pairs per layer pair (spread over each matcher's ranking) that get
+            the causal deactivation test (:mod:`saeot.evaluation.functional._deactivation`;
+            0: off). Residual-stream hooks only.
         report: write ``report.html`` into every run dir.
         report_pairs: matched pairs shown per layer pair in the report.
         report_no_match: no-match features shown with their contexts (all are listed).
@@ -56,6 +59,7 @@ class FunctionalSettings:
     coverage_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     coverage_ce: bool = True
     coverage_candidates: int = 8
+    coverage_deactivation: int = 128
     report: bool = True
     report_pairs: int = 24
     report_no_match: int = 8
@@ -79,6 +83,8 @@ class FunctionalSettings:
         if not grid or list(grid) != sorted(set(grid)) or not all(0.0 < f <= 1.0 for f in grid):
             raise ValueError(f"functional.coverage_grid={list(grid)} must be distinct ascending fractions in (0, 1]")
         self.coverage_grid = grid
+        if self.coverage_deactivation < 0:
+            raise ValueError(f"functional.coverage_deactivation={self.coverage_deactivation} must be >= 0 (0: off)")
         if self.coverage_candidates < 2:
             raise ValueError(f"functional.coverage_candidates={self.coverage_candidates} must be >= 2")
         if self.pairs is not None:

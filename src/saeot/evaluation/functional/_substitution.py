@@ -46,6 +46,27 @@ def run_from_hook(model: Any, hook: str, value: Tensor, tokens: Tensor) -> Tenso
     return model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, lambda act, hook: value)])
 
 
+def run_between(model: Any, hook_a: str, hook_b: str, value: Tensor) -> Tensor:
+    """``[n, T, d]`` float32 states at ``hook_b`` when the residual stream at ``hook_a`` is ``value
+    [n, T, d]`` (both residual-stream hooks, B after A): only the blocks between them run."""
+    def edge(hook: str) -> int:
+        if hook.endswith("hook_resid_post"):
+            return hook_layer(hook) + 1
+        if hook.endswith("hook_resid_pre"):
+            return hook_layer(hook)
+        raise ValueError(f"run_between needs residual-stream hooks, got {hook}")
+
+    start, stop = edge(hook_a), edge(hook_b)
+    if stop < start:
+        raise ValueError(f"run_between: {hook_b} comes before {hook_a}")
+    value = value.to(next(model.parameters()).dtype)
+    return model(value, start_at_layer=start, stop_at_layer=stop).float()
+
+
+def is_residual(hook: str) -> bool:
+    return hook.endswith(("hook_resid_post", "hook_resid_pre"))
+
+
 def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
     """``[B, T, V], [B, T] -> [B, T-1]`` cross-entropy (nats) of token t+1 given positions <= t."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
