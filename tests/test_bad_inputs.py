@@ -146,6 +146,7 @@ class Case:
     message: str  # a regex the error line matches
     entry: str = "train"
     forward_ok: bool = False  # the input can only show in a forward pass
+    before_model: bool = False  # reported before the model is even loaded
 
 
 def _t(*a: str) -> tuple[str, ...]:
@@ -194,9 +195,14 @@ CASES = [
     Case("profiling-k-text", _t("profiling.k=abc"), "profiling.k", r"profiling\.k='abc' must be a whole number"),
     Case("null-alpha-2", _t("matcher.null_alpha=2"), "matcher.null_alpha", r"must be in \(0, 1\], got 2"),
     Case("null-alpha-text", _t("matcher.null_alpha=abc"), "matcher.null_alpha", r"='abc' must be of type float"),
+    Case("sae-match-lap", _t("matcher=sae_match", "matcher.lap=sparse"), "matcher.lap",
+         r"matcher\.lap must be one of \['auto', 'dense', 'candidates'\], got 'sparse'"),
     Case("transport-reg-negative", _t("transport=sinkhorn", "transport.reg=-1"), "transport.reg",
          r"transport\.reg=-1: sinkhorn reg must be > 0"),
     Case("reference-dim-too-wide", _t("reference.dim=100"), "reference.dim", r"reference\.dim=100 .* 1\.\.64"),
+    Case("trainer-devices-zero", _t("trainer.devices=0"), "trainer.devices",
+         r"^saeot: error: trainer\.devices=0 must be a whole number >= 1 or auto \(with trainer\.accelerator=cpu\)$",
+         before_model=True),
     Case("jsonl-missing-key", _t("callbacks=circuit", "circuit=jsonl", "circuit.path={ws}/missing.jsonl"),
          "circuit.path", r"line 2: missing field\(s\) \['wrong'\]"),
     Case("jsonl-answer-not-one-token", _t("callbacks=circuit", "circuit=jsonl", "circuit.path={ws}/long_answer.jsonl"),
@@ -294,6 +300,11 @@ def test_bad_input_ends_in_one_line_naming_the_setting(case, ws, capsys, monkeyp
         port = request.getfixturevalue("silent_server")
     if not case.forward_ok:
         request.getfixturevalue("no_forward")
+    if case.before_model:
+        def no_model(*a, **k):
+            raise AssertionError("model loaded before the bad input was reported")
+
+        monkeypatch.setattr(models, "load_tiny_random", no_model)
     out = ws / "out" / case.id
     argv = [a.format(ws=ws, cache=ws / "cache", port=port) for a in case.argv] + [f"hydra.run.dir={out}"]
     t0 = time.perf_counter()
@@ -390,3 +401,24 @@ def test_catalogue_document_lists_every_case():
     assert sorted(ids) == sorted(c.id for c in CASES)
     assert all(r.rstrip().endswith("| 2 |") for r in rows)
     assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize("accelerator,devices,ok", [
+    ("cpu", 1, True), ("cpu", "2", True), ("cpu", "auto", True), ("cpu", 0, False), ("cpu", -1, False),
+    ("cpu", [0], False), ("cpu", True, False), ("gpu", -1, True), ("gpu", [0, 1], True), ("gpu", "0,1", True),
+    ("gpu", 0, False), ("gpu", [], False), ("gpu", [0, 0], False), ("auto", "abc", False),
+])
+def test_trainer_devices_values_lightning_accepts(accelerator, devices, ok):
+    """``trainer.devices`` as Lightning reads it for ``trainer.accelerator``; every shipped trainer config passes."""
+    from omegaconf import OmegaConf
+
+    from saeot.pipeline.config import ConfigError, check_trainer
+
+    for conf in (ROOT / "conf" / "trainer").glob("*.yaml"):
+        check_trainer(OmegaConf.load(conf))
+    node = OmegaConf.create({"accelerator": accelerator, "devices": devices})
+    if ok:
+        check_trainer(node)
+    else:
+        with pytest.raises(ConfigError, match=r"^trainer\.devices=.* must be a whole number >= 1"):
+            check_trainer(node)

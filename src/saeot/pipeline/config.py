@@ -6,16 +6,17 @@ fails with a :class:`ConfigError` whose message names the setting to fix.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from saeot.hooks import hook_name
 
 __all__ = ["ConfigError", "ALL_LAYERS", "build", "wants_all_layers", "layer_ids", "layer_pairs", "check_layers",
-           "run_hooks"]
+           "run_hooks", "check_trainer"]
 
 
 class ConfigError(ValueError):
@@ -105,3 +106,43 @@ def run_hooks(cfg: DictConfig, n_layers: int | None = None) -> tuple[list[str], 
     pairs = layer_pairs(cfg, ids)
     site = cfg.layers.site
     return [hook_name(i, site) for i in ids], [(hook_name(a, site), hook_name(b, site)) for a, b in pairs]
+
+
+def _whole(value: Any) -> int | None:
+    """``value`` as a whole number (an int, or a string of digits with an optional ``-``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    return None
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """``trainer.devices`` is a value Lightning accepts for ``trainer.accelerator``. Lightning
+    itself says so only when the Trainer is built, after the model and the SAEs are loaded."""
+    devices = trainer.get("devices", "auto")
+    accelerator = trainer.get("accelerator", "auto")
+    if isinstance(devices, ListConfig):
+        devices = OmegaConf.to_container(devices)
+    if isinstance(devices, str) and devices.strip() == "auto":
+        return
+    n = _whole(devices)
+    if n is not None and n >= 1:
+        return
+    if accelerator == "cpu":
+        raise ConfigError(f"trainer.devices={devices!r} must be a whole number >= 1 or auto "
+                          f"(with trainer.accelerator=cpu)")
+    if n == -1:
+        return
+    if isinstance(devices, str) and "," in devices:
+        devices_list: Any = [d for d in devices.split(",") if d.strip()]
+    else:
+        devices_list = devices
+    if isinstance(devices_list, list) and devices_list:
+        ids = [_whole(d) for d in devices_list]
+        if all(i is not None and i >= 0 for i in ids) and len(set(ids)) == len(ids):
+            return
+    raise ConfigError(f"trainer.devices={devices!r} must be a whole number >= 1, -1 (every device), auto, "
+                      f"or a list of distinct device indices such as [0,1] (with trainer.accelerator={accelerator})")

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from saeot.matching.base import Matcher, MatchContext, Shard
-from saeot.pipeline.config import build, check_layers, layer_ids, run_hooks, wants_all_layers
+from saeot.pipeline.config import build, check_layers, check_trainer, layer_ids, run_hooks, wants_all_layers
 from saeot.pipeline.state import Matches, ReferenceFit, RunSetup, Streams
 from saeot.profiling import (
     AlignedStatesConsumer,
@@ -46,6 +46,8 @@ def setup(cfg: DictConfig, run_dir: str | Path, checks: Sequence[Callable[[Any],
     (except to train SAEs that are not cached, after every check of the settings).
     ``checks``: more checks of the loaded model (e.g. :meth:`RunCallback.check`)."""
     check_profiling(cfg.profiling.k, cfg.profiling.sampling, cfg.profiling.reference_tokens)
+    if cfg.get("trainer") is not None:  # built only after setup, by the caller
+        check_trainer(cfg.trainer)
     matcher = build(cfg.matcher)
     sae_provider = build(cfg.sae)
     if not wants_all_layers(cfg):  # the SAE settings, before the model is even loaded
