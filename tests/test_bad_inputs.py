@@ -195,6 +195,8 @@ CASES = [
     Case("profiling-k-text", _t("profiling.k=abc"), "profiling.k", r"profiling\.k='abc' must be a whole number"),
     Case("null-alpha-2", _t("matcher.null_alpha=2"), "matcher.null_alpha", r"must be in \(0, 1\], got 2"),
     Case("null-alpha-text", _t("matcher.null_alpha=abc"), "matcher.null_alpha", r"='abc' must be of type float"),
+    Case("sae-match-lap", _t("matcher=sae_match", "matcher.lap=sparse"), "matcher.lap",
+         r"matcher\.lap must be one of \['auto', 'dense', 'candidates'\], got 'sparse'"),
     Case("transport-reg-negative", _t("transport=sinkhorn", "transport.reg=-1"), "transport.reg",
          r"transport\.reg=-1: sinkhorn reg must be > 0"),
     Case("reference-dim-too-wide", _t("reference.dim=100"), "reference.dim", r"reference\.dim=100 .* 1\.\.64"),

@@ -7,6 +7,8 @@ for the null quantile to sit among unrelated pairs, as it does for real SAEs.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -182,9 +184,14 @@ def test_sae_match_recovers_permutation_under_rescaling(assignment):
     rows = torch.arange(D_SAE)
     exact = SAEMatch().pair_costs(ctx, H[0], H[1], rows, result.feature_b)
     torch.testing.assert_close(result.distance, exact.double())  # candidates and null agree
-    # without folding the scales hide the permutation: the test is not trivial
-    raw = SAEMatch(assignment=assignment, fold=False).match(ctx, H[0], H[1])
+    # without folding the scales hide the permutation from each row's candidates: the test is not trivial
+    raw = SAEMatch(assignment=assignment, fold=False, lap="candidates").match(ctx, H[0], H[1])
     assert (raw.feature_b == expected).float().mean() < 0.8
+    if assignment == "hungarian":
+        # the dense LAP's global optimum still finds it, at costs the null mostly calls chance
+        raw = SAEMatch(fold=False, lap="dense").match(ctx, H[0], H[1])
+        assert torch.equal(raw.feature_b, expected) and raw.extras["n_beyond_candidates"] > 0
+        assert raw.matched.float().mean() < 0.8
 
 
 def test_sae_match_null_rejects_unrelated_features():
@@ -226,6 +233,96 @@ def test_sae_match_compose_equals_direct_and_known_permutation():
     back = SAEMatch().match(ctx, H[3], H[0])
     assert back.extras["route"] == [H[3], H[2], H[1], H[0]]
     assert torch.equal(back.feature_b[truth], torch.arange(D_SAE))
+
+
+def _exact_cost(ctx, hook_a, hook_b) -> torch.Tensor:
+    """``[F_a, F_b]`` SAE Match's cost of every pair, one pair at a time (difference form; inf: dead)."""
+    n_a, n_b = ctx.saes[hook_a].cfg.d_sae, ctx.saes[hook_b].cfg.d_sae
+    ia, ib = torch.arange(n_a).repeat_interleave(n_b), torch.arange(n_b).repeat(n_a)
+    return SAEMatch(dtype="float64").pair_costs(ctx, hook_a, hook_b, ia, ib).double().reshape(n_a, n_b)
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (5, 7)])
+def test_sae_match_dense_assignment_equals_brute_force(shape):
+    n_a, n_b = shape
+    a = make_jumprelu(40, d_sae=n_a)
+    b = make_jumprelu(41, d_sae=n_b)  # a different random layer: no planted permutation
+    if n_b > n_a:
+        _set(b, W_dec=b.W_dec.detach().double().index_fill(0, torch.tensor([2]), 0.0))  # B's feature 2 is dead
+    ctx = MatchContext(saes={H[0]: a, H[1]: b})
+    res = SAEMatch(lap="dense", dtype="float64", null_alpha=1.0, n_candidates=2).match(ctx, H[0], H[1])
+    cost = _exact_cost(ctx, H[0], H[1])
+    totals = {p: float(sum(cost[i, j] for i, j in enumerate(p))) for p in itertools.permutations(range(n_b), n_a)}
+    ranked = sorted(totals, key=totals.get)
+    best = ranked[0]
+    assert totals[ranked[1]] - totals[best] > 1e-9  # a unique optimum, so the comparison is exact
+    assert res.feature_b.tolist() == list(best)
+    assert 2 not in res.feature_b.tolist() or n_b == n_a  # never the dead feature
+    torch.testing.assert_close(res.distance, cost[torch.arange(n_a), res.feature_b])
+    # not trivial: each row taking its nearest partner is not one-to-one here, and with two
+    # candidates a row ends up outside its own candidates
+    assert len(set(cost.argmin(1).tolist())) < n_a
+    assert res.extras["lap"] == "dense" and res.extras["n_beyond_candidates"] > 0 and res.extras["n_forced"] == 0
+
+
+@pytest.mark.parametrize("n_a", [256, 200])
+def test_sae_match_dense_leaves_no_row_without_partner(n_a):
+    from saeot.evaluation.functional import full_assignment
+
+    a = make_jumprelu(50, d_sae=n_a, dtype="float32")
+    src, scale = random_perm_and_scales(51)
+    b = rescale_and_permute(make_jumprelu(52, dtype="float32"), src, scale)  # unrelated to A, scales 0.08x..12x
+    ctx = MatchContext(saes={H[0]: a, H[1]: b})
+    dense = SAEMatch(lap="dense", n_candidates=4).match(ctx, H[0], H[1])
+    sparse = SAEMatch(lap="candidates", n_candidates=4).match(ctx, H[0], H[1])
+    assert (dense.feature_b >= 0).all() and dense.feature_b.unique().numel() == n_a
+    assert torch.isfinite(dense.distance).all() and dense.extras["n_forced"] == 0
+    assert dense.extras["n_beyond_candidates"] > 0
+    # the candidate restriction does leave rows without a partner on the same pair ...
+    assert sparse.extras["lap"] == "candidates" and sparse.extras["n_forced"] > 0
+    assert sparse.extras["n_forced"] == int((sparse.feature_b < 0).sum())
+    # ... and the matcher's n_forced is the count the equal-coverage protocol completes
+    total = {}
+    for lap, res in (("dense", dense), ("candidates", sparse)):
+        rp = full_assignment(SAEMatch(lap=lap, n_candidates=4), ctx, H[0], H[1], n_candidates=4)
+        assert rp.n_forced == res.extras["n_forced"] and rp.n_pairs == n_a
+        total[lap] = float(rp.cost.sum())
+    assert total["dense"] < total["candidates"]  # the completed sparse assignment is not optimal
+    # same candidates: the margin does not depend on the solver
+    torch.testing.assert_close(dense.margin, sparse.margin, equal_nan=True)
+    exact = SAEMatch().pair_costs(ctx, H[0], H[1], torch.arange(n_a), dense.feature_b)
+    torch.testing.assert_close(dense.distance, exact.double())  # difference form, as the candidates
+
+
+@pytest.mark.parametrize("shape", [(30, 40), (40, 40), (40, 30)])
+def test_sae_match_dense_and_candidates_agree_with_all_candidates(shape):
+    n_a, n_b = shape
+    a = make_jumprelu(60, d_sae=n_a, dtype="float32")
+    b = make_jumprelu(61, d_sae=n_b, dtype="float32")
+    ctx = MatchContext(saes={H[0]: a, H[1]: b})
+    k = n_b + 3  # at least every feature of B
+    dense = SAEMatch(lap="dense", n_candidates=k, long_range="direct").match(ctx, H[0], H[1])
+    sparse = SAEMatch(lap="candidates", n_candidates=k, long_range="direct").match(ctx, H[0], H[1])
+    assert torch.equal(dense.feature_b, sparse.feature_b)
+    assert int((dense.feature_b >= 0).sum()) == min(n_a, n_b)
+    torch.testing.assert_close(dense.distance, sparse.distance, rtol=0, atol=0)
+    torch.testing.assert_close(dense.margin, sparse.margin, rtol=0, atol=0)
+    assert torch.equal(dense.matched, sparse.matched)
+    assert dense.extras["n_forced"] == sparse.extras["n_forced"] == 0
+    assert dense.extras["n_beyond_candidates"] == 0
+    # the answer is not simply each row's nearest partner
+    assert not torch.equal(dense.feature_b, SAEMatch(assignment="nearest").match(ctx, H[0], H[1]).feature_b)
+
+
+def test_sae_match_dense_size_limit_names_the_setting():
+    a, b = make_jumprelu(70, dtype="float32"), make_jumprelu(71, dtype="float32")
+    ctx = MatchContext(saes={H[0]: a, H[1]: b})
+    limit = 0.9 * D_SAE * D_SAE * 8 / 1e9  # just under this pair's dense cost
+    with pytest.raises(ValueError, match=r"matcher.lap=dense needs a 256 x 256 .* over matcher.lap_max_gb="):
+        SAEMatch(lap="dense", lap_max_gb=limit).match(ctx, H[0], H[1])
+    assert SAEMatch(lap="auto", lap_max_gb=limit).match(ctx, H[0], H[1]).extras["lap"] == "candidates"
+    assert SAEMatch(lap="auto", lap_max_gb=limit / 0.8).match(ctx, H[0], H[1]).extras["lap"] == "dense"
+    assert SAEMatch().cfg.lap == "auto" and SAEMatch().match(ctx, H[0], H[1]).extras["lap"] == "dense"
 
 
 def test_hook_ordering_helpers():
@@ -412,3 +509,9 @@ def test_matcher_settings_are_a_config_dataclass_that_names_bad_keys():
         FeatureFlow(null_alpha=2)
     with pytest.raises(ValueError, match="matcher.long_range"):
         SAEMatch(long_range="sideways")
+    with pytest.raises(ValueError, match=r"matcher.lap must be one of \['auto', 'dense', 'candidates'\], got 'sparse'"):
+        SAEMatch(lap="sparse")
+    with pytest.raises(ValueError, match=r"matcher.lap_max_gb must be > 0, got 0"):
+        SAEMatch(lap_max_gb=0)
+    with pytest.raises(ValueError, match=r"matcher.lap_max_gb='abc' must be of type float"):
+        SAEMatch(lap_max_gb="abc")

@@ -12,7 +12,9 @@ A subclass supplies two things:
 * :meth:`Matcher.pair_costs` -- the cost of arbitrary pairs (used for the null).
 
 Everything else (nearest or one-to-one assignment, margin, the "no match"
-decision) is shared, so all matchers produce comparable :class:`MatchResult`.
+decision) is shared, so all matchers produce comparable :class:`MatchResult`; a
+matcher that can solve the one-to-one assignment on more than its candidates
+overrides :meth:`Matcher.one_to_one_assignment` (SAE Match's dense LAP).
 """
 
 from __future__ import annotations
@@ -113,7 +115,10 @@ class MatcherConfig:
 
     Attributes:
         assignment: ``nearest`` (each feature of A takes its cheapest partner; many-to-one)
-            or ``hungarian`` (one-to-one linear assignment over the candidates).
+            or ``hungarian`` (one-to-one linear assignment over the candidates; a matcher may
+            solve it otherwise, :meth:`Matcher.one_to_one_assignment`: SAE Match's ``lap=dense`` over all pairs).
+            Its result's ``extras['n_forced']``: rows left without a partner while a feature
+            of B stays free (the pairs the equal-coverage protocol completes as "forced").
         n_candidates: partners kept per feature for the one-to-one assignment.
         null_alpha: the chance that a feature of A with no true partner in B is still
             called a match. Its best cost is the minimum over the ``F_b`` features of B,
@@ -312,16 +317,18 @@ class Matcher(ABC):
         null = self.null_threshold(ctx, hook_a, hook_b, exclude=index)
         threshold = null.threshold
 
-        out = {}
+        n_b = _n_features(ctx, hook_b)
+        out, extras_by = {}, {}
         for assignment in assignments:
             if assignment == "nearest":
                 feature_b, distance = index[:, 0].clone(), best.clone()
             else:
-                feature_b = linear_assignment_sparse(cost, index, n_b=_n_features(ctx, hook_b))
-                distance = torch.full_like(best, float("inf"))
-                assigned = feature_b >= 0
-                col = (index == feature_b[:, None]) & assigned[:, None]
-                distance[assigned] = cost[col]
+                feature_b, distance, lap_stats = self.one_to_one_assignment(ctx, hook_a, hook_b, cost, index)
+                assigned = int((feature_b >= 0).sum())
+                # rows left without a partner while a feature of B stays free: what the
+                # equal-coverage protocol completes as "forced" pairs (functional/_coverage.py)
+                n_forced = min(feature_b.numel() - assigned, n_b - assigned)
+                extras_by[assignment] = {**lap_stats, "n_forced": n_forced}
             matched = torch.isfinite(distance) & (feature_b >= 0)
             if threshold == threshold:  # not nan
                 matched &= distance <= threshold
@@ -338,9 +345,27 @@ class Matcher(ABC):
                 matched=matched,
                 null_threshold=threshold,
                 extras={"assignment": assignment, "null_pairs": null.n_pairs, "null_level": null.level,
-                        "null_method": null.method, **stats},
+                        "null_method": null.method, **stats, **extras_by.get(assignment, {})},
             )
         return out
+
+    def one_to_one_assignment(
+        self, ctx: MatchContext, hook_a: str, hook_b: str, cost: Tensor, index: Tensor
+    ) -> tuple[Tensor, Tensor, dict]:
+        """The one-to-one (``hungarian``) assignment of A onto B, given the candidates.
+
+        Default: the sparse LAP over the candidates (:func:`linear_assignment_sparse`);
+        a row whose candidates are all taken by others stays unassigned (-1).
+
+        Args:
+            cost, index: ``[F_a, k]`` the candidates (CPU, float64 / long).
+
+        Returns:
+            ``(feature_b [F_a] long, distance [F_a] float64 (inf where unassigned), extras)``.
+        """
+        feature_b = linear_assignment_sparse(cost, index, n_b=_n_features(ctx, hook_b))
+        distance, _ = candidate_costs(cost, index, feature_b)
+        return feature_b, distance, {}
 
 
     def _candidates(self, ctx: MatchContext, hook_a: str, hook_b: str, k: int) -> tuple[Tensor, Tensor, dict]:
@@ -359,6 +384,24 @@ class Matcher(ABC):
             full_cost[r], full_index[r] = c, i
         stats = {key: sum(p[3].get(key, 0) for p in parts) for key in parts[0][3]}
         return full_cost, full_index, stats
+
+
+def candidate_costs(cost: Tensor, index: Tensor, feature_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's candidate cost of its assigned partner.
+
+    Args:
+        cost, index: ``[F_a, k]`` candidates (indices unique per row, -1 padding).
+        feature_b: ``[F_a]`` long, -1 = unassigned.
+
+    Returns:
+        ``(distance [F_a], found [F_a] bool)``: ``distance`` is the candidate cost where the
+        partner is among the row's candidates (``found``), ``inf`` elsewhere.
+    """
+    hit = (index == feature_b[:, None]) & (feature_b >= 0)[:, None]
+    found = hit.any(1)
+    distance = torch.full((index.shape[0],), float("inf"), dtype=cost.dtype)
+    distance[found] = cost[hit]
+    return distance, found
 
 
 def null_level(alpha: float, n_b: int) -> float:

@@ -16,7 +16,29 @@ with ``v_i = [sqrt(w_dec) W_dec'_A[i], sqrt(w_enc) W_enc'_A[:, i], sqrt(w_bias) 
 (``[2 d_in + 1]``, likewise ``u_j``). Candidates are computed ``chunk_size`` rows of A
 at a time (memory O(chunk_size * F_b)), keeping the ``k`` cheapest per row, whose
 costs are then recomputed exactly in the difference form (:func:`rerank_exact`). The
-default assignment is one-to-one (``hungarian``, a sparse LAP over the candidates).
+default assignment is one-to-one (``hungarian``), solved as the paper does, a dense
+linear assignment over all pairs (``lap``, below); the candidates give the margin and
+the null's exclusions either way.
+
+One-to-one assignment (``lap``)
+-------------------------------
+``lap=dense`` builds the full cost ``[F_a, F_b]`` over the alive features (``chunk_size``
+rows at a time, in ``dtype``, stored float64 on the CPU: ``F_a * F_b * 8`` bytes, 2.1 GB
+at 16k x 16k, plus about ``F_a * F_b`` bytes of masks while it is checked) and solves it
+with scipy's ``linear_sum_assignment`` (:func:`~saeot.matching.assignment.linear_assignment_dense`):
+with no more alive features in A than in B, every alive one gets a partner. Before building it the size
+is checked against ``lap_max_gb``; over it, ``lap=dense`` stops with an error naming the
+setting. ``lap=candidates`` is the sparse LAP restricted to each row's ``n_candidates``
+cheapest partners (memory O(F_a * k)); a row whose candidates are all taken stays
+unassigned. ``lap=auto`` (default) is ``dense`` when it fits ``lap_max_gb`` and
+``candidates`` otherwise (logged). Either way ``distance`` is the exact difference-form
+cost of the assigned pair (the candidate's cost, or :meth:`SAEMatch.pair_costs` for a
+partner outside the candidates), ``margin`` the candidates' second-best minus best, and
+the result's ``extras`` hold ``lap`` (the solver used), ``n_forced`` (rows left without a
+partner while a feature of B stays free; :meth:`saeot.matching.base.Matcher.match_assignments`)
+and, for ``dense``, ``n_beyond_candidates`` (assigned partners outside the row's
+``n_candidates`` cheapest: the rows the candidate restriction could not have given
+their partner).
 
 Long-range pairs (A and B not adjacent): ``long_range="direct"`` matches A to B
 directly; ``long_range="compose"`` (the paper) matches each adjacent pair on the way
@@ -28,7 +50,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,15 +58,18 @@ from torch import Tensor
 
 from saeot.dtypes import resolve_dtype
 from saeot.hooks import hook_layer, hooks_between
-from saeot.matching.assignment import compose_matches
-from saeot.matching.base import MatchContext, Matcher, MatcherConfig
+from saeot.matching.assignment import compose_matches, linear_assignment_dense
+from saeot.matching.base import MatchContext, Matcher, MatcherConfig, candidate_costs
 from saeot.matching.candidates import chunked_candidates
 from saeot.saes import encoder_bias, fold_threshold
 from saeot.types import MatchResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SAEMatch", "SAEMatchConfig", "rerank_exact"]
+__all__ = ["SAEMatch", "SAEMatchConfig", "rerank_exact", "LAPS"]
+
+#: how SAE Match solves the one-to-one assignment (``matcher.lap``; module docstring)
+LAPS = ("auto", "dense", "candidates")
 
 
 def rerank_exact(va: Tensor, vb: Tensor, cost: Tensor, index: Tensor, max_elements: int = 1 << 22) -> Tensor:
@@ -91,6 +116,13 @@ class SAEMatchConfig(MatcherConfig):
             and B in layer order are used); None: the hooks of ``ctx.saes``.
         chunk_size: rows of A per chunk of the dense cost.
         dtype: ``float32`` or ``float64``, precision of the cost computation.
+        lap: how ``assignment=hungarian`` is solved: ``dense`` (the paper: scipy's
+            ``linear_sum_assignment`` on the full ``[F_a, F_b]`` cost of the alive features,
+            float64, ``F_a * F_b * 8`` bytes: 2.1 GB at 16k x 16k), ``candidates`` (sparse
+            LAP over each row's ``n_candidates`` cheapest partners; rows whose candidates are
+            all taken stay unassigned) or ``auto`` (default: ``dense`` if it fits
+            ``lap_max_gb``, else ``candidates``). Module docstring.
+        lap_max_gb: the largest dense cost matrix (GB, 1e9 bytes) ``dense`` / ``auto`` may build.
     """
 
     assignment: str = "hungarian"
@@ -104,6 +136,8 @@ class SAEMatchConfig(MatcherConfig):
     chain: Sequence[str] | None = None
     chunk_size: int = 1024
     dtype: str = "float32"
+    lap: str = "auto"
+    lap_max_gb: float = 4.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,11 +149,16 @@ class SAEMatchConfig(MatcherConfig):
         resolve_dtype(self.dtype, "matcher.dtype", allowed=(torch.float32, torch.float64))
         if self.chunk_size < 1:
             raise ValueError(f"matcher.chunk_size must be >= 1, got {self.chunk_size}")
+        if self.lap not in LAPS:
+            raise ValueError(f"matcher.lap must be one of {list(LAPS)}, got {self.lap!r}")
+        if not self.lap_max_gb > 0:
+            raise ValueError(f"matcher.lap_max_gb must be > 0, got {self.lap_max_gb}")
         self.chain = list(self.chain) if self.chain is not None else None
 
 
 class SAEMatch(Matcher):
-    """SAE Match: squared distance between folded SAE parameters, one-to-one assignment.
+    """SAE Match: squared distance between folded SAE parameters, one-to-one assignment
+    (by default the paper's dense LAP over all pairs, ``matcher.lap``; module docstring).
     Settings: :class:`SAEMatchConfig`."""
 
     name = "sae_match"
@@ -160,9 +199,9 @@ class SAEMatch(Matcher):
         W_dec = ctx.saes[hook].W_dec.detach()
         return ((W_dec.norm(dim=1) > 0) & torch.isfinite(W_dec).all(dim=1)).cpu()
 
-    # ------------------------------------------------------------------ Matcher API
-    def candidates(self, ctx: MatchContext, hook_a: str, hook_b: str, k: int) -> tuple[Tensor, Tensor]:
-        va, vb = self._pair_vectors(ctx, hook_a, hook_b)
+    @staticmethod
+    def _cost_rows(va: Tensor, vb: Tensor) -> Callable[[int, int], Tensor]:
+        """``(start, stop) -> [stop - start, F_b]`` the matmul-form cost of rows ``start:stop`` of ``va``."""
         na, nb = va.pow(2).sum(1), vb.pow(2).sum(1)
         vbT = vb.T.contiguous()
 
@@ -170,8 +209,14 @@ class SAEMatch(Matcher):
             cost = na[start:stop, None] + nb[None, :] - 2.0 * (va[start:stop] @ vbT)
             return cost.clamp_min_(0.0)
 
+        return rows
+
+    # ------------------------------------------------------------------ Matcher API
+    def candidates(self, ctx: MatchContext, hook_a: str, hook_b: str, k: int) -> tuple[Tensor, Tensor]:
+        va, vb = self._pair_vectors(ctx, hook_a, hook_b)
         cost, index = chunked_candidates(
-            rows, va.shape[0], k, self.cfg.chunk_size, self.alive(ctx, hook_a), self.alive(ctx, hook_b)
+            self._cost_rows(va, vb), va.shape[0], k, self.cfg.chunk_size, self.alive(ctx, hook_a),
+            self.alive(ctx, hook_b)
         )
         return rerank_exact(va, vb, cost, index)
 
@@ -185,6 +230,68 @@ class SAEMatch(Matcher):
             out[sl] = (va[ia[sl]] - vb[ib[sl]]).pow(2).sum(1)
         ok = self.alive(ctx, hook_a).to(va.device)[ia] & self.alive(ctx, hook_b).to(va.device)[ib]
         return out.masked_fill(~ok, float("inf")).cpu()
+
+    # ------------------------------------------------------------------ one-to-one assignment
+    def lap_for(self, ctx: MatchContext, hook_a: str, hook_b: str) -> str:
+        """``dense`` or ``candidates``: how :meth:`one_to_one_assignment` solves this pair (``matcher.lap``).
+
+        Raises:
+            ValueError: ``lap=dense`` and the dense cost would exceed ``lap_max_gb``.
+        """
+        if self.cfg.lap == "candidates":
+            return "candidates"
+        n_a, n_b = int(self.alive(ctx, hook_a).sum()), int(self.alive(ctx, hook_b).sum())
+        gb = n_a * n_b * 8 / 1e9
+        if gb <= self.cfg.lap_max_gb:
+            return "dense"
+        if self.cfg.lap == "dense":
+            raise ValueError(
+                f"matcher.lap=dense needs a {n_a} x {n_b} float64 cost matrix ({gb:.1f} GB) for {hook_a} -> "
+                f"{hook_b}, over matcher.lap_max_gb={self.cfg.lap_max_gb:g}: raise matcher.lap_max_gb or set "
+                f"matcher.lap=candidates"
+            )
+        log.warning("sae_match %s -> %s: the dense cost (%d x %d, %.1f GB) exceeds matcher.lap_max_gb=%g; "
+                    "solving over %d candidates per feature (matcher.lap=candidates)",
+                    hook_a, hook_b, n_a, n_b, gb, self.cfg.lap_max_gb, self.cfg.n_candidates)
+        return "candidates"
+
+    def dense_cost(self, ctx: MatchContext, hook_a: str, hook_b: str) -> tuple[Tensor, Tensor, Tensor]:
+        """The full cost between the alive features, built ``chunk_size`` rows at a time.
+
+        Returns:
+            ``(cost [n_a, n_b] float64 on the CPU, rows [n_a], cols [n_b])``: ``cost[i, j]``
+            is the (matmul-form) cost of A's feature ``rows[i]`` and B's ``cols[j]``.
+        """
+        va, vb = self._pair_vectors(ctx, hook_a, hook_b)
+        rows = self.alive(ctx, hook_a).nonzero().flatten()
+        cols = self.alive(ctx, hook_b).nonzero().flatten()
+        cost_rows = self._cost_rows(va[rows.to(va.device)], vb[cols.to(vb.device)])
+        out = torch.empty(len(rows), len(cols), dtype=torch.float64)
+        for start in range(0, len(rows), self.cfg.chunk_size):
+            stop = min(start + self.cfg.chunk_size, len(rows))
+            out[start:stop] = cost_rows(start, stop).to("cpu", torch.float64)
+        return out, rows, cols
+
+    def one_to_one_assignment(
+        self, ctx: MatchContext, hook_a: str, hook_b: str, cost: Tensor, index: Tensor
+    ) -> tuple[Tensor, Tensor, dict]:
+        """The sparse LAP over the candidates (``lap=candidates``), or the dense LAP over all
+        pairs of alive features (``lap=dense``; module docstring)."""
+        lap = self.lap_for(ctx, hook_a, hook_b)
+        if lap == "candidates":
+            feature_b, distance, extras = super().one_to_one_assignment(ctx, hook_a, hook_b, cost, index)
+            return feature_b, distance, {**extras, "lap": lap}
+        dense, rows, cols = self.dense_cost(ctx, hook_a, hook_b)
+        sub = linear_assignment_dense(dense)
+        del dense
+        feature_b = torch.full((index.shape[0],), -1, dtype=torch.long)
+        ok = sub >= 0
+        feature_b[rows[ok]] = cols[sub[ok]]
+        distance, found = candidate_costs(cost, index, feature_b)
+        beyond = ((feature_b >= 0) & ~found).nonzero().flatten()
+        if len(beyond):  # the exact cost of partners outside the candidates, as rerank_exact computes it
+            distance[beyond] = self.pair_costs(ctx, hook_a, hook_b, beyond, feature_b[beyond]).to(distance.dtype)
+        return feature_b, distance, {"lap": lap, "n_beyond_candidates": int(len(beyond))}
 
     # ------------------------------------------------------------------ long range
     def route(self, ctx: MatchContext, hook_a: str, hook_b: str) -> list[str]:
@@ -243,5 +350,7 @@ class SAEMatch(Matcher):
                 "route": hops,
                 "hop_null_thresholds": [r.null_threshold for r in results],
                 "hop_matched_fraction": [float(r.matched.float().mean()) for r in results],
+                "hop_n_forced": [r.extras.get("n_forced") for r in results],
+                "hop_lap": [r.extras.get("lap") for r in results],
             },
         )
