@@ -14,7 +14,7 @@ Variants of the cost (``centred_weight``, ``debias``, ``decoder_weight``, ``norm
 :mod:`saeot.matching.semantic_cost`): by default the cost is *debiased* (``debias=1``:
 half of each feature's self-distance between two halves of its samples is subtracted,
 which removes the finite-sample inflation of W2 between small clouds; the method
-ablation in docs/synthetic_results.md measured it). With any variant on, ``distance``
+ablation in docs/results/synthetic.md measured it). With any variant on, ``distance``
 is ``sign(c) sqrt(|c|)`` of the variant's cost ``c`` (a debiased cost can be negative,
 e.g. a feature against the very same samples scores ``-sqrt(S_i)``); ``debias=0`` gives
 plain W2, a metric. The search stays exact under the solver.
@@ -46,7 +46,7 @@ class SemanticOTConfig(MatcherConfig):
         centred_weight: weight of the centred term of W2^2 (1: W2; 0: the mean embedding).
         debias: subtract ``debias / 2`` times each feature's self-distance between the two
             halves of its samples (0: plain W2). Default 1: chosen on synthetic seeds 0-2 and
-            confirmed on held-out seeds (docs/synthetic_results.md, method ablation).
+            confirmed on held-out seeds (docs/results/synthetic.md, method ablation).
         decoder_weight: weight of the cosine distance of the two SAEs' decoder rows mapped
             into the reference space (0: off; needs ``ctx.reference``).
         normalize: ``none`` | ``mean`` (each cloud divided by the norm of its mean).
