@@ -52,10 +52,33 @@ def _top_token(samples: Any, codec: Any, i: int) -> str:
 
 
 def plot_flow(results: list, path: Path, samples: dict | None = None, codec: Any = None, n_start: int = 24) -> Path:
+    """:func:`flow_figure` as PNG at ``path``."""
+    return save_figure(flow_figure(results, samples=samples, codec=codec, n_start=n_start), path)
+
+
+def _fit_labels_right(ax, labels: list, pad_px: float = 4.0) -> None:
+    """Widen ``ax``'s x range until every label (drawn to the right of its point) ends inside
+    the axes: the last layer's labels would otherwise run past the axes into the colour bar."""
+    fig = ax.figure
+    fig.canvas.draw()  # lays the figure out and sizes the texts
+    renderer = fig.canvas.get_renderer()
+    width = ax.get_window_extent(renderer).width
+    x0, x1 = ax.get_xlim()
+    right = x1
+    for t in labels:
+        x = t.xy[0]
+        beyond = t.get_window_extent(renderer).x1 - ax.transData.transform((x, 0))[0] + pad_px  # pixels right of x
+        room = max(1.0 - beyond / width, 0.2)  # the fraction of the axes left of the label's point
+        right = max(right, x0 + (x - x0) / room)
+    ax.set_xlim(x0, right)
+
+
+def flow_figure(results: list, samples: dict | None = None, codec: Any = None, n_start: int = 24):
     """Follow the ``n_start`` most frequent features of the first layer through every layer pair.
 
     Nodes are (layer, feature), labelled with the feature's most common top token; an edge is
     the match of its left end, coloured by distance (matched) or dashed grey (below the null).
+    The colour bar has its own axes, right of the flow's; every label lies inside the flow's.
     """
     by_a: dict[str, list] = {}
     for r in results:
@@ -92,7 +115,8 @@ def plot_flow(results: list, path: Path, samples: dict | None = None, codec: Any
                 edges.append((h, i, r.hook_b, j, bool(r.matched[i]), float(r.distance[i])))
             frontier.setdefault(r.hook_b, []).extend(nxt)
             queue.append(r.hook_b)
-    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(seen), 0.32 * n_start + 1.5))
+    fig, (ax, cax) = plt.subplots(1, 2, figsize=(2.6 + 2.2 * len(seen), 0.32 * n_start + 1.5), layout="constrained",
+                                  gridspec_kw={"width_ratios": [1, 0.035]})
     cmap = plt.get_cmap("viridis")
     for ha, i, hb, j, ok, d in edges:
         xa, xb = hook_layer(ha), hook_layer(hb)
@@ -101,21 +125,23 @@ def plot_flow(results: list, path: Path, samples: dict | None = None, codec: Any
             ax.plot([xa, xb], [ya, yb], color=cmap(min(d / vmax, 1.0)), lw=1.6, alpha=0.9)
         else:
             ax.plot([xa, xb], [ya, yb], color="#bbbbbb", lw=0.8, ls="--")
+    labels = []
     for (h, i), y in ypos.items():
         x = hook_layer(h)
         ax.scatter([x], [y], s=14, color="k", zorder=3)
         label = f"{i} {_top_token(samples.get(h) if samples else None, codec, i)}"
-        ax.annotate(label, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=6)
+        labels.append(ax.annotate(label, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=6))
     layers = sorted({hook_layer(h) for h, _ in ypos})
     ax.set_xticks(layers)
     ax.set_xlabel("layer")
     ax.set_yticks([])
-    ax.invert_yaxis()
+    ax.set_ylim(max(ypos.values()) + 0.6, -0.8)  # top row first, room above it for its labels
     ax.set_title(f"flow of the {n_start} most frequent features of layer {hook_layer(first)}\n"
                  "(colour: distance, dashed: no match)", fontsize=9)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, vmax))
-    fig.colorbar(sm, ax=ax, fraction=0.04, label=f"{results[0].matcher} distance")
-    return save_figure(fig, path)
+    fig.colorbar(sm, cax=cax, label=f"{results[0].matcher} distance")
+    _fit_labels_right(ax, labels)
+    return fig
 
 
 def plot_chains(flows: Flows, path: Path, samples: dict | None = None, codec: Any = None, n: int = 40) -> Path:
