@@ -75,6 +75,14 @@ def test_feature_stats_match_a_direct_count(tmp_path, smoke_cfg):
     assert torch.allclose(freq, n_fire / n_tok, atol=1e-5)
 
 
+def test_default_run_shows_no_lightning_warning_a_user_cannot_act_on(tmp_path, smoke_cfg, recwarn):
+    """Lightning's LeafSpec deprecation and its "predict returned None" (the stream passes
+    return None on purpose) stay out of the run's output."""
+    run_train(smoke_cfg(tmp_path), tmp_path)
+    noise = [str(w.message) for w in recwarn if "LeafSpec" in str(w.message) or "predict returned None" in str(w.message)]
+    assert not noise, noise
+
+
 @pytest.mark.parametrize("override,setting", [
     ("layers.ids=[1,9]", "layers.ids"),
     ("layers.pairs=[[1,3]]", "layers.pairs"),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +30,23 @@ __all__ = ["run_train", "log_run"]
 
 log = logging.getLogger(__name__)
 
+#: warnings of the Lightning passes that a user cannot act on: (category, regex of the message's start)
+LIGHTNING_NOISE: tuple[tuple[type[Warning], str], ...] = (
+    # Lightning's own pytree code builds torch's deprecated LeafSpec
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # StreamPass.predict_step returns None on purpose: its consumers keep what the passes see
+    (UserWarning, r"predict returned None if it was on purpose"),
+)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """The Trainer's passes without the :data:`LIGHTNING_NOISE` warnings (every other warning shows)."""
+    with warnings.catch_warnings():
+        for category, message in LIGHTNING_NOISE:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
 
 def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """The whole ``train.py`` run; returns the :class:`TrainResult` (rank 0 writes the outputs)."""
@@ -36,12 +56,13 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     run = setup(cfg, run_dir, checks=[c.check for c in callbacks if isinstance(c, RunCallback)])
     logger = build(cfg.logger) if cfg.get("logger") else None
-    trainer = build(cfg.trainer, logger=logger or False,
-                    callbacks=[c for c in callbacks if isinstance(c, L.Callback)] + trainer_progress_callbacks(cfg.trainer))
-    log.info("stage: profiling")
-    streams = stream(run, trainer)
-    log.info("stage: reference space")
-    reference = fit_reference(cfg, streams, logger)
+    with quiet_lightning():
+        trainer = build(cfg.trainer, logger=logger or False,
+                        callbacks=[c for c in callbacks if isinstance(c, L.Callback)] + trainer_progress_callbacks(cfg.trainer))
+        log.info("stage: profiling")
+        streams = stream(run, trainer)
+        log.info("stage: reference space")
+        reference = fit_reference(cfg, streams, logger)
     log.info("stage: matching")
     matches = match(run, streams, reference, shard=trainer_shard(trainer))
     result = TrainResult(setup=run, streams=streams, reference=reference, matches=matches, logger=logger,
