@@ -317,7 +317,6 @@ class Matcher(ABC):
         null = self.null_threshold(ctx, hook_a, hook_b, exclude=index)
         threshold = null.threshold
 
-        n_b = _n_features(ctx, hook_b)
         out, extras_by = {}, {}
         for assignment in assignments:
             if assignment == "nearest":
@@ -327,7 +326,7 @@ class Matcher(ABC):
                 assigned = int((feature_b >= 0).sum())
                 # rows left without a partner while a feature of B stays free: what the
                 # equal-coverage protocol completes as "forced" pairs (functional/_coverage.py)
-                n_forced = min(feature_b.numel() - assigned, n_b - assigned)
+                n_forced = min(feature_b.numel() - assigned, _n_features(ctx, hook_b) - assigned)
                 extras_by[assignment] = {**lap_stats, "n_forced": n_forced}
             matched = torch.isfinite(distance) & (feature_b >= 0)
             if threshold == threshold:  # not nan
