@@ -124,10 +124,13 @@ def plot_equal_coverage(rows: list[dict], path: str | Path) -> Path:
             for r in (r for r in rows if (r["layer_a"], r["layer_b"]) == pair):
                 c = r["curve"]
                 ax.plot(c["fraction"], c.get(metric, [float("nan")] * len(c["fraction"])), marker="o", ms=3,
-                        color=colors[r["matcher"]], label=f"{r['matcher']} (AUC {_f(c['auc'].get(metric, math.nan))})")
+                        color=colors[r["matcher"]], label=r["matcher"])
             ax.set_title(f"{pair[0]}→{pair[1]}: {title} ({'higher' if higher else 'lower'} is better)", fontsize=9)
             ax.set_xlabel("fraction of A matched (best pairs by the matcher's own cost)", fontsize=8)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()  # rows of panels: titles clear of the x labels above them
+    # one legend for the figure, below the panels: per-panel legends of long run labels covered the
+    # neighbouring panels; the areas under the curves are in equal_coverage.md
+    handles = [plt.Line2D([], [], color=colors[m], marker="o", ms=3) for m in labels]
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * math.ceil(len(labels) / 3), 1, 1))  # room for the legend
     return save_figure(fig, Path(path))
