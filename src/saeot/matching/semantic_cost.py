@@ -59,7 +59,7 @@ from torch import Tensor
 from saeot.progress import progress_bar
 from saeot.transport import CostOffset, ExactW2, LabelCost, W2Solver, feature_moments
 
-__all__ = ["NORMALIZE", "SemanticCost", "self_distances", "mapped_directions"]
+__all__ = ["NORMALIZE", "SemanticCost", "self_distances", "mapped_directions", "check_token_weight"]
 
 NORMALIZE = ("none", "mean")
 #: random pairs behind the scale M of the decoder term
@@ -97,6 +97,16 @@ def self_distances(solver: W2Solver, x: Tensor, w: Tensor) -> Tensor:
     if len(idx):
         out[idx] = solver.pair(x1, w1, x2, w2, idx, idx).double()
     return out
+
+
+def check_token_weight(token_weight: float, solver: W2Solver, centred_weight: float) -> None:
+    """``matcher.token_weight`` is >= 0, and > 0 only with the exact solver and ``centred_weight = 1``
+    (the fused cost is solved by :class:`~saeot.transport.ExactW2`, whose cascade bounds it)."""
+    if token_weight < 0:
+        raise ValueError(f"matcher.token_weight must be >= 0, got {token_weight}")
+    if token_weight > 0 and (not isinstance(solver, ExactW2) or centred_weight != 1.0):
+        raise ValueError("matcher.token_weight > 0 needs transport=exact and matcher.centred_weight=1 "
+                         "(the fused cost is solved by the exact solver)")
 
 
 def mapped_directions(reference, hook: str, w_dec: Tensor, b_dec: Tensor) -> Tensor:
@@ -137,12 +147,8 @@ class SemanticCost:
             raise ValueError(f"matcher.centred_weight must be >= 0, got {self.centred_weight}")
         if self.decoder_weight > 0 and (self.dirs_a is None or self.dirs_b is None):
             raise ValueError("matcher.decoder_weight > 0 needs the decoder directions in the reference space")
-        if self.token_weight < 0:
-            raise ValueError(f"matcher.token_weight must be >= 0, got {self.token_weight}")
+        check_token_weight(self.token_weight, self.solver, self.centred_weight)
         if self.token_weight > 0:
-            if not isinstance(self.solver, ExactW2) or self.centred_weight != 1.0:
-                raise ValueError("matcher.token_weight > 0 needs transport=exact and matcher.centred_weight=1 "
-                                 "(the fused cost is solved by the exact solver)")
             if self.occurrences_a is None or self.occurrences_b is None:
                 raise ValueError("matcher.token_weight > 0 needs each sample's token occurrence")
         self.labels: LabelCost | None = None  # set below, after the scale M (measured without it)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from saeot.matching.base import MatchContext, Matcher, MatcherConfig, MatcherNotApplicable
-from saeot.matching.semantic_cost import NORMALIZE, SemanticCost, mapped_directions
+from saeot.matching.semantic_cost import NORMALIZE, SemanticCost, check_token_weight, mapped_directions
 from saeot.transport import ExactW2, W2Solver
 
 __all__ = ["SemanticOT", "SemanticOTConfig"]
@@ -74,11 +74,9 @@ class SemanticOTConfig(MatcherConfig):
                              f"sliced), got {type(self.solver).__name__}")
         if self.normalize not in NORMALIZE:
             raise ValueError(f"matcher.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
-        if self.centred_weight < 0 or self.decoder_weight < 0 or self.token_weight < 0:
-            raise ValueError("matcher.centred_weight, matcher.decoder_weight and matcher.token_weight must be >= 0")
-        if self.token_weight > 0 and (not isinstance(self.solver, ExactW2) or self.centred_weight != 1.0):
-            raise ValueError("matcher.token_weight > 0 needs transport=exact and matcher.centred_weight=1 "
-                             "(the fused cost is solved by the exact solver)")
+        if self.centred_weight < 0 or self.decoder_weight < 0:
+            raise ValueError("matcher.centred_weight and matcher.decoder_weight must be >= 0")
+        check_token_weight(self.token_weight, self.solver, self.centred_weight)
 
     @property
     def plain(self) -> bool:

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saeot.evaluation.functional._substitution import next_token_ce, run_from_hook
-from saeot.hooks import hook_layer
+from saeot.evaluation.functional._substitution import is_residual, next_token_ce, resid_position, run_from_hook
 
 __all__ = ["Continuations"]
 
@@ -98,7 +97,7 @@ class Continuations:
     def _run(self, hook: str, requests: list[_Request]) -> None:
         model, tokens = self.model, self.tokens
         self.n_forwards += 1
-        stackable = (hook.endswith(("hook_resid_post", "hook_resid_pre"))
+        stackable = (is_residual(hook)
                      and not getattr(model.cfg, "output_logits_soft_cap", 0.0) > 0)
         if not stackable:
             for r in requests:
@@ -106,7 +105,7 @@ class Continuations:
                 for done in r.done:
                     done(r.h_sub, ce)
             return
-        start = hook_layer(hook) + (1 if hook.endswith("hook_resid_post") else 0)
+        start = resid_position(hook)
         dtype = next(model.parameters()).dtype
         stack = torch.cat([r.h_sub for r in requests]).to(dtype)
         resid = model(stack, start_at_layer=start, stop_at_layer=model.cfg.n_layers)

@@ -105,6 +105,8 @@ def evaluate_functional(
     ref_acc = {h: {r: SubstitutionAccumulator() for r in s.references} for h in hooks_b}  # shared by all runs
     ce_clean_sum, n_ce, n_tok1 = 0.0, 0, 0
     n_requests = n_forwards = 0
+    # A -> B forwards for the consumers' deactivation tests (residual-stream hooks only)
+    between = (lambda ha, hb, h: run_between(model, ha, hb, h)) if all(map(is_residual, hooks)) else None
     for batch in _batches(datamodule, s, device, "functional: substitution"):
         tokens, mask = batch["tokens"], batch["mask"]
         ce_mask = mask[:, :-1]
@@ -145,7 +147,6 @@ def evaluate_functional(
                     x = xa[:, pm.feature_a.to(device)]
                     st.coact.update(x, xb[:, pm.feature_b.to(device)])
                     st.chance.update(x, xb[:, st.chance_b.to(device)])
-            between = (lambda ha, hb, h: run_between(model, ha, hb, h)) if all(map(is_residual, hooks)) else None
             for c in consumers:
                 c.update(PassBatch(tokens, mask, ce_mask, hidden, codes, cont.run_now, cont.submit, between))
             cont.flush()

@@ -37,26 +37,19 @@ def run_from_hook(model: Any, hook: str, value: Tensor, tokens: Tensor) -> Tenso
     ``value [B, T, d]``. Residual-stream hooks start the forward pass right there
     (``start_at_layer``: layers before the hook are not recomputed); other hooks run the
     whole model with a replacing hook."""
-    layer = hook_layer(hook)
     value = value.to(next(model.parameters()).dtype)
-    if hook.endswith("hook_resid_post"):
-        return model(value, start_at_layer=layer + 1, return_type="logits")
-    if hook.endswith("hook_resid_pre"):
-        return model(value, start_at_layer=layer, return_type="logits")
+    if is_residual(hook):
+        return model(value, start_at_layer=resid_position(hook), return_type="logits")
     return model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, lambda act, hook: value)])
 
 
 def run_between(model: Any, hook_a: str, hook_b: str, value: Tensor) -> Tensor:
     """``[n, T, d]`` float32 states at ``hook_b`` when the residual stream at ``hook_a`` is ``value
     [n, T, d]`` (both residual-stream hooks, B after A): only the blocks between them run."""
-    def edge(hook: str) -> int:
-        if hook.endswith("hook_resid_post"):
-            return hook_layer(hook) + 1
-        if hook.endswith("hook_resid_pre"):
-            return hook_layer(hook)
-        raise ValueError(f"run_between needs residual-stream hooks, got {hook}")
-
-    start, stop = edge(hook_a), edge(hook_b)
+    for h in (hook_a, hook_b):
+        if not is_residual(h):
+            raise ValueError(f"run_between needs residual-stream hooks, got {h}")
+    start, stop = resid_position(hook_a), resid_position(hook_b)
     if stop < start:
         raise ValueError(f"run_between: {hook_b} comes before {hook_a}")
     value = value.to(next(model.parameters()).dtype)
@@ -64,7 +57,14 @@ def run_between(model: Any, hook_a: str, hook_b: str, value: Tensor) -> Tensor:
 
 
 def is_residual(hook: str) -> bool:
+    """``hook`` is on the residual stream (``hook_resid_pre`` / ``hook_resid_post``)."""
     return hook.endswith(("hook_resid_post", "hook_resid_pre"))
+
+
+def resid_position(hook: str) -> int:
+    """The block a residual-stream ``hook``'s state enters (``start_at_layer`` / ``stop_at_layer``):
+    layer + 1 after ``hook_resid_post``, layer for ``hook_resid_pre``."""
+    return hook_layer(hook) + (1 if hook.endswith("hook_resid_post") else 0)
 
 
 def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
