@@ -205,10 +205,6 @@ class CircuitScore:
     accuracy: float
     n_nodes: int
 
-    def as_dict(self) -> dict[str, float]:
-        return {"metric": self.metric, "faithfulness": self.faithfulness, "accuracy": self.accuracy,
-                "n_nodes": self.n_nodes}
-
 
 def score_circuit(lm: Any, saes: dict[str, Any], hooks: Sequence[str], data: TaskData, nodes: Sequence[NodeRef],
                   means: AblationMeans, m_full: float, m_empty: float, batch_size: int = 16) -> CircuitScore:

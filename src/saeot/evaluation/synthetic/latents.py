@@ -81,10 +81,6 @@ class SyntheticSAEs(Mapping[str, Any]):
         kinds = self.kinds[(hook_a, hook_b)]
         return {k: torch.tensor([x == k for x in kinds], dtype=torch.bool) for k in (*KINDS, "unmapped")}
 
-    def has_partner(self, hook_a: str, hook_b: str) -> Tensor:
-        """``[F_a]`` bool: the A latent has a true partner among B's latents (the "match" class)."""
-        return self.truth[(hook_a, hook_b)] >= 0
-
 
 def express_in_latents(
     world: SyntheticWorld,

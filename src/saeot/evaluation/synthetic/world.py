@@ -192,10 +192,6 @@ class SyntheticWorld:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         return SPLITS[split]
 
-    def concept_chunk(self, split_code: int, stream: int, chunk: int, size: int) -> Tensor:
-        """``[size, K]`` concept activations ``z`` of one chunk (deterministic in its arguments)."""
-        return self._concepts.chunk(split_code, stream, chunk, size).clone()
-
     def activations_from_concepts(self, layer: int, z: Tensor) -> Tensor:
         """``[N, n_l]`` true activations ``c = s * a`` of layer ``layer`` from concepts ``z [N, K]``."""
         lay = self._layers[layer]
