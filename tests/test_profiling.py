@@ -3,6 +3,8 @@ import torch
 
 from saeot.profiling import StreamingProfiler
 
+from helpers.profiling_oracle import update_dense
+
 
 def _stream(n=600, F=12, d=5, seed=0, density=0.3):
     g = torch.Generator().manual_seed(seed)
@@ -114,7 +116,7 @@ def test_sparse_update_equals_the_dense_one(mode):
         sparse = _run(h, acts, toks, locs, k=k, batch=50, mode=mode, seed=seed)
         dense = StreamingProfiler("blocks.0.hook_resid_post", 40, 6, k=k, mode=mode, seed=seed)
         for i in range(0, len(h), 50):
-            dense._update_dense(h[i:i + 50], acts[i:i + 50], toks[i:i + 50], locs[i:i + 50])
+            update_dense(dense, h[i:i + 50], acts[i:i + 50], toks[i:i + 50], locs[i:i + 50])
         a, b = sparse.finalize(), dense.finalize()
         for field in ("points", "weights", "token_ids", "locations", "activations", "n_fire", "act_max"):
             assert torch.equal(getattr(a, field), getattr(b, field)), (seed, field)

@@ -69,22 +69,6 @@ def rank_desc(values: Tensor, locations: Tensor) -> Tensor:
     return by_token.gather(1, by_value)
 
 
-def _top_rows(keys: Tensor, lin: Tensor, m: int) -> Tensor:
-    """``[F, m]`` column indices of the ``m`` largest entries of each row of ``keys [F, N]``
-    (ascending), equal keys at the boundary taken by smallest ``lin [N]`` (token order)."""
-    t = keys.topk(m, dim=1).values[:, -1:]  # each row's m-th largest key
-    gt, eq = keys > t, keys == t
-    need = m - gt.sum(1, keepdim=True)
-    # boundary ties: by token order (rows of -inf keys are never kept, any of them will do)
-    amb = ((eq.sum(1, keepdim=True) > need) & torch.isfinite(t)).squeeze(1)
-    eq_lin = torch.where(eq, lin[None, :], torch.iinfo(torch.long).max)
-    pick = eq & (eq.cumsum(1) <= need)
-    if bool(amb.any()):
-        rank = torch.argsort(torch.argsort(eq_lin[amb], dim=1, stable=True), dim=1)
-        pick[amb] = eq[amb] & (rank < need[amb])
-    return (gt | pick).nonzero(as_tuple=True)[1].view(keys.shape[0], m)
-
-
 def check_profiling(k: object, mode: object, reference_tokens: object = 2) -> None:
     """The ``profiling`` settings, checked before any work: ValueError naming the one that is wrong."""
     if mode not in MODES:
@@ -133,17 +117,6 @@ class StreamingProfiler:
         u = token_uniform(self.seed, locations[rows, 0], locations[rows, 1], key_feats)
         return (torch.log(u) / vals.double()).to(self.keys.dtype)
 
-    def keys_of(self, acts: Tensor, locations: Tensor) -> Tensor:
-        """``[N, F]`` sampling keys of activations ``[N, F]`` at tokens ``locations [N, 2]``
-        (-inf where the feature is off); reservoir keys from :func:`token_uniform`."""
-        fire = acts > 0
-        if self.mode == "topk":
-            return torch.where(fire, acts, torch.full_like(acts, float("-inf")))
-        keys = torch.full_like(acts, float("-inf"))
-        rows, feats = fire.nonzero(as_tuple=True)
-        keys[rows, feats] = self._reservoir_keys(rows, feats, acts[rows, feats], locations).to(keys.dtype)
-        return keys
-
     @torch.no_grad()
     def update(self, h: Tensor, acts: Tensor, token_ids: Tensor, locations: Tensor) -> None:
         """Absorb one batch of tokens.
@@ -160,28 +133,9 @@ class StreamingProfiler:
             raise FloatingPointError(f"non-finite SAE activations at {self.hook}")
         self._update_sparse(h, acts.float(), token_ids, locations)
 
-    def _update_dense(self, h: Tensor, acts: Tensor, token_ids: Tensor, locations: Tensor) -> None:
-        """Per-feature candidates from the whole ``[N, F]`` key matrix (reservoir keys are random per entry)."""
-        fire = acts > 0
-        self.n_fire += fire.sum(0)
-        self.act_sum += acts.clamp_min(0).sum(0, dtype=torch.float64)
-        self.act_max = torch.maximum(self.act_max, acts.max(0).values.clamp_min(0))
-        self.n_tokens += h.shape[0]
-
-        keys = self.keys_of(acts, locations).T  # [F, N]
-        m = min(self.K, keys.shape[1])
-        if m == 0:
-            return
-        cand_rows = _top_rows(keys, locations[:, 0] * _POS_SPAN + locations[:, 1], m)  # [F, m]
-        cand_keys = keys.gather(1, cand_rows)
-        cand_acts = acts.T.gather(1, cand_rows)
-        self._absorb(
-            cand_keys, cand_acts, locations[cand_rows],
-            fetch=lambda f, j: (h[cand_rows[f, j]], token_ids[cand_rows[f, j]]),
-        )
-
     def _update_sparse(self, h: Tensor, acts: Tensor, token_ids: Tensor, locations: Tensor) -> None:
-        """From the firing entries only: the same state as :meth:`_update_dense` (up to exact ties).
+        """From the firing entries only: the same state as the dense computation over the whole
+        ``[N, F]`` key matrix (up to exact ties; tests/helpers/profiling_oracle.py is that oracle).
 
         SAE codes are sparse (TopK: k of F per token), so the statistics are scattered from
         the ``nnz`` firing entries, their keys are computed there alone (the activation for
