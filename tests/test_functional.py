@@ -27,7 +27,8 @@ from saeot.evaluation.report import render_report
 from saeot.evaluation.runner import _expand, run_evaluate, select_evaluation
 from saeot.pipeline import run_train
 from saeot.pipeline.rundir import RunDir
-from test_judge import _ctx
+
+from helpers.contexts import ctx as _ctx
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 QUIET = FunctionalSettings(progress=False, split="heldout")  # evaluate_functional reads an existing split

@@ -15,17 +15,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from saeot.evaluation.contexts import Context, FeatureContexts, feature_contexts
+from saeot.evaluation.contexts import FeatureContexts, feature_contexts
 from saeot.evaluation.functional import judge_row, pair_matching, write_table
 from saeot.evaluation.judge import (
     LABELS, Judge, JudgeCache, OpenAICompatibleJudge, build_prompt, discrimination, judge_run, mean_ci, parse_answer,
 )
 
+from helpers.contexts import ctx as _ctx
+
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
-
-
-def _ctx(token: str, left: str = "the ", right: str = " end", act: float = 1.0) -> Context:
-    return Context(left=left, token=token, right=right, activation=act)
 
 
 def test_prompt_shows_both_features_with_marked_tokens():
