@@ -16,14 +16,32 @@ def test_a_remote_address_is_refused_before_any_packet():
 
 
 def test_localhost_still_works():
+    """Loopback passes the guard, through connect and connect_ex, by address and by name: a local
+    server answers what it was sent (reversed, so the bytes are its answer, not an echo of ours)."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.settimeout(5)
     srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
+    srv.listen(2)
     port = srv.getsockname()[1]
-    t = threading.Thread(target=lambda: srv.accept()[0].close())
+
+    def serve():
+        for _ in range(2):
+            conn, _ = srv.accept()
+            with conn:
+                conn.sendall(conn.recv(64)[::-1])
+
+    t = threading.Thread(target=serve, daemon=True)
     t.start()
-    c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    c.connect(("127.0.0.1", port))
-    c.close()
-    t.join(5)
-    srv.close()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:  # socket.connect
+            c.sendall(b"ping")
+            assert c.recv(64) == b"gnip"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as c:
+            c.settimeout(5)
+            assert c.connect_ex(("localhost", port)) == 0
+            c.sendall(b"pong")
+            assert c.recv(64) == b"gnop"
+    finally:
+        t.join(5)
+        srv.close()
+    assert not t.is_alive()

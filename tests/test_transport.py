@@ -342,9 +342,19 @@ def test_float32_nearest_matches_float64():
 
 
 def test_progress_bar_runs(capsys):
+    """``progress=True`` draws a bar on stderr that reaches its total, and changes no result."""
     xa, wa, xb, wb = families(5, 6, 4, 2, 9)
-    EXACT.nearest(xa, wa, xb, wb, k=1, progress=True)
-    SlicedW2().pairwise(xa, wa, xb, wb, progress=True)
+    sliced = SlicedW2()
+    near = EXACT.nearest(xa, wa, xb, wb, k=1, progress=True)
+    cost = sliced.pairwise(xa, wa, xb, wb, progress=True)
+    err = capsys.readouterr().err
+    assert "W2 exact nearest" in err and "5/5" in err  # one step per row of A
+    assert f"W2 {sliced.name} all pairs" in err and "30/30" in err  # one per pair
+    quiet = EXACT.nearest(xa, wa, xb, wb, k=1)
+    assert torch.equal(near.index, quiet.index) and torch.equal(near.cost, quiet.cost)
+    assert torch.equal(near.index[:, 0], EXACT.pairwise(xa, wa, xb, wb).argmin(1))
+    assert torch.equal(cost, sliced.pairwise(xa, wa, xb, wb))
+    assert capsys.readouterr().err == ""  # and without it, nothing
 
 
 # ----------------------------------------------------------------------------- validation
