@@ -34,6 +34,7 @@ from saeot.evaluation.benchmark import run_benchmark
 from saeot.evaluation.circuit_run import evaluate_circuit
 from saeot.evaluation.dashboard import log_evaluation
 from saeot.evaluation.functional import evaluate_runs
+from saeot.evaluation.summary import format_functional_summary, write_summary
 from saeot.pipeline.config import build
 
 __all__ = ["Evaluation", "EVALUATIONS", "select_evaluation", "run_evaluate"]
@@ -58,11 +59,27 @@ def _run_dirs(dirs: list) -> list[Path]:
 
 
 def _evaluate_run_dir(cfg: DictConfig, out_dir: Path) -> Any:
-    return evaluate_runs(cfg, _run_dirs([cfg.run_dir]), out_dir)
+    return _functional(cfg, _run_dirs([cfg.run_dir]), out_dir)
 
 
 def _evaluate_run_dirs(cfg: DictConfig, out_dir: Path) -> Any:
-    return evaluate_runs(cfg, _run_dirs(list(cfg.run_dirs)), out_dir)
+    return _functional(cfg, _run_dirs(list(cfg.run_dirs)), out_dir)
+
+
+def _functional(cfg: DictConfig, run_dirs: list[Path], out_dir: Path) -> dict:
+    """:func:`evaluate_runs`, then its terminal summary (also ``summary.txt`` in ``out_dir``)."""
+    result = evaluate_runs(cfg, run_dirs, out_dir)
+    nxt = []
+    judge = (cfg.get("judge") or {}).get("_target_")
+    if not judge:
+        nxt.append("the same with judge=embedding   # + how alike matched features' top contexts read")
+    if len(run_dirs) == 1:
+        nxt.append(f"python rematch.py -m run_dir={run_dirs[0]} matcher=sae_match,feature_flow,activation_correlation "
+                   "hydra.sweep.dir=SWEEP, then python evaluate.py 'run_dirs=[" f"{run_dirs[0]},SWEEP/*]'   # vs the baselines")
+    summary = format_functional_summary(result, out_dir, nxt)
+    write_summary(summary, out_dir)
+    print(summary, flush=True)
+    return result
 
 
 EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (

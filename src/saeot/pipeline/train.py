@@ -22,6 +22,7 @@ from saeot.pipeline.callbacks import RunCallback
 from saeot.pipeline.completion import clear_complete, mark_complete
 from saeot.pipeline.config import build
 from saeot.pipeline.stages import fit_reference, match, setup, stream, trainer_shard
+from saeot.pipeline.summary import format_run_summary, write_summary
 from saeot.pipeline.state import TrainResult
 from saeot.plots import plot_run
 from saeot.progress import trainer_progress_callbacks
@@ -84,9 +85,21 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         for key, value in result.metrics.items():
             update_json(result.run_dir / "metrics.json", key, value)
         log_run(result, plots)
+        summary = run_summary(result)
+        write_summary(summary, result.run_dir)
         mark_complete(result.run_dir, cfg)  # last: the run dir is finished
         log.info("wrote %s", result.run_dir)
+        print(summary, flush=True)
     return result
+
+
+def run_summary(result: TrainResult) -> str:
+    """The terminal summary of a finished run (:mod:`saeot.pipeline.summary`) with the next commands."""
+    d = result.run_dir
+    return format_run_summary(result.results, result.samples, result.lm.codec, d, next_commands=(
+        f"python evaluate.py run_dir={d}   # substitution, co-activation, equal coverage, report.html",
+        f"python rematch.py -m run_dir={d} matcher=sae_match,feature_flow,activation_correlation   # the baselines",
+    ))
 
 
 def log_run(result: TrainResult, plots: dict[str, Path]) -> None:
