@@ -16,7 +16,7 @@ Consumers:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -27,14 +27,17 @@ from saeot.profiling.statistics import CorrelationAccumulator
 from saeot.saes.codes import encode
 
 
-class Consumer:
-    """Something that absorbs batches and merges exactly across ranks."""
+class Consumer(Protocol):
+    """Something that absorbs batches and merges exactly across ranks (the consumers of a
+    :class:`StreamPass`; they may also have ``to(device)``, called before the pass)."""
 
     def update(self, batch: dict, saes: dict[str, Any], cache: dict) -> None:
-        raise NotImplementedError
+        """Absorb one batch; ``cache`` maps hook -> SAE codes, shared by the consumers of the batch."""
+        ...
 
     def sync(self, module: L.LightningModule) -> None:
         """Merge the states of all ranks (no-op on one process)."""
+        ...
 
 
 def _gather(module: L.LightningModule, t: Tensor) -> list[Tensor]:
@@ -45,7 +48,7 @@ def _gather(module: L.LightningModule, t: Tensor) -> list[Tensor]:
     return list(g.unbind(0))
 
 
-class ProfileConsumer(Consumer):
+class ProfileConsumer:
     def __init__(self, hooks: list[str], saes: dict[str, Any], k: int, mode: str, seed: int, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         self.profilers = {
@@ -79,7 +82,7 @@ class ProfileConsumer(Consumer):
         return {h: p.finalize() for h, p in self.profilers.items()}
 
 
-class AlignedStatesConsumer(Consumer):
+class AlignedStatesConsumer:
     """Keeps the hidden states of the first ``max_tokens`` tokens, in (context, position) order,
     at every hook (the same tokens). Each rank reads its contexts in increasing order, so the
     first ``max_tokens`` of all ranks together hold the global first ones: the merged result
@@ -122,7 +125,7 @@ class AlignedStatesConsumer(Consumer):
         return {h: torch.cat(v) for h, v in self.parts.items()}
 
 
-class CorrelationConsumer(Consumer):
+class CorrelationConsumer:
     def __init__(self, pairs: list[tuple[str, str]], saes: dict[str, Any]) -> None:
         self.pairs = pairs
         self.acc = {(a, b): CorrelationAccumulator(saes[a].cfg.d_sae, saes[b].cfg.d_sae) for a, b in pairs}
