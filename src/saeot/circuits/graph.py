@@ -397,7 +397,7 @@ def circuit_graph(lm: Any, data: Any, attr: Any, nodes: Sequence[Any], edges: An
     """The circuit as a :class:`CircuitGraph`, with one logit node for the metric.
 
     Args:
-        lm: the :class:`saeot.lm.LanguageModel` (codec and layer count).
+        lm: the :class:`saeot.models.language_model.LanguageModel` (codec and layer count).
         data: the :class:`~saeot.circuits.tasks.TaskData`; its first clean prompt is the
             graph's ``prompt`` and node positions refer to it.
         attr: the :class:`~saeot.circuits.attribution.Attribution`.

@@ -23,13 +23,16 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from saeot.matching.assignment import linear_assignment_sparse
 from saeot.types import FeatureSamples, MatchResult
+
+if TYPE_CHECKING:
+    from saeot.reference.base import ReferenceSpace
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class MatchContext:
     correlations: dict[tuple[str, str], Tensor] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     shard: Shard | None = None
-    reference: Any = None
+    reference: ReferenceSpace | None = None
 
 
 class MatcherNotApplicable(RuntimeError):

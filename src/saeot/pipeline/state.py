@@ -11,12 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 from torch import Tensor
 
 from saeot.types import FeatureSamples, MatchResult
+
+if TYPE_CHECKING:  # annotations only: importing state.py loads no model, data or matching code
+    from sae_lens import SAE
+
+    from saeot.data.activation_store import StoredHiddenStates
+    from saeot.data.datamodule import HiddenStateDataModule
+    from saeot.matching.base import Matcher
+    from saeot.models.language_model import LanguageModel
+    from saeot.reference.base import ReferenceSpace
 
 __all__ = ["RunSetup", "Streams", "ReferenceFit", "Matches", "TrainResult"]
 
@@ -27,18 +36,20 @@ class RunSetup:
 
     ``hooks``: the SAE hooks sorted by layer; ``pairs``: the (A, B) hooks to match;
     ``saes``: hook -> frozen sae_lens SAE; ``sae_records``: hook -> JSON record of where
-    the SAE came from (read back by :class:`saeot.pipeline.rundir.RunDir`, never retrained).
+    the SAE came from (read back by :class:`saeot.pipeline.rundir.RunDir`, never retrained);
+    ``datamodule``: the corpus's data module, or the on-disk store of its hidden states
+    (``activation_store`` set).
     """
 
     cfg: DictConfig
     run_dir: Path
-    lm: Any
-    datamodule: Any
-    saes: dict[str, Any]
+    lm: LanguageModel
+    datamodule: HiddenStateDataModule | StoredHiddenStates
+    saes: dict[str, SAE]
     sae_records: dict[str, dict]
     hooks: tuple[str, ...]
     pairs: tuple[tuple[str, str], ...]
-    matcher: Any
+    matcher: Matcher
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ class Streams:
 class ReferenceFit:
     """Stage 4: the fitted reference space and the feature samples projected into it."""
 
-    space: Any
+    space: ReferenceSpace
     projected: dict[str, FeatureSamples]
     metrics: dict
 
@@ -97,11 +108,11 @@ class TrainResult:
         return self.setup.cfg
 
     @property
-    def lm(self) -> Any:
+    def lm(self) -> LanguageModel:
         return self.setup.lm
 
     @property
-    def saes(self) -> dict[str, Any]:
+    def saes(self) -> dict[str, SAE]:
         return self.setup.saes
 
     @property
