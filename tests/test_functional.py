@@ -25,10 +25,10 @@ from saeot.evaluation.functional import (
 )
 from saeot.evaluation.report import render_report
 from saeot.evaluation.runner import _expand, run_evaluate, select_evaluation
-from saeot.pipeline import run_train
 from saeot.pipeline.rundir import RunDir
 
 from helpers.contexts import ctx as _ctx
+from helpers.runs import train_run
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 QUIET = FunctionalSettings(progress=False, split="heldout")  # evaluate_functional reads an existing split
@@ -246,15 +246,6 @@ def test_equal_coverage_curves_equal_the_substitution_of_the_same_pairs(tiny_lm,
 
 
 # ---------------------------------------------------------------------------- end to end on run dirs
-def _train_run(compose_cfg, run_dir: Path, cache_dir: Path, matcher: str) -> None:
-    """A finished ``train.py experiment=smoke`` run in ``run_dir`` (with its ``.hydra/config.yaml``)."""
-    cfg = compose_cfg("experiment=smoke", "logger=none", f"paths.cache_dir={cache_dir}", f"matcher={matcher}",
-                      "data.max_contexts=16", run_dir=run_dir)
-    (run_dir / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    run_train(cfg, run_dir)
-
-
 def _no_sae_training(monkeypatch) -> list:
     """Make every way of training or provisioning an SAE raise; return the records that
     ``RunDir.load_saes`` loads (the only way left)."""
@@ -284,7 +275,7 @@ def _no_sae_training(monkeypatch) -> list:
 def test_evaluate_runs_writes_metrics_table_and_report_without_training(tmp_path, compose_cfg, monkeypatch):
     cache = tmp_path / "cache"
     dirs = [tmp_path / "sm", tmp_path / "copy"]
-    _train_run(compose_cfg, dirs[0], cache, "sae_match")
+    train_run(compose_cfg, dirs[0], cache, "sae_match")
     shutil.copytree(dirs[0], dirs[1])  # a second run sharing everything: one streaming pass for both
     records = json.loads((dirs[0] / "saes.json").read_text())
     loaded = _no_sae_training(monkeypatch)
@@ -334,7 +325,7 @@ def test_full_assignment_rebuilds_what_the_matcher_reads_from_the_run_dir(tmp_pa
     from saeot.evaluation.functional import assign_run
 
     run_dir = tmp_path / "run"
-    _train_run(compose_cfg, run_dir, tmp_path / "cache", matcher)
+    train_run(compose_cfg, run_dir, tmp_path / "cache", matcher)
     run = RunDir.load(run_dir)
     lm = run.load_model()
     saes = run.load_saes()
@@ -354,7 +345,7 @@ def test_evaluate_py_finds_a_circuit_on_a_finished_runs_saes(tmp_path, compose_c
     from saeot.circuits import load_graph
 
     cache, run_dir, out = tmp_path / "cache", tmp_path / "run", tmp_path / "eval"
-    _train_run(compose_cfg, run_dir, cache, "semantic_ot")
+    train_run(compose_cfg, run_dir, cache, "semantic_ot")
     loaded = _no_sae_training(monkeypatch)
     cfg = compose_cfg("evaluation=circuit", f"run_dir={run_dir}", f"paths.cache_dir={cache}", "circuit=digit_addition",
                       "circuit.n_prompts=12", "callbacks=circuit", "callbacks.circuit.n_exact=0",

@@ -13,6 +13,10 @@ evaluation      selected by                   what it does
 ``circuit``     ``evaluation=circuit          a task's circuit on a finished run's SAEs,
                 run_dir=DIR circuit=ioi       compressed into supernodes, with the curves
                 callbacks=circuit``           (:mod:`saeot.evaluation.circuit_run`)
+``supernodes``  ``evaluation=supernodes       a graph made elsewhere (circuit-tracer /
+                graph=G.json run_dir=DIR``    Neuronpedia JSON) written back with
+                                              ``qParams.supernodes`` filled
+                                              (:mod:`saeot.evaluation.graph_run`)
 ==============  ============================  ==========================================
 
 ``evaluation: null`` (the default) picks the one evaluation whose key is set; setting
@@ -34,6 +38,7 @@ from saeot.evaluation.benchmark import run_benchmark
 from saeot.evaluation.circuit_run import evaluate_circuit
 from saeot.evaluation.dashboard import log_evaluation
 from saeot.evaluation.functional import evaluate_runs
+from saeot.evaluation.graph_run import evaluate_graph_supernodes
 from saeot.evaluation.summary import format_functional_summary, write_summary
 from saeot.pipeline.config import build
 
@@ -87,6 +92,8 @@ EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (
     Evaluation("run_dirs", "run_dirs", _evaluate_run_dirs, "functional evaluation of several runs, one table"),
     Evaluation("synthetic", "synthetic", run_benchmark, "every matcher on the planted synthetic scenarios"),
     Evaluation("circuit", "circuit", evaluate_circuit, "a task's circuit on a finished run's SAEs, with supernodes"),
+    Evaluation("supernodes", "graph", evaluate_graph_supernodes,
+               "supernodes for a circuit graph made elsewhere (circuit-tracer / Neuronpedia JSON)"),
 )}
 
 
