@@ -3,6 +3,10 @@
 saeot names every place it reads a hidden state by its transformer_lens hook name,
 ``blocks.{layer}.hook_{site}`` (``blocks.3.hook_resid_post``). This module is the
 only parser and builder of those names; everything else calls it.
+
+A second SAE at the same hook (``sae_b=``: another width, seed or architecture) is keyed
+``{hook}@b`` (:func:`sae_key`): every stage keys SAEs, samples and states by these keys,
+and only the model's forward reads :func:`base_hook`, the hook itself.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from collections.abc import Iterable, Sequence
 
 __all__ = [
     "RESIDUAL_SITES",
+    "SAE_TAG",
+    "sae_key",
+    "base_hook",
     "hook_name",
     "hook_layer",
     "hook_site",
@@ -43,13 +50,29 @@ _POSITION = (
 )
 
 
+#: separates a hook from the tag of a second SAE at that hook (``blocks.8.hook_resid_post@b``)
+SAE_TAG = "@"
+
+
+def sae_key(hook: str, tag: str) -> str:
+    """The key of the SAE tagged ``tag`` at ``hook``: ``{hook}@{tag}``."""
+    if not tag or SAE_TAG in tag or SAE_TAG in hook:
+        raise ValueError(f"cannot tag hook {hook!r} with {tag!r}")
+    return f"{hook}{SAE_TAG}{tag}"
+
+
+def base_hook(key: str) -> str:
+    """The model hook of an SAE key (``blocks.8.hook_resid_post@b`` -> ``blocks.8.hook_resid_post``)."""
+    return key.split(SAE_TAG, 1)[0]
+
+
 def hook_name(layer: int, site: str = "resid_post") -> str:
     """``blocks.{layer}.hook_{site}``; ``site`` may be given with or without ``hook_``."""
     return f"blocks.{int(layer)}.hook_{site.removeprefix('hook_')}"
 
 
 def _split(hook: str) -> tuple[int, str]:
-    m = _BLOCK_RE.search(hook)
+    m = _BLOCK_RE.search(base_hook(hook))
     if m is None:
         raise ValueError(f"unsupported hook name {hook!r}; expected blocks.<layer>.hook_resid_post or similar")
     return int(m.group(1)), m.group(2)

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from saeot.data.text import EmptyCorpusError
-from saeot.hooks import hook_layer, stop_layer
+from saeot.hooks import base_hook, hook_layer, stop_layer
 from saeot.progress import progress_bar
 
 def shard_indices(n: int, rank: int, world_size: int) -> Tensor:
@@ -242,14 +242,15 @@ class HiddenStateDataModule(L.LightningDataModule):
         FloatingPointError naming the hook and the first bad token (its context from
         ``context_index [B]``, when given) if any is NaN or inf."""
         hooks = list(self.hooks if hooks is None else hooks)
+        bases = list(dict.fromkeys(base_hook(h) for h in hooks))  # two SAEs of one hook: one hidden state
         model = self.lm.model
         if next(model.parameters()).device != tokens.device:
             model.to(tokens.device)
         _, cache = model.run_with_cache(
-            tokens, names_filter=hooks, stop_at_layer=stop_layer(hooks), return_type=None
+            tokens, names_filter=bases, stop_at_layer=stop_layer(bases), return_type=None
         )
-        out = {h: cache[h] for h in hooks}
-        for h, x in out.items():
+        for h in bases:
+            x = cache[h]
             bad = ~torch.isfinite(x).all(-1)
             if bool(bad.any()):
                 b, t = (int(i) for i in bad.nonzero()[0])
@@ -258,7 +259,7 @@ class HiddenStateDataModule(L.LightningDataModule):
                     f"non-finite hidden states at {h}, first at context {ctx} position {t} (token id "
                     f"{int(tokens[b, t])}, {int(bad.sum())} positions in this batch): check the model weights / "
                     "model.dtype")
-        return out
+        return {h: cache[base_hook(h)] for h in hooks}
 
     def position_mask(self, tokens: Tensor) -> Tensor:
         """``[B, T]`` bool: positions that count (all but BOS at position 0 when ``skip_bos``)."""

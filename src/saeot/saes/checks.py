@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from sae_lens import SAE
 
+from saeot.hooks import base_hook
+
 __all__ = ["check_sae_widths", "check_saes"]
 
 _TL_HOOK = re.compile(r"^blocks\.\d+\.hook_\w+$")
@@ -30,7 +32,7 @@ def check_saes(saes: dict[str, SAE], lm: Any) -> None:
     check_sae_widths(saes, lm)
     for hook, sae in saes.items():
         own = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
-        if isinstance(own, str) and _TL_HOOK.match(own) and own != hook:
+        if isinstance(own, str) and _TL_HOOK.match(own) and own != base_hook(hook):
             raise ValueError(f"sae for {hook} was made for {own}: set layers.site / layers.ids to match it, "
                              "or pick the SAE of that hook (sae.sae_id / sae.path)")
         for name, p in sae.named_parameters():

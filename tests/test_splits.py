@@ -1,0 +1,64 @@
+"""Two SAEs of one hook (``sae@sae_b=...``): SAE keys, and the feature-splitting view."""
+
+import csv
+
+import pytest
+import torch
+
+from saeot.hooks import base_hook, hook_layer, hook_site, sae_key
+from saeot.matching.splits import build_splits, plot_splits, same_hook_pairs, write_splits
+from saeot.types import MatchResult
+
+H = "blocks.8.hook_resid_post"
+HB = sae_key(H, "b")
+
+
+def test_sae_keys_parse_as_their_hook():
+    assert HB == "blocks.8.hook_resid_post@b"
+    assert base_hook(HB) == H and base_hook(H) == H
+    assert hook_layer(HB) == 8 and hook_site(HB) == "hook_resid_post"
+    with pytest.raises(ValueError):
+        sae_key(HB, "c")  # no key of a key
+
+
+def _res(a, b, feature_b, matched, distance=None):
+    n = len(feature_b)
+    d = torch.tensor(distance if distance is not None else [float(i) for i in range(n)], dtype=torch.float64)
+    return MatchResult(hook_a=a, hook_b=b, matcher="m", feature_b=torch.tensor(feature_b), distance=d,
+                       margin=torch.ones(n), matched=torch.tensor(matched))
+
+
+def test_splits_classify_narrow_features_by_their_children(tmp_path):
+    # narrow A (3 features) -> wide B (5 features) and back
+    ab = _res(H, HB, [0, 2, 4], [True, True, False])
+    # wide -> narrow: 0 -> 0, 1 -> 1, 2 -> 1, 3 -> 1 (unmatched: no parent), 4 -> 1
+    ba = _res(HB, H, [0, 1, 1, 1, 1], [True, True, True, False, True], distance=[0.1, 0.5, 0.2, 0.3, 0.9])
+    s = build_splits(ab, ba, freq={H: torch.tensor([0.1, 0.3, 0.05]), HB: torch.tensor([0.1, 0.1, 0.15, 0.2, 0.05])})
+    assert (s.narrow, s.wide) == (H, HB)
+    assert s.parent.tolist() == [0, 1, 1, -1, 1]
+    assert s.children == [[0], [2, 1, 4], []]  # closest first: 0.2, 0.5, 0.9
+    assert [s.kind(i) for i in range(3)] == ["one", "split", "none"]
+    c = s.counts()
+    assert (c["one"], c["split"], c["none"], c["one_mutual"], c["wide_with_parent"]) == (1, 1, 1, 1, 4)
+    # the reverse order of the pair gives the same splitting (wide is the larger SAE, not "B")
+    s2 = build_splits(ba, ab)
+    assert (s2.narrow, s2.wide) == (H, HB) and s2.children == s.children
+    sp, pp = write_splits([s], tmp_path)
+    rows = list(csv.DictReader(open(sp)))
+    assert [r["kind"] for r in rows] == ["one", "split", "none"]
+    assert rows[1]["children"] == "2 1 4" and rows[1]["child_distances"] == "0.2 0.5 0.9"
+    assert float(rows[1]["children_frequency"]) == pytest.approx(0.15 + 0.1 + 0.05)
+    assert rows[0]["mutual"] == "1" and rows[2]["own_match"] == "-1"
+    parents = list(csv.DictReader(open(pp)))
+    assert [int(r["parent"]) for r in parents] == [0, 1, 1, -1, 1]
+    assert plot_splits([s], tmp_path / "splits.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="not the two directions"):
+        build_splits(ab, ab)
+
+
+def test_same_hook_pairs_finds_each_pair_once():
+    a, b = "blocks.3.hook_resid_post", "blocks.4.hook_resid_post"
+    cross = _res(a, b, [0], [True])
+    ab, ba = _res(H, HB, [0], [True]), _res(HB, H, [0], [True])
+    pairs = same_hook_pairs([cross, ab, ba])
+    assert len(pairs) == 1 and pairs[0][0] is ab and pairs[0][1] is ba
