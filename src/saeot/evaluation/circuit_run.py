@@ -21,7 +21,6 @@ from saeot.circuits.callback import CircuitCompression
 from saeot.io import update_json
 from saeot.pipeline.config import build
 from saeot.pipeline.rundir import RunDir
-from saeot.reference import project_samples
 
 __all__ = ["evaluate_circuit"]
 
@@ -42,9 +41,8 @@ def evaluate_circuit(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     lm = run.load_model()
     callback.task.build(lm)  # an unusable task fails before the SAEs and samples are read
     saes = run.load_saes(next(lm.model.parameters()).device)
-    space = run.reference()
     hooks = list(callback.hooks or run.hooks)
-    samples = {h: project_samples(space, run.samples(h)) for h in hooks}
+    samples = run.projected_samples(hooks)
     out_dir = Path(out_dir)
     metrics = callback.compress(lm, saes, samples, out_dir, hooks=hooks)
     metrics["run_dir"] = str(run.path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from saeot.hooks import hook_name
 
 __all__ = ["ConfigError", "ALL_LAYERS", "build", "wants_all_layers", "layer_ids", "layer_pairs", "check_layers",
-           "run_hooks", "check_trainer"]
+           "run_hooks", "check_trainer", "match_device"]
 
 
 class ConfigError(ValueError):
@@ -146,3 +147,14 @@ def check_trainer(trainer: DictConfig) -> None:
             return
     raise ConfigError(f"trainer.devices={devices!r} must be a whole number >= 1, -1 (every device), auto, "
                       f"or a list of distinct device indices such as [0,1] (with trainer.accelerator={accelerator})")
+
+
+def match_device(cfg: DictConfig) -> torch.device:
+    """Where a run's matchers compute (``MatchContext.device``), from its ``trainer.accelerator``:
+    ``cpu`` on the CPU; any other accelerator (``gpu``, ``cuda``, ``auto``, none set) on the current
+    CUDA device when there is one, else on the CPU (a GPU run rematched on a machine without one)."""
+    trainer = cfg.get("trainer") or {}
+    accelerator = str(trainer.get("accelerator", "auto") or "auto").strip().lower()
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")

@@ -61,8 +61,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def run_rematch(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Match the layer pairs of the run at ``cfg.run_dir`` with ``cfg.matcher``; write a run
     directory at ``out_dir`` (module docstring). Returns its ``metrics.json`` content."""
-    from saeot.evaluation.functional import run_context  # here: saeot.evaluation imports saeot.pipeline
-
     t0 = time.perf_counter()
     if not cfg.get("run_dir"):
         raise ValueError("run_dir=null: point run_dir at a finished train.py run (rematch.py run_dir=DIR matcher=NAME)")
@@ -81,7 +79,7 @@ def run_rematch(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         device = next(lm.model.parameters()).device
         datamodule = src.data_module(lm)
     saes = src.load_saes(device)
-    ctx = run_context(src, matcher, saes, datamodule, pairs, progress=bool(cfg.get("progress", True)))
+    ctx = src.match_context(matcher, saes, datamodule, pairs, progress=bool(cfg.get("progress", True)))
     matches = match_pairs(matcher, ctx, pairs)
     flows = build_flows(matches.results, alive=src.alive())
 

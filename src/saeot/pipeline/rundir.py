@@ -11,6 +11,12 @@ Nothing is trained or refit here: the SAEs are loaded from their records
 (:func:`saeot.saes.load_recorded`, which never trains) and the model is built from the
 run's ``model`` config (loading weights, as ``train.py`` did). A run without
 ``saes.json`` (made before it was written) cannot be evaluated: rerun ``train.py``.
+
+What a matcher reads is rebuilt from the directory too (:meth:`RunDir.match_context`, for
+``rematch.py`` and the evaluations): the feature samples projected by the fitted reference
+space (:meth:`RunDir.projected_samples`), activation correlations streamed again over the
+held-out split (:meth:`RunDir.correlations`), on the device the run matched on
+(:attr:`RunDir.device`, from its ``trainer.accelerator``).
 """
 
 from __future__ import annotations
@@ -29,10 +35,14 @@ from torch import Tensor
 
 from saeot.hooks import hook_layer
 from saeot.io import CorruptFileError, read_json
+from saeot.matching.base import Matcher, MatchContext
 from saeot.pipeline.artifacts import read_matches
 from saeot.pipeline.completion import RUN_FORMAT, RUN_MARKER, read_marker
-from saeot.pipeline.config import build, run_hooks
+from saeot.pipeline.config import build, match_device, run_hooks
+from saeot.profiling.statistics import CorrelationAccumulator
+from saeot.reference import project_samples
 from saeot.saes import load_recorded
+from saeot.saes.codes import encode
 from saeot.types import FeatureSamples
 
 __all__ = ["RunDir", "read_feature_tensors"]
@@ -140,6 +150,12 @@ class RunDir:
     def site(self) -> str:
         return str(self.cfg.layers.site)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the run's matcher computed, and a rematch of it computes
+        (:func:`saeot.pipeline.config.match_device` of its ``trainer``)."""
+        return match_device(self.cfg)
+
     def setup_key(self) -> str:
         """Runs with equal keys share model, data, SAEs and layers: one streaming pass serves them all."""
         parts = {k: OmegaConf.to_container(self.cfg[k], resolve=False) if isinstance(self.cfg.get(k), DictConfig)
@@ -189,3 +205,41 @@ class RunDir:
     def reference(self) -> Any:
         """The run's fitted reference space (``reference.safetensors``), not refit."""
         return build(self.cfg.reference).load(self.path / "reference.safetensors")
+
+    def projected_samples(self, hooks: Sequence[str] | None = None, space: Any = None) -> dict[str, FeatureSamples]:
+        """hook -> the run's feature samples of ``hooks`` (default: all) projected by its fitted
+        reference space (``space``: the one :meth:`reference` loads, when it is already loaded)."""
+        space = self.reference() if space is None else space
+        return {h: project_samples(space, self.samples(h)) for h in (self.hooks if hooks is None else hooks)}
+
+    @torch.no_grad()
+    def correlations(self, saes: dict[str, Any], datamodule: Any, pairs: Sequence[tuple[str, str]],
+                     progress: bool = False) -> dict[tuple[str, str], CorrelationAccumulator]:
+        """Activation correlations of every pair over the run's held-out split (as the run computed
+        them), on the device of ``saes``."""
+        device = next(iter(saes.values())).W_dec.device
+        hooks = sorted({h for p in pairs for h in p})
+        acc = {(a, b): CorrelationAccumulator(saes[a].cfg.d_sae, saes[b].cfg.d_sae) for a, b in pairs}
+        for batch in datamodule.iter_batches("heldout", device=device, progress=progress,
+                                             desc="activation correlations (held-out split)", hooks=hooks):
+            m = batch["mask"]
+            codes = {h: encode(saes[h], batch["hidden"][h][m]).cpu() for h in hooks}
+            for (a, b), c in acc.items():
+                c.update(codes[a], codes[b])
+        return acc
+
+    def match_context(self, matcher: Matcher, saes: dict[str, Any], datamodule: Any = None,
+                      pairs: Sequence[tuple[str, str]] | None = None, progress: bool = False) -> MatchContext:
+        """What ``matcher`` reads for ``pairs`` (default: the run's), rebuilt from the directory: the
+        SAEs ``saes``, the projected feature samples (if it reads samples), the correlations over
+        the held-out split of ``datamodule`` (if it reads correlations); on :attr:`device`."""
+        pairs = self.pairs if pairs is None else pairs
+        samples = correlations = space = None
+        hooks = sorted({h for p in pairs for h in p})
+        if "samples" in matcher.requires:
+            space = self.reference()
+            samples = self.projected_samples(hooks, space)
+        if "correlations" in matcher.requires:
+            correlations = self.correlations(saes, datamodule, pairs, progress)
+        return MatchContext(saes=saes, samples=samples, correlations=correlations, device=self.device,
+                            reference=space)

@@ -23,7 +23,15 @@ import torch
 from omegaconf import DictConfig
 
 from saeot.matching.base import Matcher, MatchContext, Shard
-from saeot.pipeline.config import build, check_layers, check_trainer, layer_ids, run_hooks, wants_all_layers
+from saeot.pipeline.config import (
+    build,
+    check_layers,
+    check_trainer,
+    layer_ids,
+    match_device,
+    run_hooks,
+    wants_all_layers,
+)
 from saeot.pipeline.state import Matches, ReferenceFit, RunSetup, Streams
 from saeot.profiling import (
     AlignedStatesConsumer,
@@ -127,8 +135,7 @@ def match(run: RunSetup, streams: Streams, reference: ReferenceFit,
     """Stage 5: every layer pair (default ``run.pairs``) through ``run.matcher``; under DDP
     (``shard``) each rank searches a block of A's features and the result is gathered."""
     ctx = MatchContext(saes=run.saes, samples=reference.projected, correlations=streams.correlations,
-                       device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), shard=shard,
-                       reference=reference.space)
+                       device=match_device(run.cfg), shard=shard, reference=reference.space)
     return match_pairs(run.matcher, ctx, run.pairs if pairs is None else pairs)
 
 

@@ -97,7 +97,7 @@ consumers), ``_pass`` (the one streaming pass), ``_coverage`` (full assignments,
 from saeot.evaluation.functional._coactivation import CoactivationAccumulator
 from saeot.evaluation.functional._batch import PassBatch, PassConsumer, PassTotals
 from saeot.evaluation.functional._coverage import (
-    RankedPairs, assign_run, full_assignment, full_matcher, rank_pairs, run_context,
+    RankedPairs, assign_run, full_assignment, full_matcher, rank_pairs,
 )
 from saeot.evaluation.functional._curves import CURVE_METRICS, CoverageCurves, PairCurve, curve_auc
 from saeot.evaluation.functional._equal_coverage import (
@@ -122,7 +122,7 @@ __all__ = [
     "code_ratio", "substitute_codes", "run_from_hook", "next_token_ce", "SubstitutionAccumulator",
     "CoactivationAccumulator",
     "PassBatch", "PassConsumer", "PassTotals",
-    "RankedPairs", "rank_pairs", "full_matcher", "full_assignment", "assign_run", "run_context",
+    "RankedPairs", "rank_pairs", "full_matcher", "full_assignment", "assign_run",
     "CURVE_METRICS", "curve_auc", "PairCurve", "CoverageCurves",
     "coverage_rows", "format_coverage_markdown", "write_coverage_table", "plot_equal_coverage",
     "evaluate_functional",

@@ -10,7 +10,8 @@ config with ``assignment=hungarian``, ``null_alpha=1`` (no "no match" decision),
 ``min_margin=0`` and at least ``functional.coverage_candidates`` candidates per
 feature, and run again on what the run computed (its SAEs, its feature samples
 projected by its fitted reference space; activation correlations streamed again over
-the run's held-out split, as the run did). Nothing is retrained or refit.
+the run's held-out split, as the run did: :meth:`saeot.pipeline.rundir.RunDir.match_context`).
+Nothing is retrained or refit.
 
 The sparse assignment can leave a few features of A without a partner (all their
 candidates taken; dead features have no finite cost at all). Those are paired with the
@@ -39,11 +40,8 @@ from torch import Tensor
 from saeot.matching.base import Matcher, MatchContext
 from saeot.pipeline.config import build
 from saeot.pipeline.rundir import RunDir
-from saeot.profiling.statistics import CorrelationAccumulator
-from saeot.reference import project_samples
-from saeot.saes.codes import encode
 
-__all__ = ["RankedPairs", "rank_pairs", "full_assignment", "full_matcher", "run_context", "assign_run"]
+__all__ = ["RankedPairs", "rank_pairs", "full_assignment", "full_matcher", "assign_run"]
 
 log = logging.getLogger(__name__)
 
@@ -143,44 +141,13 @@ def full_assignment(matcher: Matcher, ctx: MatchContext, hook_a: str, hook_b: st
                        seconds=time.perf_counter() - t0)
 
 
-@torch.no_grad()
-def _correlations(datamodule: Any, saes: dict[str, Any], pairs: Sequence[tuple[str, str]], device: torch.device,
-                  progress: bool) -> dict[tuple[str, str], CorrelationAccumulator]:
-    """Activation correlations of every pair over the run's held-out split (as the run computed them)."""
-    hooks = sorted({h for p in pairs for h in p})
-    acc = {(a, b): CorrelationAccumulator(saes[a].cfg.d_sae, saes[b].cfg.d_sae) for a, b in pairs}
-    for batch in datamodule.iter_batches("heldout", device=device, progress=progress,
-                                         desc="activation correlations (held-out split)", hooks=hooks):
-        m = batch["mask"]
-        codes = {h: encode(saes[h], batch["hidden"][h][m]).cpu() for h in hooks}
-        for (a, b), c in acc.items():
-            c.update(codes[a], codes[b])
-    return acc
-
-
-def run_context(run: RunDir, matcher: Matcher, saes: dict[str, Any], datamodule: Any,
-                pairs: Sequence[tuple[str, str]], progress: bool = False) -> MatchContext:
-    """What ``matcher`` reads, rebuilt from the run's directory: its SAEs, its feature samples
-    projected by its fitted reference space, correlations over its held-out split."""
-    device = next(iter(saes.values())).W_dec.device
-    samples = correlations = space = None
-    hooks = sorted({h for p in pairs for h in p})
-    if "samples" in matcher.requires:
-        space = run.reference()
-        samples = {h: project_samples(space, run.samples(h)) for h in hooks}
-    if "correlations" in matcher.requires:
-        correlations = _correlations(datamodule, saes, pairs, device, progress)
-    return MatchContext(saes=saes, samples=samples, correlations=correlations,
-                        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), reference=space)
-
-
 def assign_run(run: RunDir, saes: dict[str, Any], datamodule: Any, pairs: Sequence[tuple[str, str]],
                n_candidates: int = 8, progress: bool = False) -> list[RankedPairs]:
     """The full one-to-one assignment of every layer pair of ``run`` under its own matcher."""
     matcher = build(run.cfg.matcher)
     if not isinstance(matcher, Matcher):
         raise TypeError(f"{run.path}: matcher config builds a {type(matcher).__name__}, not a saeot Matcher")
-    ctx = run_context(run, matcher, saes, datamodule, pairs, progress)
+    ctx = run.match_context(matcher, saes, datamodule, pairs, progress)
     out = []
     for a, b in pairs:
         rp = full_assignment(matcher, ctx, a, b, n_candidates, saes[a].cfg.d_sae, saes[b].cfg.d_sae)
