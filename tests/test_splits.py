@@ -1,12 +1,15 @@
 """Two SAEs of one hook (``sae@sae_b=...``): SAE keys, and the feature-splitting view."""
 
 import csv
+import json
 
 import pytest
 import torch
 
+from saeot.evaluation.runner import run_evaluate
 from saeot.hooks import base_hook, hook_layer, hook_site, sae_key
 from saeot.matching.splits import build_splits, plot_splits, same_hook_pairs, write_splits
+from saeot.pipeline import run_train
 from saeot.types import MatchResult
 
 H = "blocks.8.hook_resid_post"
@@ -62,3 +65,42 @@ def test_same_hook_pairs_finds_each_pair_once():
     ab, ba = _res(H, HB, [0], [True]), _res(HB, H, [0], [True])
     pairs = same_hook_pairs([cross, ab, ba])
     assert len(pairs) == 1 and pairs[0][0] is ab and pairs[0][1] is ba
+
+
+def test_train_with_sae_b_matches_two_saes_of_one_hook(tmp_path, compose_cfg):
+    """``sae@sae_b=...``: the second SAE at layer 1, both directions matched, splits written. The same
+    SAE config twice loads the same SAE: every alive feature is its own one, mutual partner."""
+    cache = tmp_path / "cache"
+    same = run_train(compose_cfg("experiment=smoke", "logger=none", f"paths.cache_dir={cache}", "layers.ids=[1]",
+                                 "sae@sae_b=train_local_tiny", run_dir=tmp_path / "same"), tmp_path / "same")
+    h1, h1b = "blocks.1.hook_resid_post", "blocks.1.hook_resid_post@b"
+    assert [(r.hook_a, r.hook_b) for r in same.results] == [(h1, h1b), (h1b, h1)]
+    alive = same.samples["blocks.1.hook_resid_post"].alive
+    ab = same.results[0]
+    assert torch.equal(ab.feature_b[alive], torch.arange(len(alive))[alive])
+    rows = list(csv.DictReader(open(tmp_path / "same" / "splits.csv")))
+    assert all(r["kind"] == "one" and r["mutual"] == "1" for r, a in zip(rows, alive.tolist()) if a)
+
+    wide = run_train(compose_cfg("experiment=smoke", "logger=none", f"paths.cache_dir={cache}", "layers.ids=[1]",
+                                 "sae@sae_b=train_local_tiny", "sae_b.d_sae=256", run_dir=tmp_path / "wide"),
+                     tmp_path / "wide")
+    assert wide.saes["blocks.1.hook_resid_post@b"].cfg.d_sae == 256 and wide.saes["blocks.1.hook_resid_post"].cfg.d_sae == 128
+    rows = list(csv.DictReader(open(tmp_path / "wide" / "splits.csv")))
+    parents = list(csv.DictReader(open(tmp_path / "wide" / "parents.csv")))
+    assert len(rows) == 128 and len(parents) == 256
+    # children and parents are one relation read both ways
+    n_children = sum(int(r["n_children"]) for r in rows)
+    assert n_children == sum(r["matched"] == "1" for r in parents)
+    ba = wide.results[1]
+    assert n_children == int(ba.matched.sum())
+    counts = json.loads((tmp_path / "wide" / "metrics.json").read_text())["splits"]["blocks.1.hook_resid_post"]
+    assert counts["one"] + counts["split"] + counts["none"] == 128 and counts["wide"] == "blocks.1.hook_resid_post@b"
+    assert (tmp_path / "wide" / "plots" / "splits.png").stat().st_size > 1000
+    records = json.loads((tmp_path / "wide" / "saes.json").read_text())
+    assert set(records) == {"blocks.1.hook_resid_post", "blocks.1.hook_resid_post@b"}
+    assert records["blocks.1.hook_resid_post"] != records["blocks.1.hook_resid_post@b"]
+    # evaluate.py says plainly that same-hook pairs have no functional evaluation yet
+
+    cfg = compose_cfg(f"run_dir={tmp_path / 'wide'}", "logger=none", config_name="evaluate", run_dir=tmp_path / "ev")
+    with pytest.raises(ValueError, match=r"two SAEs of one hook \(sae_b\)"):
+        run_evaluate(cfg, tmp_path / "ev")

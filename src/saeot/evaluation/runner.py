@@ -40,6 +40,8 @@ from saeot.evaluation.dashboard import log_evaluation
 from saeot.evaluation.functional import evaluate_runs
 from saeot.evaluation.graph_run import evaluate_graph_supernodes
 from saeot.evaluation.summary import format_functional_summary, write_summary
+from saeot.hooks import SAE_TAG
+from saeot.io import read_json
 from saeot.pipeline.config import build
 
 __all__ = ["Evaluation", "EVALUATIONS", "select_evaluation", "run_evaluate"]
@@ -60,6 +62,11 @@ def _run_dirs(dirs: list) -> list[Path]:
     for d in out:
         if not (d / "matches.csv").is_file():
             raise FileNotFoundError(f"run_dir={d} has no matches.csv: point it at a finished train.py run")
+        records = d / "saes.json"
+        if records.is_file() and any(SAE_TAG in key for key in read_json(records)):
+            raise ValueError(f"run_dir={d} matches two SAEs of one hook (sae_b): the functional evaluation of "
+                             "same-hook pairs is not built yet; that run's outputs are splits.csv, parents.csv and "
+                             "plots/splits.png")
     return out
 
 

@@ -14,7 +14,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from saeot.hooks import hook_name
+from saeot.hooks import hook_name, sae_key
+
+#: the tag of the second SAE at a hook (``sae_b``): its SAE key is ``{hook}@b``
+SAE_B_TAG = "b"
 
 __all__ = ["ConfigError", "ALL_LAYERS", "build", "wants_all_layers", "layer_ids", "layer_pairs", "check_layers",
            "run_hooks", "check_trainer", "match_device"]
@@ -102,10 +105,16 @@ def check_layers(ids: list[int], n_layers: int) -> None:
 
 def run_hooks(cfg: DictConfig, n_layers: int | None = None) -> tuple[list[str], list[tuple[str, str]]]:
     """The run's hook names (sorted by layer) and its (A, B) hook pairs, from ``layers``
-    (``n_layers``: the model's layer count, for ``layers.ids=all``)."""
+    (``n_layers``: the model's layer count, for ``layers.ids=all``). With ``sae_b`` set, the
+    hooks are followed by their second SAEs' keys (``{hook}@b``) and the pairs are
+    ``(hook, hook@b)`` and ``(hook@b, hook)`` at every layer."""
     ids = layer_ids(cfg, n_layers)
-    pairs = layer_pairs(cfg, ids)
     site = cfg.layers.site
+    if cfg.get("sae_b") is not None:  # two SAEs at each hook, matched both ways (layers.pairs does not apply)
+        hooks = [hook_name(i, site) for i in ids]
+        tagged = [sae_key(h, SAE_B_TAG) for h in hooks]
+        return hooks + tagged, [p for h, t in zip(hooks, tagged) for p in ((h, t), (t, h))]
+    pairs = layer_pairs(cfg, ids)
     return [hook_name(i, site) for i in ids], [(hook_name(a, site), hook_name(b, site)) for a, b in pairs]
 
 

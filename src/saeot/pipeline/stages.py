@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from saeot.hooks import base_hook, sae_key
 from saeot.matching.base import Matcher, MatchContext, Shard
 from saeot.pipeline.config import (
+    SAE_B_TAG,
     build,
     check_layers,
     check_trainer,
@@ -57,15 +59,19 @@ def setup(cfg: DictConfig, run_dir: str | Path, checks: Sequence[Callable[[Any],
     if cfg.get("trainer") is not None:  # built only after setup, by the caller
         check_trainer(cfg.trainer)
     matcher = build(cfg.matcher)
-    sae_provider = build(cfg.sae)
+    providers = {None: build(cfg.sae)}  # SAE tag -> provider; sae_b: the second SAE at every hook
+    if cfg.get("sae_b") is not None:
+        providers[SAE_B_TAG] = build(cfg.sae_b)
     if not wants_all_layers(cfg):  # the SAE settings, before the model is even loaded
-        sae_provider.validate(run_hooks(cfg)[0])
+        for provider in providers.values():
+            provider.validate(_model_hooks(run_hooks(cfg)[0]))
     lm = build(cfg.model)
     n_layers = lm.model.cfg.n_layers
     check_layers(layer_ids(cfg, n_layers), n_layers)
     hooks, pairs = run_hooks(cfg, n_layers)
     if wants_all_layers(cfg):
-        sae_provider.validate(hooks)
+        for provider in providers.values():
+            provider.validate(_model_hooks(hooks))
     build(cfg.reference).check(lm.model.cfg.d_model)
     for check in checks:
         check(lm)
@@ -76,14 +82,23 @@ def setup(cfg: DictConfig, run_dir: str | Path, checks: Sequence[Callable[[Any],
         datamodule.setup()
     log.info("corpus: %d profile + %d held-out contexts of %d tokens",
              datamodule.n_contexts("profile"), datamodule.n_contexts("heldout"), datamodule.context_len)
-    saes = sae_provider.load(lm, hooks, datamodule)
+    saes, records = {}, {}
+    base = _model_hooks(hooks)
+    for tag, provider in providers.items():
+        key = (lambda h: h) if tag is None else (lambda h, t=tag: sae_key(h, t))
+        saes.update({key(h): sae for h, sae in provider.load(lm, base, datamodule).items()})
+        records.update({key(h): rec for h, rec in provider.describe(base).items()})
     check_saes(saes, lm)
     for sae in saes.values():
         sae.eval()
         sae.requires_grad_(False)
     return RunSetup(cfg=cfg, run_dir=Path(run_dir), lm=lm, datamodule=datamodule, saes=saes,
-                    sae_records=sae_provider.describe(hooks), hooks=tuple(hooks), pairs=tuple(pairs),
-                    matcher=matcher)
+                    sae_records=records, hooks=tuple(hooks), pairs=tuple(pairs), matcher=matcher)
+
+
+def _model_hooks(keys: Sequence[str]) -> list[str]:
+    """The model hooks among SAE keys (a second SAE's ``{hook}@b`` left out)."""
+    return [k for k in keys if base_hook(k) == k]
 
 
 def stream(run: RunSetup, trainer: Any) -> Streams:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from saeot.hooks import hook_layer
+from saeot.hooks import base_hook, hook_layer
 from saeot.io import atomic_write_text
 from saeot.models.codecs import TextCodec
 from saeot.types import FeatureSamples, MatchResult
@@ -77,8 +77,14 @@ def strongest_matches(results: Sequence[MatchResult], n: int = 5) -> list[Strong
     return cands[:n]
 
 
-def _feature(hook: str, i: int) -> str:
-    return f"L{hook_layer(hook)} #{i}"
+def _layer(key: str) -> str:
+    """``L8``, or ``L8@b`` for the second SAE at that hook."""
+    tag = key[len(base_hook(key)):]
+    return f"L{hook_layer(key)}{tag}"
+
+
+def _feature(key: str, i: int) -> str:
+    return f"{_layer(key)} #{i}"
 
 
 def format_run_summary(results: Sequence[MatchResult], samples: dict[str, FeatureSamples], codec: TextCodec,
@@ -88,7 +94,7 @@ def format_run_summary(results: Sequence[MatchResult], samples: dict[str, Featur
     for r in results:
         fb = r.feature_b[r.matched]
         thr = f"{r.null_threshold:.4g}" if math.isfinite(r.null_threshold) else "none"
-        lines.append(f"  L{hook_layer(r.hook_a)} -> L{hook_layer(r.hook_b)}: "
+        lines.append(f"  {_layer(r.hook_a)} -> {_layer(r.hook_b)}: "
                      f"{int(r.matched.sum())} / {r.n_features} matched onto {int(fb.unique().numel())} distinct "
                      f"features, no-match threshold {thr}")
     strong = strongest_matches(results, n_strongest)
