@@ -33,10 +33,10 @@ from torch import Tensor
 from saeot.hooks import base_hook
 from saeot.io import atomic_path
 from saeot.plots import plt, save_figure
-from saeot.types import MatchResult
+from saeot.types import FeatureSamples, MatchResult
 
 __all__ = ["SPLIT_COLUMNS", "PARENT_COLUMNS", "Splits", "same_hook_pairs", "build_splits", "write_splits",
-           "plot_splits"]
+           "plot_splits", "write_run_splits"]
 
 SPLIT_COLUMNS = ["hook", "narrow_feature", "kind", "n_children", "children", "child_distances", "own_match",
                  "mutual", "frequency", "children_frequency"]
@@ -167,3 +167,18 @@ def plot_splits(all_splits: list[Splits], path: str | Path) -> Path:
         sc_ax.set_title(f"{len(split)} split features", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, Path(path))
+
+
+def write_run_splits(results: list[MatchResult], samples: dict[str, FeatureSamples],
+                     run_dir: str | Path) -> tuple[dict, Path] | None:
+    """A run's splitting outputs (``splits.csv``, ``parents.csv``, ``plots/splits.png``) when
+    ``results`` match two SAEs of one hook both ways; returns ``(metrics["splits"], plot path)``,
+    or None (nothing written) when they do not."""
+    pairs = same_hook_pairs(results)
+    if not pairs:
+        return None
+    freq = {h: s.firing_frequency for h, s in samples.items()}
+    splits = [build_splits(ab, ba, freq) for ab, ba in pairs]
+    write_splits(splits, run_dir)
+    plot = plot_splits(splits, Path(run_dir) / "plots" / "splits.png")
+    return {s.narrow: {"wide": s.wide, **s.counts()} for s in splits}, plot

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from saeot.io import atomic_path, update_json
 from saeot.matching.base import Matcher
 from saeot.matching.flows import build_flows, write_flows
+from saeot.matching.splits import write_run_splits
 from saeot.pipeline.artifacts import write_matches
 from saeot.pipeline.completion import clear_complete, mark_complete
 from saeot.pipeline.config import build
@@ -97,9 +98,11 @@ def run_rematch(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         OmegaConf.save(run_cfg, tmp)
     write_matches(matches.results, out / "matches.csv")
     write_flows(flows, out / "flows.csv")
+    splits = write_run_splits(matches.results, {h: src.samples(h) for h in src.hooks}, out)
     metrics = {
         "matching": matches.metrics,
         "flows": flows.summary(),
+        **({"splits": splits[0]} if splits is not None else {}),  # two SAEs of one hook (sae_b)
         "rematched_from": str(src.path.resolve()),
         "seconds_total": time.perf_counter() - t0,
     }

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saeot.io import update_json
 from saeot.matching.flows import build_flows, write_flows
-from saeot.matching.splits import build_splits, plot_splits, same_hook_pairs, write_splits
+from saeot.matching.splits import write_run_splits
 from saeot.pipeline.artifacts import save_artifacts
 from saeot.pipeline.callbacks import RunCallback
 from saeot.pipeline.completion import clear_complete, mark_complete
@@ -83,7 +83,9 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         save_artifacts(result)
         write_flows(flows, result.run_dir / "flows.csv")
         plots = plot_run(result, flows)
-        plots.update(write_run_splits(result))
+        splits = write_run_splits(result.results, result.samples, result.run_dir)
+        if splits is not None:  # two SAEs of one hook (sae_b)
+            result.metrics["splits"], plots["splits"] = splits
         for key, value in result.metrics.items():
             update_json(result.run_dir / "metrics.json", key, value)
         log_run(result, plots)
@@ -93,21 +95,6 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         log.info("wrote %s", result.run_dir)
         print(summary, flush=True)
     return result
-
-
-def write_run_splits(result: TrainResult) -> dict[str, Path]:
-    """With a second SAE at a hook (``sae_b``): ``splits.csv``, ``parents.csv``, ``plots/splits.png``
-    and ``metrics.json["splits"]`` (:mod:`saeot.matching.splits`); nothing otherwise."""
-    pairs = same_hook_pairs(result.results)
-    if not pairs:
-        return {}
-    freq = {h: s.firing_frequency for h, s in result.samples.items()}
-    splits = [build_splits(ab, ba, freq) for ab, ba in pairs]
-    write_splits(splits, result.run_dir)
-    result.metrics["splits"] = {s.narrow: {"wide": s.wide, **s.counts()} for s in splits}
-    for s in splits:
-        log.info("splits %s -> %s: %s", s.narrow, s.wide, s.counts())
-    return {"splits": plot_splits(splits, result.run_dir / "plots" / "splits.png")}
 
 
 def run_summary(result: TrainResult) -> str:
