@@ -5,11 +5,13 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from saeot.evaluation.runner import run_evaluate
 from saeot.hooks import base_hook, hook_layer, hook_site, sae_key
 from saeot.matching.splits import build_splits, plot_splits, same_hook_pairs, write_splits
 from saeot.pipeline import run_train
+from saeot.pipeline.rematch import run_rematch
 from saeot.types import MatchResult
 
 H = "blocks.8.hook_resid_post"
@@ -81,9 +83,11 @@ def test_train_with_sae_b_matches_two_saes_of_one_hook(tmp_path, compose_cfg):
     rows = list(csv.DictReader(open(tmp_path / "same" / "splits.csv")))
     assert all(r["kind"] == "one" and r["mutual"] == "1" for r, a in zip(rows, alive.tolist()) if a)
 
-    wide = run_train(compose_cfg("experiment=smoke", "logger=none", f"paths.cache_dir={cache}", "layers.ids=[1]",
-                                 "sae@sae_b=train_local_tiny", "sae_b.d_sae=256", run_dir=tmp_path / "wide"),
-                     tmp_path / "wide")
+    wide_cfg = compose_cfg("experiment=smoke", "logger=none", f"paths.cache_dir={cache}", "layers.ids=[1]",
+                           "sae@sae_b=train_local_tiny", "sae_b.d_sae=256", run_dir=tmp_path / "wide")
+    (tmp_path / "wide" / ".hydra").mkdir(parents=True)
+    OmegaConf.save(wide_cfg, tmp_path / "wide" / ".hydra" / "config.yaml")  # as train.py's Hydra writes it
+    wide = run_train(wide_cfg, tmp_path / "wide")
     assert wide.saes["blocks.1.hook_resid_post@b"].cfg.d_sae == 256 and wide.saes["blocks.1.hook_resid_post"].cfg.d_sae == 128
     rows = list(csv.DictReader(open(tmp_path / "wide" / "splits.csv")))
     parents = list(csv.DictReader(open(tmp_path / "wide" / "parents.csv")))
@@ -104,3 +108,14 @@ def test_train_with_sae_b_matches_two_saes_of_one_hook(tmp_path, compose_cfg):
     cfg = compose_cfg(f"run_dir={tmp_path / 'wide'}", "logger=none", config_name="evaluate", run_dir=tmp_path / "ev")
     with pytest.raises(ValueError, match=r"two SAEs of one hook \(sae_b\)"):
         run_evaluate(cfg, tmp_path / "ev")
+
+    # rematch.py on that run: another matcher, both directions again, its own splitting
+    cfg = compose_cfg(f"run_dir={tmp_path / 'wide'}", "matcher=activation_correlation", config_name="rematch",
+                      run_dir=tmp_path / "re")
+    metrics = run_rematch(cfg, tmp_path / "re")
+    re_rows = list(csv.DictReader(open(tmp_path / "re" / "splits.csv")))
+    re_matches = list(csv.DictReader(open(tmp_path / "re" / "matches.csv")))
+    assert len(re_rows) == 128 and len(re_matches) == 128 + 256
+    assert sum(int(r["n_children"]) for r in re_rows) == sum(
+        r["matched"] == "1" for r in re_matches[128:])  # the wide -> narrow rows
+    assert metrics["splits"]["blocks.1.hook_resid_post"]["n_wide"] == 256
