@@ -88,3 +88,32 @@ def test_functional_summary_orders_matchers_by_auc_ev(tmp_path):
     i_low = next(i for i, ln in enumerate(lines) if ln.strip().startswith("low"))
     assert i_high < i_low and "0.600" in lines[i_high] and "0.100" in lines[i_low]
     assert "2 run(s), 1 layer pair(s)" in lines[0]
+
+
+def test_metrics_record_seconds_and_peak_rss_per_stage(tmp_path, compose_cfg):
+    import json
+    import subprocess
+    import sys
+
+    from saeot.pipeline.resources import peak_rss_gb
+
+    run_train(compose_cfg("experiment=smoke", "logger=none", f"paths.cache_dir={tmp_path / 'cache'}",
+                          run_dir=tmp_path / "run"), tmp_path / "run")
+    res = json.loads((tmp_path / "run" / "metrics.json").read_text())["resources"]
+    assert [s["stage"] for s in res["stages"]] == ["setup", "profiling", "reference", "matching", "callbacks", "outputs"]
+    peaks = [s["peak_rss_gb"] for s in res["stages"]]
+    assert peaks == sorted(peaks) and 0.05 < peaks[-1] <= res["peak_rss_gb"] <= peak_rss_gb() + 1e-3
+    assert sum(s["seconds"] for s in res["stages"]) <= res["seconds_total"]
+    assert res["stages"][0]["seconds"] > 0.5  # setup trains two tiny SAEs
+    # in a fresh process (this one's high-water mark is set by earlier tests): touching 0.3 GB in a
+    # stage raises that stage's peak by about that much
+    code = ("from saeot.pipeline.resources import StageClock\n"
+            "c = StageClock()\n"
+            "with c.stage('idle'): pass\n"
+            "with c.stage('grow'):\n"
+            "    b = bytearray(300_000_000)\n"
+            "    b[::4096] = b'x' * len(b[::4096])\n"
+            "s = c.summary()['stages']\n"
+            "print(s[1]['peak_rss_gb'] - s[0]['peak_rss_gb'])\n")
+    grew = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.25 < grew < 0.4

@@ -22,6 +22,7 @@ from saeot.pipeline.artifacts import save_artifacts
 from saeot.pipeline.callbacks import RunCallback
 from saeot.pipeline.completion import clear_complete, mark_complete
 from saeot.pipeline.config import build
+from saeot.pipeline.resources import StageClock
 from saeot.pipeline.stages import fit_reference, match, setup, stream, trainer_shard
 from saeot.pipeline.summary import format_run_summary, write_summary
 from saeot.pipeline.state import TrainResult
@@ -53,39 +54,47 @@ def quiet_lightning() -> Iterator[None]:
 def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """The whole ``train.py`` run; returns the :class:`TrainResult` (rank 0 writes the outputs)."""
     t_start = time.perf_counter()
+    clock = StageClock()
     torch.manual_seed(cfg.seed)
     clear_complete(run_dir)  # a rerun in a finished run's directory is unfinished until it ends
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    run = setup(cfg, run_dir, checks=[c.check for c in callbacks if isinstance(c, RunCallback)])
+    with clock.stage("setup"):  # model, data, SAEs (trained here when not cached)
+        run = setup(cfg, run_dir, checks=[c.check for c in callbacks if isinstance(c, RunCallback)])
     logger = build(cfg.logger) if cfg.get("logger") else None
     with quiet_lightning():
         trainer = build(cfg.trainer, logger=logger or False,
                         callbacks=[c for c in callbacks if isinstance(c, L.Callback)] + trainer_progress_callbacks(cfg.trainer))
         log.info("stage: profiling")
-        streams = stream(run, trainer)
+        with clock.stage("profiling"):
+            streams = stream(run, trainer)
         log.info("stage: reference space")
-        reference = fit_reference(cfg, streams, logger)
+        with clock.stage("reference"):
+            reference = fit_reference(cfg, streams, logger)
     log.info("stage: matching")
-    matches = match(run, streams, reference, shard=trainer_shard(trainer))
+    with clock.stage("matching"):
+        matches = match(run, streams, reference, shard=trainer_shard(trainer))
     result = TrainResult(setup=run, streams=streams, reference=reference, matches=matches, logger=logger,
                          metrics={"profiling": streams.metrics, "reference": reference.metrics,
                                   "matching": matches.metrics})
     flows = build_flows(matches.results, alive={h: s.alive for h, s in streams.samples.items()})
     result.metrics["flows"] = flows.summary()
     if trainer.is_global_zero:
-        for cb in callbacks:
-            if isinstance(cb, RunCallback):
-                out = cb.on_matching_end(result)
-                if out is not None:
-                    result.metrics[cb.key] = out
+        with clock.stage("callbacks"):  # e.g. the circuit compression
+            for cb in callbacks:
+                if isinstance(cb, RunCallback):
+                    out = cb.on_matching_end(result)
+                    if out is not None:
+                        result.metrics[cb.key] = out
         result.metrics["seconds_total"] = time.perf_counter() - t_start
         log.info("stage: writing outputs")
-        save_artifacts(result)
-        write_flows(flows, result.run_dir / "flows.csv")
-        plots = plot_run(result, flows)
-        splits = write_run_splits(result.results, result.samples, result.run_dir)
-        if splits is not None:  # two SAEs of one hook (sae_b)
-            result.metrics["splits"], plots["splits"] = splits
+        with clock.stage("outputs"):
+            save_artifacts(result)
+            write_flows(flows, result.run_dir / "flows.csv")
+            plots = plot_run(result, flows)
+            splits = write_run_splits(result.results, result.samples, result.run_dir)
+            if splits is not None:  # two SAEs of one hook (sae_b)
+                result.metrics["splits"], plots["splits"] = splits
+        result.metrics["resources"] = clock.summary()
         for key, value in result.metrics.items():
             update_json(result.run_dir / "metrics.json", key, value)
         log_run(result, plots)
