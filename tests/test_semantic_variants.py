@@ -65,6 +65,30 @@ def test_pruned_nearest_equals_brute_force(settings, solver):
         assert cost.n_solved < 13 * 17  # the bound pruned some pairs
 
 
+@pytest.mark.parametrize("solver", [SinkhornW2(reg=0.05, n_iter=300), SlicedW2(n_projections=16)])
+@pytest.mark.parametrize("centred_weight", [1.0, 0.5])
+def test_pruned_nearest_is_exact_when_the_debiased_cost_is_negative(solver, centred_weight):
+    """Broad clouds with close means: the debiased cost of every row's k nearest is negative. The search
+    (the solver's own, offset by the exact terms) still equals brute force; a placeholder bound of 0
+    (the sliced solver's search before) stopped every row after its first round."""
+    g = torch.Generator().manual_seed(0)
+    xa = 0.3 * torch.randn(12, 1, 4, generator=g, dtype=torch.float64) + torch.randn(12, 10, 4, generator=g,
+                                                                                     dtype=torch.float64)
+    xb = 0.3 * torch.randn(14, 1, 4, generator=g, dtype=torch.float64) + torch.randn(14, 10, 4, generator=g,
+                                                                                     dtype=torch.float64)
+    wa = torch.rand(12, 10, generator=g, dtype=torch.float64) + 0.1
+    wb = torch.rand(14, 10, generator=g, dtype=torch.float64) + 0.1
+    cost = SemanticCost(solver, xa, wa, xb, wb, debias=1.0, centred_weight=centred_weight)
+    ia, ib = torch.meshgrid(torch.arange(12), torch.arange(14), indexing="ij")
+    want_c, want_i = torch.sort(cost.pairs(ia.flatten(), ib.flatten()).view(12, 14), dim=1, stable=True)
+    assert (want_c[:, 1] < 0).all()
+    c, i = cost.nearest(2, chunk=5)
+    assert torch.equal(i, want_i[:, :2]) and torch.equal(c, want_c[:, :2])
+    rows = torch.tensor([9, 2, 11])  # a subset (a DDP shard): the same rows of the result
+    cr, ir = cost.nearest(2, rows=rows, chunk=2)
+    assert torch.equal(ir, i[rows]) and torch.equal(cr, c[rows])
+
+
 def test_each_setting_is_the_cost_it_says():
     xa, wa = _clouds(4, 8, 3, 3)
     xb, wb = _clouds(5, 6, 3, 4)

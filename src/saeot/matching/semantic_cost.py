@@ -1,4 +1,4 @@
-r"""The cost semantic OT ranks candidates by, with its variants, and its exact k-nearest search.
+r"""The cost semantic OT ranks candidates by, with its variants, and what its exact k-nearest search needs.
 
 With each feature's distribution in the reference space (weighted means ``m``, spreads
 ``s``) and :math:`W_2^2 = \|m_i - m_j\|^2 + W_2^2(\bar\mu_i, \bar\nu_j)` (mean gap plus
@@ -36,16 +36,23 @@ stay plain :math:`W_2^2` (the two halves of a feature share no occurrence);
 * ``normalize="mean"``: every feature's cloud is divided by the norm of its mean first
   (invariant to per-feature rescaling of the activations' scale in the reference space).
 
-:func:`SemanticCost.nearest` is exact under the solver. With :class:`~saeot.transport.ExactW2`
-and ``centred_weight = 1`` (the default cost, debiased) ``c`` is :math:`W_2^2` plus exact
-per-pair terms, so the solver's own bound cascade (fidelity, Gelbrich, ...) prunes it,
-shifted by those terms (:class:`~saeot.transport.CostOffset`). Otherwise
-:math:`\|m_i - m_j\|^2 + \omega (s_i - s_j)^2 + \text{(the exact extra terms)}`
-is a lower bound of ``c`` wherever :math:`(s_i - s_j)^2` bounds the solver's centred
-term (mean + spread bound, :func:`saeot.transport.lower_bound_mean_spread`), so
-candidates are visited in increasing bound order and the search of a row stops when the
-next bound exceeds its k-th best cost (brute force for solvers that the bound does not
-bound, e.g. sliced).
+:func:`SemanticCost.nearest` is exact under the solver: ``c`` is affine in the solver's value
+``v`` (:math:`W_2^2`, Sinkhorn's or the sliced value),
+
+.. math::
+    c_{ij} = \omega\, v_{ij} + O_{ij},\qquad
+    O_{ij} = (1 - \omega)\|m_i - m_j\|^2 - \tfrac{\lambda}{2}(S_i + S_j)
+             + \gamma M (1 - \cos(\phi_A d_i, \phi_B d_j)),
+
+with :math:`\omega \ge 0` and every term of ``O`` computed exactly for each pair (no bound in
+it: the mean gap is the features' own, whether or not the solver's value exceeds it, as the
+sliced value may not). So the solver's own pruned search (:meth:`~saeot.transport.W2Solver.nearest`,
+one per solver in :mod:`saeot.transport`) searches ``c`` given ``O`` and :math:`\omega` as a
+:class:`~saeot.transport.CostOffset` (:class:`_Offset`): each bound ``L`` of ``v`` becomes
+:math:`\omega L + O`, a bound of ``c`` (:mod:`saeot.transport._offset`); with the exact solver
+its bound cascade (fidelity, Gelbrich, ...), with Sinkhorn the mean + spread bound, with sliced
+the sliced bound. With ``token_weight`` the exact solver solves the fused cost and bounds its
+label term as well (:mod:`saeot.transport._labels`); ``O`` is unchanged.
 """
 
 from __future__ import annotations
@@ -56,7 +63,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saeot.progress import progress_bar
 from saeot.transport import CostOffset, ExactW2, LabelCost, W2Solver, feature_moments
 
 __all__ = ["NORMALIZE", "SemanticCost", "self_distances", "mapped_directions", "check_token_weight"]
@@ -170,11 +176,8 @@ class SemanticCost:
         if self.token_weight > 0:
             self.labels = LabelCost(self.occurrences_a.cpu(), self.occurrences_b.cpu(),
                                     self.token_weight * self.scale)
-        # the exact solver's cascade bounds W2^2, so it prunes W2^2 + exact terms (centred_weight 1)
-        self.cascades = isinstance(self.solver, ExactW2) and self.centred_weight == 1.0
-        bound = self.solver.nearest_bound("mean_spread")  # "sliced" for the sliced solver: no pruning
-        self.bound_spread = bound == "mean_spread"
-        self.prunes = bound in ("mean_spread", "mean")
+        # the exact solver prunes c with its bound cascade (False: with the mean + spread bound alone)
+        self.cascades = isinstance(self.solver, ExactW2)
 
     # ------------------------------------------------------------------ the cost
     def _w2(self, ia: Tensor, ib: Tensor) -> Tensor:
@@ -195,11 +198,18 @@ class SemanticCost:
         return w2 - self._debias_term(ia, ib)
 
     def _full(self, ia: Tensor, ib: Tensor) -> Tensor:
-        """``[n]`` ``c`` of alive pairs; with ``centred_weight == 1`` as ``W2^2 + offset``, the very sum
-        the cascade search makes."""
+        """``[n]`` ``c`` of alive pairs."""
+        return self._combine(self._w2(ia, ib), ia, ib)
+
+    def _combine(self, w2: Tensor, ia: Tensor, ib: Tensor) -> Tensor:
+        """``[n]`` ``c`` of alive pairs from the solver's values ``w2`` (float64, CPU): with
+        ``centred_weight == 1`` as ``W2^2 + offset``, otherwise as ``_base`` plus the decoder term;
+        the search's solved costs are these very numbers (:meth:`_Offset.total`)."""
         if self.centred_weight != 1.0:
-            return self._base(ia, ib) + self._decoder_term(ia, ib)
-        return self._w2(ia, ib) + self._offset_pairs(ia, ib)
+            gap = (self.ma[ia] - self.mb[ib]).pow(2).sum(1).cpu()
+            w2 = gap + self.centred_weight * (w2 - gap)
+            return (w2 - self._debias_term(ia, ib)) + self._decoder_term(ia, ib)
+        return w2 + self._offset_pairs(ia, ib)
 
     def _debias_term(self, ia: Tensor, ib: Tensor) -> Tensor:
         return 0.5 * self.debias * (self.self_a[ia] + self.self_b[ib])
@@ -234,111 +244,66 @@ class SemanticCost:
         return float(base[torch.isfinite(base)].median().abs())
 
     # ------------------------------------------------------------------ exact nearest
-    def lower_bound(self, rows: Tensor) -> Tensor:
-        """``[len(rows), Fb]`` a lower bound of ``c`` (exact terms plus the mean(+spread) bound)."""
-        gap = torch.cdist(self.ma[rows].cpu(), self.mb.cpu()).pow(2)
-        lb = gap.clone()
-        if self.bound_spread:
-            lb += self.centred_weight * (self.sa[rows].cpu()[:, None] - self.sb.cpu()[None, :]).pow(2)
-        lb -= 0.5 * self.debias * (self.self_a[rows][:, None] + self.self_b[None, :])
-        if self.decoder_weight:
-            lb += self.decoder_weight * self.scale * (1 - self.ua[rows] @ self.ub.T)
-        return lb.masked_fill_(~self.alive_b.cpu()[None, :], math.inf)
-
     def nearest(self, k: int, rows: Tensor | None = None, chunk: int = 512,
                 progress: bool = False) -> tuple[Tensor, Tensor]:
         """``(cost [n, k], index [n, k])``: the k cheapest B features of A's ``rows`` (default all),
-        ascending, exact under the solver (ties by index); ``inf`` / -1 padding, dead rows all padding."""
-        if self.cascades:
-            return self._nearest_cascade(k, rows, chunk, progress)
-        rows = torch.arange(self.xa.shape[0]) if rows is None else rows.long().cpu()
-        n, kk = len(rows), min(k, self.xb.shape[0])
-        cost = torch.full((n, k), math.inf, dtype=torch.float64)
-        index = torch.full((n, k), -1, dtype=torch.long)
-        bar = progress_bar(total=n, desc="semantic OT nearest", enabled=progress)
-        for s in range(0, n, chunk):
-            r = rows[s:s + chunk]
-            c, i = self._nearest_chunk(r, kk)
-            cost[s:s + chunk, :kk], index[s:s + chunk, :kk] = c, i
-            bar.update(len(r))
-        bar.close()
-        return cost, index
-
-    def _nearest_cascade(self, k: int, rows: Tensor | None, chunk: int, progress: bool) -> tuple[Tensor, Tensor]:
-        """The exact solver's bound cascade (:meth:`saeot.transport.ExactW2.nearest`) on ``W2^2 + O``."""
-        xa, wa = (self.xa, self.wa) if rows is None else (self.xa[rows], self.wa[rows])
-        offset = _Offset(self, None if rows is None else rows.long().cpu())
-        labels = self.labels
-        if labels is not None and rows is not None:
-            labels = LabelCost(labels.labels_a[rows.long().cpu()], labels.labels_b, labels.weight)
-        res = self.solver.nearest(xa, wa, self.xb, self.wb, k=k, chunk=chunk, progress=progress, offset=offset,
-                                  labels=labels)
+        ascending, exact under the solver (ties by index); ``inf`` / -1 padding, dead rows all padding.
+        The solver's own pruned search of ``c`` (module docstring)."""
+        labels = {} if self.labels is None else {"labels": self.labels}
+        bound = None if self.cascades or not isinstance(self.solver, ExactW2) else "mean_spread"
+        res = self.solver.nearest(self.xa, self.wa, self.xb, self.wb, k=k, bound=bound, chunk=chunk,
+                                  progress=progress,
+                                  offset=_Offset(self) if self.centred_weight == 1.0 else _WeightedOffset(self),
+                                  rows=None if rows is None else rows.long().cpu(), **labels)
         self.n_solved += int(res.n_solved)
         return res.cost.double().cpu(), res.index.cpu()
 
-    def _nearest_chunk(self, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        lb = self.lower_bound(rows)
-        if not self.prunes:
-            lb = torch.where(torch.isfinite(lb), torch.zeros_like(lb), lb)
-        order = torch.argsort(lb, dim=1, stable=True)
-        lb_sorted = torch.gather(lb, 1, order)
-        m, fb = len(rows), lb.shape[1]
-        best_c = torch.full((m, k), math.inf, dtype=torch.float64)
-        best_i = torch.full((m, k), -1, dtype=torch.long)
-        pos = torch.zeros(m, dtype=torch.long)
-        active = self.alive_a[rows].cpu().clone()
-        step = k
-        while active.any():
-            act = active.nonzero().flatten()
-            take = torch.arange(step)[None, :] + pos[act, None]  # [a, step]
-            valid = take < fb
-            take = take.clamp_max(fb - 1)
-            cand_lb = torch.gather(lb_sorted[act], 1, take)
-            valid &= torch.isfinite(cand_lb)
-            rr = act[:, None].expand_as(take)[valid]
-            jj = torch.gather(order[act], 1, take)[valid]
-            c = torch.full(take.shape, math.inf, dtype=torch.float64)
-            if len(rr):
-                c[valid] = self._full(rows[rr], jj)
-            j_full = torch.where(valid, torch.gather(order[act], 1, take), torch.full_like(take, -1))
-            allc = torch.cat([best_c[act], c], 1)
-            alli = torch.cat([best_i[act], j_full], 1)
-            # ascending cost, ties by index (stable over a key that folds the index in)
-            key = torch.argsort(alli.masked_fill(alli < 0, fb).double(), dim=1, stable=True)
-            allc, alli = torch.gather(allc, 1, key), torch.gather(alli, 1, key)
-            srt = torch.argsort(allc, dim=1, stable=True)[:, :k]
-            best_c[act], best_i[act] = torch.gather(allc, 1, srt), torch.gather(alli, 1, srt)
-            pos[act] += step
-            nxt = torch.gather(lb_sorted[act], 1, pos[act].clamp_max(fb - 1)[:, None])[:, 0]
-            kth = best_c[act, k - 1]
-            slack = 1e-9 * torch.maximum(kth.abs(), torch.ones_like(kth))
-            done = (pos[act] >= fb) | ~torch.isfinite(nxt) | (nxt > kth + slack)
-            active[act[done]] = False
-            step = min(2 * step, 64)
-        best_i[~torch.isfinite(best_c)] = -1
-        return best_c, best_i
-
 
 class _Offset(CostOffset):
-    """The debias and decoder terms of a :class:`SemanticCost` for the cascade search (rows of A
-    optionally a subset ``rows``)."""
+    r"""``c = weight * v + O`` of a :class:`SemanticCost` for the solver's pruned search: ``weight`` is
+    ``centred_weight``, ``O`` the exact terms of the module docstring. ``c`` of a solved pair is
+    :meth:`SemanticCost._combine` of its value (``O`` may differ from it by rounding only).
 
-    def __init__(self, cost: SemanticCost, rows: Tensor | None):
-        self.cost, self.rows = cost, rows
+    Why ``O`` is exact: :math:`c = \|m_i - m_j\|^2 + \omega (v - \|m_i - m_j\|^2) - \tfrac{\lambda}{2}(S_i + S_j)
+    + (\text{decoder term}) = \omega v + O` by expanding, whatever ``v`` is; the mean gap, self-distances
+    and decoder cosines are per-pair numbers, not bounds (with ``centred_weight = 1`` the gap
+    cancels and ``O`` is the debias and decoder terms).
+    """
 
-    def _rows(self, local: Tensor) -> Tensor:
-        return local if self.rows is None else self.rows[local]
+    def __init__(self, cost: SemanticCost):
+        self.cost = cost
+        self.weight = float(cost.centred_weight)
 
-    def dense(self, rows: slice) -> Tensor:
+    @staticmethod
+    def _ids(rows: slice | Tensor) -> Tensor:
+        return torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows.long().cpu()
+
+    def dense(self, rows: slice | Tensor) -> Tensor:
         c = self.cost
-        ia = self._rows(torch.arange(rows.start, rows.stop))
+        ia = self._ids(rows)
         out = -0.5 * c.debias * (c.self_a[ia][:, None] + c.self_b[None, :])
         if c.decoder_weight:
             out = out + c.decoder_weight * c.scale * (1 - c.ua[ia] @ c.ub.T)
+        if c.centred_weight != 1.0:  # the mean gap, from differences (no cancellation)
+            gap = torch.cdist(c.ma[ia].cpu(), c.mb.cpu(), compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+            out = (1.0 - c.centred_weight) * gap + out
         return out
 
     def pairs(self, ia: Tensor, ib: Tensor) -> Tensor:
-        return self.cost._offset_pairs(self._rows(ia.long().cpu()), ib.long().cpu())
+        c = self.cost
+        ia, ib = ia.long().cpu(), ib.long().cpu()
+        if c.centred_weight != 1.0:
+            gap = (c.ma[ia] - c.mb[ib]).pow(2).sum(1).cpu()
+            return (1.0 - c.centred_weight) * gap + c._offset_pairs(ia, ib)
+        return c._offset_pairs(ia, ib)
+
+
+class _WeightedOffset(_Offset):
+    """:class:`_Offset` for ``centred_weight != 1``: solved costs in :meth:`SemanticCost._combine`'s
+    order of operations (with weight 1 the default ``w2 + pairs`` is that order already)."""
+
+    def total(self, w2: Tensor, ia: Tensor, ib: Tensor) -> Tensor:
+        return self.cost._combine(w2.double().cpu(), ia.long().cpu(), ib.long().cpu())
 
 
 def _normalize(x: Tensor, w: Tensor) -> Tensor:

@@ -92,7 +92,7 @@ from saeot.transport._max_sliced import lower_bound_max_sliced
 from saeot.transport._labels import LabelCost
 from saeot.transport._moments import feature_moments
 from saeot.transport._nearest import NearestResult
-from saeot.transport._nearest_exact import CostOffset
+from saeot.transport._offset import CostOffset
 from saeot.transport._sinkhorn import w2_sinkhorn
 from saeot.transport._sliced import sliced_directions, w2_sliced
 from saeot.transport.solvers import ExactW2, SinkhornW2, SlicedW2, W2Solver

@@ -6,6 +6,12 @@ the current k-th best cost, so the result equals brute force under the same solv
 :func:`_search_nearest` is the loop over chunks of rows; :func:`_nearest_batched_chunk`
 visits the candidates of a chunk in batched rounds. The exact solver's search (a
 cascade of bounds, optionally certified) is :mod:`saeot.transport._nearest_exact`.
+
+With an ``offset`` (:class:`~saeot.transport.CostOffset`) the cost searched is
+``weight * v + O[i, j]`` for the solver's value ``v``: the bound ``L`` of ``v``, lowered by the
+solver's rounding slack first, becomes ``weight * L + O`` lowered by the offset's slack
+(:mod:`saeot.transport._offset` proves that it bounds the searched cost), costs are held in
+float64 and each solved pair's cost is ``offset.total``, the caller's own number.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from torch import Tensor
 
 from saeot.transport._bounds import _bound_embeddings, _bound_rows, _centre
 from saeot.transport._cost import _alive
+from saeot.transport._offset import CostOffset, _shift
 from saeot.transport._parallel import _bar
 
 # Pruning keeps a candidate unless bound * (1 - rtol) - atol > k-th best cost, so rounding
@@ -59,45 +66,60 @@ class NearestResult:
 
 
 def _search_nearest(pairs, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int, bound: str, chunk: int,
-                    progress: bool = False, desc: str = "W2 nearest") -> NearestResult:
+                    progress: bool = False, desc: str = "W2 nearest", offset: CostOffset | None = None,
+                    rows: Tensor | None = None) -> NearestResult:
     """The pruned search of :meth:`~saeot.transport.W2Solver.nearest` (inputs already checked).
 
     ``pairs`` is the solver's pair evaluator (``dtype``, ``theta``, ``nearest_chunk``);
     ``bound`` the bound it may use (``none`` disables pruning). Bounds are computed for
-    ``chunk`` rows of A at a time (memory ``chunk * Fb`` float64).
+    ``chunk`` rows of A at a time (memory ``chunk * Fb`` float64). ``offset``: search
+    ``weight * v + O`` (module docstring). ``rows``: only these rows of A (long indices; the
+    result has one row each), searched with everything else computed on all of A.
     """
     Fa, Fb = xa.shape[0], xb.shape[0]
     alive_a, alive_b = _alive(wa), _alive(wb)
-    n_pairs = int(alive_a.sum()) * int(alive_b.sum())
-    dtype = pairs.dtype
+    sel = None if rows is None else rows.long().to(xa.device)
+    n_rows = Fa if sel is None else sel.numel()
+    n_alive_a = int(alive_a.sum() if sel is None else alive_a[sel].sum())
+    n_pairs = n_alive_a * int(alive_b.sum())
+    dtype = pairs.dtype if offset is None else torch.float64
     prune = bound != "none"
     atol = 0.0
     if prune:
         theta = pairs.theta if bound == "sliced" else None
         ua, ub, c = _centre(*_bound_embeddings(bound, xa, wa, xb, wb, theta))
-        atol = _SLACK[dtype] * c * float(torch.cat([(ua * ua).sum(1), (ub * ub).sum(1)]).max())
-    cost = torch.full((Fa, k), math.inf, dtype=dtype)
-    index = torch.full((Fa, k), -1, dtype=torch.long)
+        atol = _SLACK[pairs.dtype] * c * float(torch.cat([(ua * ua).sum(1), (ub * ub).sum(1)]).max())
+    cost = torch.full((n_rows, k), math.inf, dtype=dtype)
+    index = torch.full((n_rows, k), -1, dtype=torch.long)
     n_solved = 0
-    bar = _bar(progress, Fa, desc)
+    bar = _bar(progress, n_rows, desc)
     try:
-        for s in range(0, Fa, chunk):
-            rows = torch.arange(s, min(Fa, s + chunk), device=xa.device)
-            if prune:
-                lb = _bound_rows(ua, ub, c, alive_b, slice(s, s + chunk))
+        for s in range(0, n_rows, chunk):
+            if sel is None:
+                rows_s, block = torch.arange(s, min(Fa, s + chunk), device=xa.device), slice(s, s + chunk)
             else:
-                lb = torch.zeros(len(rows), Fb, dtype=torch.float64, device=xa.device)
+                rows_s = block = sel[s:s + chunk]
+            if prune:
+                lb = _bound_rows(ua, ub, c, alive_b, block)
+            else:
+                lb = torch.zeros(len(rows_s), Fb, dtype=torch.float64, device=xa.device)
                 lb.masked_fill_(~alive_b.unsqueeze(0), math.inf)
-            lb.masked_fill_(~alive_a[rows].unsqueeze(1), math.inf)
-            c_, i_, n_ = pairs.nearest_chunk(lb, rows, k, prune, atol, bar)
-            cost[s:s + len(rows)] = c_
-            index[s:s + len(rows)] = i_
+            lb.masked_fill_(~alive_a[rows_s].unsqueeze(1), math.inf)
+            chunk_atol = atol
+            if offset is not None and prune:  # a safe bound of the searched cost: nothing left to lower
+                rtol = _SLACK[pairs.dtype]
+                O = offset.dense(rows_s.cpu()).to(lb)
+                lb = _shift(lb * (1.0 - rtol) - atol, O, float(offset.weight))
+                chunk_atol = None
+            c_, i_, n_ = pairs.nearest_chunk(lb, rows_s, k, prune, chunk_atol, bar, offset=offset)
+            cost[s:s + len(rows_s)] = c_
+            index[s:s + len(rows_s)] = i_
             n_solved += n_
     finally:
         if bar is not None:
             bar.close()
     return NearestResult(cost.to(xa.device), index.to(xa.device), int(n_solved), n_pairs, bound,
-                         n_rows=int(alive_a.sum()))
+                         n_rows=n_alive_a)
 
 
 def _sorted_bounds(lb: Tensor, m: int) -> tuple[Tensor, Tensor]:
@@ -121,25 +143,30 @@ def _merge_topk(bc: Tensor, bi: Tensor, nc: Tensor, ni: Tensor, k: int) -> tuple
     return c, torch.where(torch.isfinite(c), i, torch.full_like(i, -1))
 
 
-def _nearest_batched_chunk(pairs, lb: Tensor, rows: Tensor, k: int, prune: bool,
-                           atol: float, bar, max_step: int = 64) -> tuple[Tensor, Tensor, int]:
+def _nearest_batched_chunk(pairs, lb: Tensor, rows: Tensor, k: int, prune: bool, atol: float | None, bar,
+                           max_step: int = 64, offset: CostOffset | None = None) -> tuple[Tensor, Tensor, int]:
     """Top-k of ``rows`` with a batched solver: rounds of k, 2k, ... (<= max_step) candidates per row.
 
     ``pairs`` is the batched pair evaluator (``dtype``, ``costs(ia, ib)``); all active
-    rows of the chunk are solved together.
+    rows of the chunk are solved together. ``atol`` None: ``lb`` is already safe (lowered by
+    every slack), a candidate is pruned when its bound exceeds the k-th best cost. ``offset``:
+    solved costs are ``offset.total`` of the solver's values, in float64.
 
     ``lb [n, Fb]`` is overwritten (visited entries become -inf).
     """
     n_rows, Fb = lb.shape
     dev = lb.device
+    dtype = pairs.dtype if offset is None else torch.float64
     lb_v, lb_i = _sorted_bounds(lb, min(Fb, max(8 * k, 64)))
-    best_c = torch.full((n_rows, k), math.inf, dtype=pairs.dtype, device=dev)
+    best_c = torch.full((n_rows, k), math.inf, dtype=dtype, device=dev)
     best_i = torch.full((n_rows, k), -1, dtype=torch.long, device=dev)
     rtol = _SLACK[pairs.dtype]
 
     def pruned(v: Tensor) -> Tensor:  # bound exceeds the current k-th best: cannot enter the top k
         if not prune:
             return torch.zeros_like(v, dtype=torch.bool)
+        if atol is None:
+            return v > best_c[:, -1:].to(torch.float64)
         return (v * (1.0 - rtol) - atol) > best_c[:, -1:].to(torch.float64)
 
     active = torch.isfinite(lb_v[:, 0]) if Fb else torch.zeros(n_rows, dtype=torch.bool, device=dev)
@@ -153,9 +180,13 @@ def _nearest_batched_chunk(pairs, lb: Tensor, rows: Tensor, k: int, prune: bool,
         wv, wi = lb_v[:, pos:hi], lb_i[:, pos:hi]
         want = active.unsqueeze(1) & torch.isfinite(wv) & ~pruned(wv)
         rr, cc = want.nonzero(as_tuple=True)
-        new_c = torch.full(wv.shape, math.inf, dtype=pairs.dtype, device=dev)
+        new_c = torch.full(wv.shape, math.inf, dtype=dtype, device=dev)
         if rr.numel():
-            new_c[rr, cc] = pairs.costs(rows[rr], wi[rr, cc]).to(device=dev, dtype=pairs.dtype)
+            ia, ib = rows[rr], wi[rr, cc]
+            v = pairs.costs(ia, ib)
+            if offset is not None:
+                v = offset.total(v, ia, ib)
+            new_c[rr, cc] = v.to(device=dev, dtype=dtype)
             n_solved += int(rr.numel())
         best_c, best_i = _merge_topk(best_c, best_i, new_c, torch.where(want, wi, torch.full_like(wi, -1)), k)
         # visited columns sort first from now on, so a longer list re-sorted later keeps them in [0, pos)

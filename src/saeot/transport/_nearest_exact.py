@@ -18,11 +18,13 @@ With ``labels`` (:class:`~saeot.transport.LabelCost`) the pairs are solved under
 cost and :math:`\lambda (1 - o_{ij})`, a lower bound of its label term, is added to every bound
 like an offset (:mod:`saeot.transport._labels` proves it); solved costs are the fused ones.
 
-With an ``offset`` (:class:`CostOffset`) the cost searched is ``W2^2 + O[i, j]`` for exact
-extra terms ``O`` (e.g. semantic OT's debiasing and decoder terms): every bound above is
-shifted by the same ``O`` (lowered by a rounding slack), thresholds go back to ``W2^2``
-units for the pair stages, and each solved pair's cost is ``w2 + offset.pairs(i, j)``, the
-very number the caller's own pair evaluation gives.
+With an ``offset`` (:class:`~saeot.transport.CostOffset`) the cost searched is
+``weight * W2^2 + O[i, j]`` for exact extra terms ``O`` and a weight >= 0 (e.g. semantic OT's
+debiasing, decoder and mean-gap terms): every bound above is scaled and shifted the same way
+(lowered by a rounding slack; why that bounds the searched cost: :mod:`saeot.transport._offset`),
+thresholds go back to ``W2^2`` units for the pair stages, and each solved pair's cost is
+``w2 + offset.pairs(i, j)`` (``offset.total`` where the offset computes it otherwise), the very
+number the caller's own pair evaluation gives.
 
 A pair is left unsolved only when its safe bound exceeds a number that is at least the
 row's k-th smallest computed cost, so its own computed cost is strictly larger: the
@@ -44,43 +46,17 @@ from saeot.transport._certify import _sinkhorn_bounds
 from saeot.transport._cost import _alive
 from saeot.transport._labels import LabelCost, _LabelBound
 from saeot.transport._nearest import NearestResult
+from saeot.transport._offset import _OFFSET_REL, CostOffset, _RowsOffset, _shift, _w2_limit
 from saeot.transport._parallel import _bar, _parallel_map, _split
 
-#: relative slack by which an offset bound is lowered (covers the rounding of ``L + O`` and the
-#: difference between ``offset.dense`` and ``offset.pairs``)
-_OFFSET_REL = 1e-12
-
-
-class CostOffset:
-    """Exact extra terms of a cost ``W2^2 + O[i, j]`` searched by :meth:`~saeot.transport.ExactW2.nearest`.
-
-    Subclasses give ``O`` for a block of rows against every column (``dense``, for bounds:
-    it may differ from ``pairs`` by rounding only) and for given pairs (``pairs``: the
-    values added to solved costs, so they must be the caller's own). Indices are rows of
-    the ``xa`` and ``xb`` passed to the search.
-    """
-
-    def dense(self, rows: slice) -> Tensor:  # pragma: no cover - interface
-        """``[n, Fb]`` float64 offsets of rows ``rows`` against every column."""
-        raise NotImplementedError
-
-    def pairs(self, ia: Tensor, ib: Tensor) -> Tensor:  # pragma: no cover - interface
-        """``[P]`` float64 offsets of the pairs ``(ia, ib)``."""
-        raise NotImplementedError
-
-
-def _shift(L: Tensor, O: Tensor) -> Tensor:
-    """``L + O`` lowered by a rounding slack; ``inf`` stays ``inf`` (dead pairs)."""
-    return torch.where(torch.isfinite(L), L + O - _OFFSET_REL * (O.abs() + L.abs()), L)
-
-
-def _visit(ex, jobs: list, k: int, n_jobs: int, bar=None) -> list[tuple[list, int]]:
+def _visit(ex, jobs: list, k: int, n_jobs: int, bar=None, combine=None) -> list[tuple[list, int]]:
     """Exact solves along each row's candidate list; returns ``(best, n_solved)`` per job.
 
     A job is ``(i, bounds, cols, limit, best, offs)``: candidates ``cols`` of row ``i`` sorted by
     their safe ``bounds`` (ascending), a threshold ``limit`` (>= the row's k-th smallest
     cost), the ``(cost, j)`` pairs already solved and the candidates' cost offsets (None: 0). A candidate is solved unless its
     bound exceeds ``min(limit, k-th best cost so far)``; then all later ones are skipped too.
+    A solved pair's cost is ``w2 + o``, or ``combine(w2, i, j, o)`` when given (:func:`_combiner`).
     """
 
     def one(job) -> tuple[list, int]:
@@ -93,7 +69,8 @@ def _visit(ex, jobs: list, k: int, n_jobs: int, bar=None) -> list[tuple[list, in
             thr = min(limit, best[k - 1][0]) if len(best) >= k else limit
             if b > thr:
                 break
-            best.append((ex.cost_trimmed(pa, ex.side_b(j)) + o, j))
+            w2 = ex.cost_trimmed(pa, ex.side_b(j))
+            best.append((w2 + o if combine is None else combine(w2, i, j, o), j))
             best.sort()  # (cost, j): ties by the smaller index, like a stable sort of the row
             del best[k:]
             n += 1
@@ -101,6 +78,23 @@ def _visit(ex, jobs: list, k: int, n_jobs: int, bar=None) -> list[tuple[list, in
 
     res = _parallel_map(lambda blk: [one(jobs[q]) for q in blk], _split(len(jobs), 8), n_jobs, bar)
     return [r for blk in res for r in blk]
+
+
+def _combiner(offset: CostOffset | None):
+    """How :func:`_visit` turns a solved ``w2`` into the searched cost: None (``w2 + o``) for no offset
+    or an additive one; ``weight * w2 + o`` for another weight; the offset's own ``total`` where it
+    overrides it (one pair at a time)."""
+    if offset is None:
+        return None
+    base = offset.offset if isinstance(offset, _RowsOffset) else offset
+    if type(base).total is CostOffset.total:
+        w = float(offset.weight)
+        return None if w == 1.0 else (lambda w2, i, j, o: w * w2 + o)
+
+    def total(w2: float, i: int, j: int, o: float) -> float:
+        return float(offset.total(torch.tensor([w2], dtype=torch.float64), torch.tensor([i]), torch.tensor([j]))[0])
+
+    return total
 
 
 def _kth(best: list, k: int) -> float:
@@ -115,13 +109,15 @@ def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb:
     ``ex`` is the exact pair evaluator (``side_a``, ``side_b``, ``cost_trimmed``, ``n_jobs``),
     ``cascade`` the bounds. ``certify`` (None: off) holds ``candidates``, ``reg``, ``n_iter``
     of the Sinkhorn certification. ``chunk`` rows of A are bounded at once (two
-    ``[chunk, Fb]`` float64 matrices). ``offset``: search ``W2^2 + O`` (:class:`CostOffset`).
+    ``[chunk, Fb]`` float64 matrices). ``offset``: search ``weight * W2^2 + O`` (:class:`CostOffset`).
     ``labels``: ``ex`` solves the fused cost (:mod:`saeot.transport._labels`); its label term's
     bound :math:`\\lambda (1 - o)` joins the offset in every bound, not in the solved costs.
     """
     if labels is not None and certify is not None:
         raise ValueError("transport certify bounds W2^2 only: it does not take a label cost (set certify=false)")
     lbound = None if labels is None else _LabelBound(labels, wa, wb)
+    weight = 1.0 if offset is None else float(offset.weight)
+    combine = _combiner(offset)
     Fa = xa.shape[0]
     alive_a, alive_b = _alive(wa), _alive(wb)
     n_alive_b = int(alive_b.sum())
@@ -144,24 +140,25 @@ def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb:
             O = None if offset is None else offset.dense(rows).to(L)
             if lbound is not None:  # a bound of the label term: in the bounds only, ex solves the fused cost
                 E = lbound.dense(rows).to(L)
+                E = E if weight == 1.0 else weight * E  # the label term is part of the weighted W2^2
                 O = E if O is None else O + E
-            Lc = L if O is None else _shift(L, O)  # bounds of the searched cost
+            Lc = L if O is None else _shift(L, O, weight)  # bounds of the searched cost
             ids = live.nonzero().flatten().tolist()
             best = {i: [] for i in ids}
             if certify is None:
-                thr, n0 = _seed(ex, Lc, ids, s, k, kk, best, offset)
+                thr, n0 = _seed(ex, Lc, ids, s, k, kk, best, offset, combine)
             else:  # tightens L (W2^2 units) with Sinkhorn duals: the shifted bounds follow
-                thr, n0 = _certify(cascade, L, Lc, tol, ids, s, kk, certify, xa, wa, xb, wb, O)
+                thr, n0 = _certify(cascade, L, Lc, tol, ids, s, kk, certify, xa, wa, xb, wb, O, weight=weight)
                 if O is not None:
-                    Lc = _shift(L, O)
+                    Lc = _shift(L, O, weight)
             n_solved += n0
             ia, ib = ((Lc <= thr.unsqueeze(1)) & torch.isfinite(Lc)).nonzero(as_tuple=True)
             if O is None:
                 Lr = cascade.refine(A, ia, ib, L[ia, ib], tol[ia, ib], thr[ia])
             else:  # the pair stages bound W2^2: thresholds back in its units (a little loose: safe)
                 o = O[ia, ib]
-                lim = thr[ia] - o + _OFFSET_REL * (o.abs() + thr[ia].abs())
-                Lr = _shift(cascade.refine(A, ia, ib, L[ia, ib], tol[ia, ib], lim), o)
+                lim = _w2_limit(thr[ia], o, weight)
+                Lr = _shift(cascade.refine(A, ia, ib, L[ia, ib], tol[ia, ib], lim), o, weight)
             keep = Lr <= thr[ia]
             ia, ib, Lr = ia[keep], ib[keep], Lr[keep]
             counts = torch.bincount(ia, minlength=n).cpu()
@@ -179,7 +176,7 @@ def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb:
                      None if offs is None else offs[starts[i]:starts[i + 1]]) for i in ids]
             if bar is not None:
                 bar.update(n - len(ids))
-            for i, (b, m) in zip(ids, _visit(ex, jobs, k, ex.n_jobs, bar)):
+            for i, (b, m) in zip(ids, _visit(ex, jobs, k, ex.n_jobs, bar, combine)):
                 n_solved += m
                 for q, (c, j) in enumerate(b):
                     cost[s + i, q], index[s + i, q] = c, j
@@ -191,11 +188,11 @@ def _search_exact(ex, cascade: _Cascade, xa: Tensor, wa: Tensor, xb: Tensor, wb:
 
 
 def _seed(ex, L: Tensor, ids: list, s: int, k: int, kk: int, best: dict,
-          offset: CostOffset | None = None) -> tuple[Tensor, int]:
+          offset: CostOffset | None = None, combine=None) -> tuple[Tensor, int]:
     """Solve the ``kk`` smallest-bound candidates of each live row exactly (into ``best``);
     the threshold is the k-th of those costs (inf with fewer than k). Seeded pairs get
     ``L = inf`` so that they are not visited again. With an ``offset`` ``L`` bounds the
-    shifted cost and the solved costs are ``W2^2 + offset.pairs``."""
+    shifted cost and the solved costs are ``W2^2 + offset.pairs`` (``combine``: :func:`_visit`)."""
     v, first = torch.topk(L, kk, dim=1, largest=False, sorted=True)
     v_np, f_np = v.cpu().numpy(), first.cpu().numpy()
     offs = None
@@ -206,7 +203,7 @@ def _seed(ex, L: Tensor, ids: list, s: int, k: int, kk: int, best: dict,
              None if offs is None else offs[i][np.isfinite(v_np[i])]) for i in ids]
     thr = torch.full((L.shape[0],), -math.inf, dtype=torch.float64)
     n = 0
-    for i, (b, m) in zip(ids, _visit(ex, jobs, k, ex.n_jobs)):
+    for i, (b, m) in zip(ids, _visit(ex, jobs, k, ex.n_jobs, combine=combine)):
         best[i] = b
         thr[i] = _kth(b, k)
         n += m
@@ -216,10 +213,11 @@ def _seed(ex, L: Tensor, ids: list, s: int, k: int, kk: int, best: dict,
 
 def _certify(cascade: _Cascade, L: Tensor, Lc: Tensor, tol: Tensor, ids: list, s: int, kk: int, opts: dict,
              xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, O: Tensor | None = None,
-             batch: int = 8192) -> tuple[Tensor, int]:
+             batch: int = 8192, weight: float = 1.0) -> tuple[Tensor, int]:
     """Sinkhorn bounds on the ``candidates`` smallest-bound pairs of each live row (by ``Lc``, the
-    bounds of the searched cost): the threshold is the kk-th smallest upper bound (+ tolerance; + the
-    offsets ``O`` when given); their bounds become ``max(L, dual - tolerance)`` (``L`` in ``W2^2`` units)."""
+    bounds of the searched cost): the threshold is the kk-th smallest upper bound (+ tolerance; times
+    ``weight`` plus the offsets ``O`` when given); their bounds become ``max(L, dual - tolerance)``
+    (``L`` in ``W2^2`` units)."""
     m = min(L.shape[1], max(int(opts["candidates"]), kk))
     v, cand = torch.topk(Lc, m, dim=1, largest=False, sorted=True)
     live = torch.zeros(L.shape[0], dtype=torch.bool, device=L.device)
@@ -233,7 +231,12 @@ def _certify(cascade: _Cascade, L: Tensor, Lc: Tensor, tol: Tensor, ids: list, s
         r, c, j = ri[q:q + batch], ci[q:q + batch], jb[q:q + batch]
         U, D = _sinkhorn_bounds(xa[s + r], wa[s + r], xb[j], wb[j], opts["reg"], opts["n_iter"], dtype=dtype)
         t = tol[r, j]
-        up[r, c] = U + t if O is None else U + t + O[r, j] + _OFFSET_REL * (O[r, j].abs() + U.abs())
+        if O is None:
+            up[r, c] = U + t
+        elif weight == 1.0:
+            up[r, c] = U + t + O[r, j] + _OFFSET_REL * (O[r, j].abs() + U.abs())
+        else:
+            up[r, c] = weight * (U + t) + O[r, j] + _OFFSET_REL * (O[r, j].abs() + max(weight, 1.0) * U.abs())
         L[r, j] = torch.maximum(L[r, j], (D - t).clamp_min(0.0))
     thr = up.sort(dim=1).values[:, kk - 1]
     return thr.masked_fill(~live, -math.inf), 0

@@ -79,10 +79,10 @@ class _BatchedPairs(ABC):
                 bar.update(len(rows) * Fb)
         return out
 
-    def nearest_chunk(self, lb: Tensor, rows: Tensor, k: int, prune: bool, atol: float,
-                      bar) -> tuple[Tensor, Tensor, int]:
+    def nearest_chunk(self, lb: Tensor, rows: Tensor, k: int, prune: bool, atol: float | None,
+                      bar, offset=None) -> tuple[Tensor, Tensor, int]:
         """Top-k of ``rows`` in batched rounds (see :func:`_nearest_batched_chunk`)."""
-        return _nearest_batched_chunk(self, lb, rows, k, prune, atol, bar)
+        return _nearest_batched_chunk(self, lb, rows, k, prune, atol, bar, offset=offset)
 
 
 class _SinkhornPairs(_BatchedPairs):

@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from saeot.transport._cascade import BOUNDS, CASCADES, _Cascade
@@ -32,7 +33,8 @@ from saeot.transport._checks import _check_nearest, _check_pair_index, _check_tw
 from saeot.transport._exact import _ExactPairs
 from saeot.transport._labels import LabelCost
 from saeot.transport._nearest import NearestResult, _search_nearest
-from saeot.transport._nearest_exact import CostOffset, _search_exact
+from saeot.transport._nearest_exact import _search_exact
+from saeot.transport._offset import CostOffset, _RowsOffset
 from saeot.transport._pairs import _SinkhornPairs, _SlicedPairs
 from saeot.transport._parallel import _bar, _n_jobs
 from saeot.transport._sinkhorn import _check_sinkhorn_options
@@ -111,7 +113,8 @@ class W2Solver(ABC):
         return self.prepare(xa, wa, xb, wb).costs(ia, ib)
 
     def nearest(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int = 2, bound: str | None = None,
-                chunk: int = 1024, progress: bool = False) -> NearestResult:
+                chunk: int = 1024, progress: bool = False, offset: CostOffset | None = None,
+                rows: Tensor | None = None) -> NearestResult:
         r"""Exact k nearest neighbours in B of every feature of A under this solver, with pruning.
 
         Algorithm: compute a lower bound ``L[i, j]`` for all pairs (chunks of ``chunk``
@@ -157,6 +160,12 @@ class W2Solver(ABC):
                 ``sliced`` is chosen automatically for the sliced solver.
             chunk: rows of A whose bounds are held at once (memory ``chunk * Fb`` float64).
             progress: tqdm bar over the rows of A.
+            offset: a :class:`~saeot.transport.CostOffset`: search ``weight * v + O[i, j]`` for the
+                solver's value ``v`` instead (exact extra terms, e.g. semantic OT's debiasing); every
+                bound above is scaled and shifted alike (:mod:`saeot.transport._offset`), ``cost``
+                then holds those values in float64 (``offset.total``).
+            rows: only these rows of A (long indices, e.g. a DDP shard); the result has one row
+                each, equal to those rows of the search over all of A.
 
         Returns:
             :class:`NearestResult`. Dead rows of A get ``inf`` / -1; dead features of B are
@@ -164,9 +173,21 @@ class W2Solver(ABC):
         """
         _check_two(xa, wa, xb, wb, ("xa", "wa", "xb", "wb"), paired=False)
         _check_nearest(k, chunk)
+        rows = _check_rows(rows, xa.shape[0])
         used = self.nearest_bound(bound)
-        pairs = self.prepare(xa, wa, xb, wb)
-        return _search_nearest(pairs, xa, wa, xb, wb, k, used, chunk, progress, f"W2 {self.name} nearest")
+        pairs = self.prepare(xa, wa, xb, wb)  # on all of A, whatever rows: each pair's value is the same
+        return _search_nearest(pairs, xa, wa, xb, wb, k, used, chunk, progress, f"W2 {self.name} nearest",
+                               offset=offset, rows=rows)
+
+
+def _check_rows(rows: Tensor | None, n: int) -> Tensor | None:
+    """``rows`` as CPU long indices into the ``n`` rows of A (None: all rows)."""
+    if rows is None:
+        return None
+    rows = torch.as_tensor(rows).long().cpu().flatten()
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise ValueError(f"transport nearest rows must be indices into the {n} rows of xa")
+    return rows
 
 
 @dataclass(frozen=True)
@@ -236,7 +257,7 @@ class ExactW2(W2Solver):
 
     def nearest(self, xa: Tensor, wa: Tensor, xb: Tensor, wb: Tensor, k: int = 2, bound: str | None = None,
                 chunk: int = 1024, progress: bool = False, offset: CostOffset | None = None,
-                labels: LabelCost | None = None) -> NearestResult:
+                labels: LabelCost | None = None, rows: Tensor | None = None) -> NearestResult:
         r"""Exact k nearest neighbours in B of every feature of A, pruned by a cascade of lower bounds.
 
         The cascade ``bound`` (default: the solver's ``bound``) runs its dense stages for
@@ -255,11 +276,12 @@ class ExactW2(W2Solver):
             bound: a key of :data:`~saeot.transport._cascade.CASCADES`, or None for ``self.bound``.
             chunk: rows of A bounded at once (memory about ``3 * chunk * Fb`` float64).
             progress: tqdm bar over the rows of A.
-            offset: a :class:`~saeot.transport.CostOffset`: search ``W2^2 + O[i, j]`` instead
+            offset: a :class:`~saeot.transport.CostOffset`: search ``weight * W2^2 + O[i, j]`` instead
                 (exact extra terms, e.g. semantic OT's debiasing); ``cost`` then holds those values.
             labels: a :class:`~saeot.transport.LabelCost`: search the fused cost (plus ``offset``),
                 still exact (its label term is bounded by :math:`\lambda (1 - o)`, :mod:`~saeot.transport._labels`);
                 not with ``certify``.
+            rows: only these rows of A (long indices, e.g. a DDP shard); the result has one row each.
 
         Returns:
             :class:`NearestResult` (``certified_fraction`` with ``certify``). Dead rows of A
@@ -267,6 +289,11 @@ class ExactW2(W2Solver):
         """
         _check_two(xa, wa, xb, wb, ("xa", "wa", "xb", "wb"), paired=False)
         _check_nearest(k, chunk)
+        rows = _check_rows(rows, xa.shape[0])
+        if rows is not None:  # exact values do not depend on the other rows: search the subset itself
+            xa, wa = xa[rows], wa[rows]
+            offset = None if offset is None else _RowsOffset(offset, rows)
+            labels = None if labels is None else LabelCost(labels.labels_a[rows], labels.labels_b, labels.weight)
         used = self.nearest_bound(bound)
         cascade = _Cascade(xa, wa, xb, wb, used, self.n_directions, n_jobs=_n_jobs(self.n_jobs))
         certify = {"candidates": self.certify_candidates, "reg": self.certify_reg,
