@@ -2,7 +2,7 @@
 
 Each (scenario entry, seed) world and its SAEs are built once (``synthetic.sae``, trained by
 default); every variant then profiles, projects and matches exactly as
-``python evaluate.py experiment=synthetic_benchmark`` does (saeot.evaluation.benchmark), and the
+``python evaluate.py experiment=synthetic_benchmark`` does (saeot.synthetic.benchmark), and the
 baselines run once per world for reference. Settings were chosen on the ``--tune`` seeds and are
 checked on the ``--check`` seeds (never used to choose anything); both are reported, as mean and
 95% Student-t half-width over seeds of the top-1 accuracy (all features with a partner) and of
@@ -26,9 +26,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from saeot.cli import CONF_DIR
-from saeot.evaluation.benchmark import build_saes, build_world, profile_world, score_matchers, world_context
-from saeot.evaluation.synthetic import affected_accuracy, mean_ci95
 from saeot.io import atomic_write_text
+from saeot.synthetic import affected_accuracy, mean_ci95
+from saeot.synthetic.benchmark import build_saes, build_world, profile_world, score_matchers, world_context
 
 #: the default the evidence chose (SemanticOTConfig / conf/matcher/semantic_ot.yaml)
 DEFAULT = {"debias": 1.0}

@@ -20,8 +20,8 @@ import time
 from hydra import compose, initialize_config_dir
 
 from saeot.cli import CONF_DIR
-from saeot.evaluation.benchmark import build_saes, build_world, evaluate_world
-from saeot.evaluation.synthetic import affected_accuracy
+from saeot.synthetic import affected_accuracy
+from saeot.synthetic.benchmark import build_saes, build_world, evaluate_world
 
 VARIANTS = {
     "default": [],

@@ -9,8 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from saeot.evaluation import benchmark
-from saeot.evaluation.synthetic import (
+from saeot.hooks import hook_name
+from saeot.matching.sae_match import SAEMatch
+from saeot.matching.semantic_ot import SemanticOT
+from saeot.saes import training
+from saeot.synthetic import (
     KINDS,
     activation_agreement,
     latents_to_true_by_decoder,
@@ -28,10 +31,7 @@ from saeot.evaluation.synthetic import (
     parse_scenario,
     trained_saes,
 )
-from saeot.hooks import hook_name
-from saeot.matching.sae_match import SAEMatch
-from saeot.matching.semantic_ot import SemanticOT
-from saeot.saes import training
+from saeot.synthetic import benchmark
 
 SMALL = dict(n_features=128, d_model=32, n_tokens=8192, chunk_size=2048)
 
@@ -361,7 +361,7 @@ def test_trained_saes_train_through_the_one_training_path(monkeypatch):
         calls.append((acts.shape, cfg, kw))
         return real(acts, cfg, **kw)
 
-    monkeypatch.setattr("saeot.evaluation.synthetic.trained.train_sae", spy)
+    monkeypatch.setattr("saeot.synthetic.trained.train_sae", spy)
     world = make_world(SyntheticConfig(n_features=16, d_model=8, n_tokens=1024, chunk_size=512))
     saes = trained_saes(world, steps=5, batch_size=64)
     assert len(calls) == world.n_layers

@@ -9,7 +9,7 @@ evaluation      selected by                   what it does
 ``run_dirs``    ``'run_dirs=[a,b]'``          the same for several runs (e.g. a matcher
                                               sweep; glob patterns allowed), one table
 ``synthetic``   ``experiment=synthetic_       every matcher on every planted scenario
-                benchmark`` (``synthetic:``)  (:mod:`saeot.evaluation.benchmark`)
+                benchmark`` (``synthetic:``)  (:mod:`saeot.synthetic.benchmark`)
 ``circuit``     ``evaluation=circuit          a task's circuit on a finished run's SAEs,
                 run_dir=DIR circuit=ioi       compressed into supernodes, with the curves
                 callbacks=circuit``           (:mod:`saeot.evaluation.circuit_run`)
@@ -34,7 +34,6 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from saeot.evaluation.benchmark import run_benchmark
 from saeot.evaluation.circuit_run import evaluate_circuit
 from saeot.evaluation.dashboard import log_evaluation
 from saeot.evaluation.functional import evaluate_runs
@@ -43,6 +42,7 @@ from saeot.evaluation.summary import format_functional_summary, write_summary
 from saeot.hooks import SAE_TAG
 from saeot.io import read_json
 from saeot.pipeline.config import build
+from saeot.synthetic.benchmark import run_benchmark
 
 __all__ = ["Evaluation", "EVALUATIONS", "select_evaluation", "run_evaluate"]
 

@@ -1,7 +1,7 @@
 """The one SAE training path: sae_lens training SAEs fitted by Adam on a pool of hidden states.
 
 Both :class:`~saeot.saes.LocalTrainedSAEs` (hidden states of a language model) and
-the synthetic benchmark (:func:`saeot.evaluation.synthetic.trained_saes`) train here.
+the synthetic benchmark (:func:`saeot.synthetic.trained_saes`) train here.
 
 Given a pool ``X [N, d]`` of hidden states, :func:`train_sae`
 

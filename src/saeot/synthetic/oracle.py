@@ -18,10 +18,10 @@ from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from torch import Tensor
 
-from saeot.evaluation.synthetic._geometry import normalise
-from saeot.evaluation.synthetic._random import generator, torch_threads
-from saeot.evaluation.synthetic.latents import SyntheticSAEs, express_in_latents, sae_metadata
-from saeot.evaluation.synthetic.world import SyntheticWorld
+from saeot.synthetic._geometry import normalise
+from saeot.synthetic._random import generator, torch_threads
+from saeot.synthetic.latents import SyntheticSAEs, express_in_latents, sae_metadata
+from saeot.synthetic.world import SyntheticWorld
 
 __all__ = ["ORACLE_ARCHITECTURES", "default_k", "oracle_encoder", "oracle_saes"]
 

@@ -1,4 +1,4 @@
-"""Tables and plots of the synthetic benchmark (:mod:`saeot.evaluation.benchmark`)."""
+"""Tables and plots of the synthetic benchmark (:mod:`saeot.synthetic.benchmark`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 import torch
 
-from saeot.evaluation.synthetic import affected_accuracy
 from saeot.plots import save_figure  # also selects matplotlib's Agg backend
+from saeot.synthetic import affected_accuracy
 
 __all__ = ["markdown_table", "plot_benchmark", "plot_sweep"]
 

@@ -25,8 +25,8 @@ import torch
 from scipy.stats import t as student_t
 from torch import Tensor
 
-from saeot.evaluation.synthetic._random import torch_threads
-from saeot.evaluation.synthetic.world import SyntheticWorld
+from saeot.synthetic._random import torch_threads
+from saeot.synthetic.world import SyntheticWorld
 
 __all__ = ["explained_variance", "match_scores", "AFFECTED", "affected_kinds", "affected_accuracy", "mean_ci95",
            "aggregate_seeds"]

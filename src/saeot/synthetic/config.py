@@ -31,7 +31,7 @@ KINDS: tuple[str, ...] = ("dies", "splits", "merges", "near_duplicate", "shared_
 
 @dataclass
 class SyntheticConfig:
-    """Knobs of the planted model (see :mod:`saeot.evaluation.synthetic` for the semantics).
+    """Knobs of the planted model (see :mod:`saeot.synthetic` for the semantics).
 
     Attributes:
         n_features: true features (= concepts) at layer 0.

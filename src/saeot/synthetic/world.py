@@ -1,6 +1,6 @@
 """The planted world: true features per layer, the transitions between layers, the truth, the streams.
 
-:class:`SyntheticWorld` is what :func:`~saeot.evaluation.synthetic.make_world` builds:
+:class:`SyntheticWorld` is what :func:`~saeot.synthetic.make_world` builds:
 the true directions ``D^l [n_l, d]`` and magnitudes ``s^l [n_l]`` of every layer, the
 truth between layers (:meth:`SyntheticWorld.truth_between` chains the transitions),
 and streams of hidden states ``h^l_t = sum_f c^l_{t,f} D^l_f + b^l + eps`` with true
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saeot.evaluation.synthetic._random import generator, torch_threads
-from saeot.evaluation.synthetic._tokens import ConceptModel, rebatch
-from saeot.evaluation.synthetic.config import KINDS, SPLITS, SyntheticConfig
+from saeot.synthetic._random import generator, torch_threads
+from saeot.synthetic._tokens import ConceptModel, rebatch
+from saeot.synthetic.config import KINDS, SPLITS, SyntheticConfig
 
 __all__ = ["SyntheticWorld", "LayerFeatures", "Transition"]
 
@@ -57,7 +57,7 @@ class Transition:
 # ---------------------------------------------------------------------------- world
 @dataclass(eq=False)
 class SyntheticWorld:
-    """A planted multi-layer model with its ground truth (built by :func:`~saeot.evaluation.synthetic.make_world`).
+    """A planted multi-layer model with its ground truth (built by :func:`~saeot.synthetic.make_world`).
 
     Attributes (``n_l`` = true features at layer l, in *true feature* indices):
         config: the :class:`SyntheticConfig`.

@@ -21,7 +21,7 @@ import torch
 from sae_lens.synthetic import generate_random_low_rank_correlation_matrix
 from torch import Tensor
 
-from saeot.evaluation.synthetic._geometry import (
+from saeot.synthetic._geometry import (
     normalise,
     place_near_duplicates,
     place_shared_mean,
@@ -29,10 +29,10 @@ from saeot.evaluation.synthetic._geometry import (
     split_directions,
     spread_directions,
 )
-from saeot.evaluation.synthetic._random import generator, mix_seed, torch_threads
-from saeot.evaluation.synthetic._tokens import ConceptModel
-from saeot.evaluation.synthetic.config import PILOT, SyntheticConfig
-from saeot.evaluation.synthetic.world import LayerFeatures, SyntheticWorld, Transition
+from saeot.synthetic._random import generator, mix_seed, torch_threads
+from saeot.synthetic._tokens import ConceptModel
+from saeot.synthetic.config import PILOT, SyntheticConfig
+from saeot.synthetic.world import LayerFeatures, SyntheticWorld, Transition
 from saeot.hooks import hook_name
 
 __all__ = ["make_world"]

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saeot.evaluation.synthetic._random import generator
+from saeot.synthetic._random import generator
 
 __all__ = ["ConceptModel", "rebatch"]
 

@@ -17,9 +17,9 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.util import cosine_similarities
 from torch import Tensor
 
-from saeot.evaluation.synthetic._random import torch_threads
-from saeot.evaluation.synthetic.config import KINDS
-from saeot.evaluation.synthetic.world import SyntheticWorld
+from saeot.synthetic._random import torch_threads
+from saeot.synthetic.config import KINDS
+from saeot.synthetic.world import SyntheticWorld
 
 __all__ = ["SyntheticSAEs", "express_in_latents", "latents_to_true_by_decoder", "activation_agreement",
            "sae_metadata"]

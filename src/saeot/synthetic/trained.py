@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from saeot.evaluation.synthetic._random import mix_seed, torch_threads
-from saeot.evaluation.synthetic.latents import (
+from saeot.synthetic._random import mix_seed, torch_threads
+from saeot.synthetic.latents import (
     SyntheticSAEs,
     activation_agreement,
     express_in_latents,
     latents_to_true_by_decoder,
     sae_metadata,
 )
-from saeot.evaluation.synthetic.oracle import default_k
-from saeot.evaluation.synthetic.world import SyntheticWorld
+from saeot.synthetic.oracle import default_k
+from saeot.synthetic.world import SyntheticWorld
 from saeot.saes.training import SAETrainingConfig, inference_sae, train_sae
 
 __all__ = ["trained_saes"]

@@ -3,17 +3,19 @@
 For every entry of ``synthetic.scenarios`` (one world per entry, two layers; an entry
 combines scenarios with ``+`` and may set the rotation angle with ``@``, e.g.
 ``rotation+split_merge+birth_death`` or ``rotation@pi/8``,
-:func:`saeot.evaluation.synthetic.parse_scenario`) and every seed of ``synthetic.seeds``
+:func:`saeot.synthetic.parse_scenario`) and every seed of ``synthetic.seeds``
 (default: the one ``synthetic.seed``), SAEs are built (``oracle``: at the true dictionary, permuted and perturbed;
-``trained``: trained with sae_lens), features are profiled exactly as ``train.py``
-profiles them (:class:`~saeot.profiling.StreamingProfiler`), the reference space is
-fitted on held-out tokens, and every configured matcher runs twice: with
+``trained``: trained with sae_lens), features are profiled and the held-out states and
+correlations gathered by ``train.py``'s own consumers (:class:`~saeot.profiling.ProfileConsumer`,
+:class:`~saeot.profiling.AlignedStatesConsumer`, :class:`~saeot.profiling.CorrelationConsumer`, fed
+the world's batches by :func:`stream_world`), the reference space is fitted on held-out tokens
+(:func:`saeot.pipeline.stages.fit_reference`), and every configured matcher runs twice: with
 ``assignment=nearest`` and ``assignment=hungarian``. Scores over the features of A
 (top-1 and one-to-one accuracy, precision / recall of "no match", per kind of
 feature, and ``affected_top1_accuracy`` on the kinds the entry acts on) are
-:func:`saeot.evaluation.synthetic.match_scores`. Over several seeds every number gets its
+:func:`saeot.synthetic.match_scores`. Over several seeds every number gets its
 mean, ``_mean``, ``_ci95`` (95% Student-t half-width) and ``_seeds`` (per seed) keys
-(:func:`saeot.evaluation.synthetic.aggregate_seeds`); ``metrics.json["synthetic_by_seed"]``
+(:func:`saeot.synthetic.aggregate_seeds`); ``metrics.json["synthetic_by_seed"]``
 keeps every seed's scores. The SAEs come from the
 registry :data:`SAE_BUILDERS` (``synthetic.sae=oracle|trained``); a matcher whose settings
 have a ``progress`` field runs without its own progress bar.
@@ -30,15 +32,24 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
-from saeot.evaluation.synthetic import (
+from saeot.io import atomic_write_json, atomic_write_text
+from saeot.matching.base import MatchContext, Matcher, MatcherNotApplicable
+from saeot.pipeline.config import build
+from saeot.pipeline.stages import fit_reference
+from saeot.pipeline.state import Streams
+from saeot.profiling import AlignedStatesConsumer, CorrelationConsumer, ProfileConsumer, StreamPass
+from saeot.profiling.stream import Consumer
+from saeot.progress import progress_bar
+from saeot.reference import Standardize, project_samples
+from saeot.synthetic import (
     ScenarioSpec,
     SyntheticConfig,
     SyntheticSAEs,
@@ -51,19 +62,15 @@ from saeot.evaluation.synthetic import (
     parse_scenario,
     trained_saes,
 )
-from saeot.evaluation.benchmark_report import markdown_table, plot_benchmark, plot_sweep
-from saeot.io import atomic_write_json, atomic_write_text
-from saeot.matching.base import MatchContext, Matcher, MatcherNotApplicable
-from saeot.profiling import CorrelationConsumer, ProfileConsumer, flatten_batch
-from saeot.progress import progress_bar
-from saeot.reference import Standardize, project_samples
+from saeot.synthetic.report import markdown_table, plot_benchmark, plot_sweep
+from saeot.types import FeatureSamples
 
 log = logging.getLogger(__name__)
 
 NEEDS_SHARED_TOKENS_REFERENCE = ("ridge", "learned")
 
 
-def build_world(scfg: Any, scenario: str | list[str] | ScenarioSpec, noise: float | None = None) -> SyntheticWorld:
+def build_world(scfg: DictConfig, scenario: str | list[str] | ScenarioSpec, noise: float | None = None) -> SyntheticWorld:
     """The two-layer world of ``scenario`` (an entry of ``synthetic.scenarios``, or a list of
     scenario names combined) from the ``synthetic`` settings (``synthetic.world`` may set any
     other :class:`SyntheticConfig` field)."""
@@ -77,86 +84,104 @@ def build_world(scfg: Any, scenario: str | list[str] | ScenarioSpec, noise: floa
     return make_world(SyntheticConfig(**fields))
 
 
-def _oracle(scfg: Any, world: SyntheticWorld) -> SyntheticSAEs:
+def _oracle(scfg: DictConfig, world: SyntheticWorld) -> SyntheticSAEs:
     return oracle_saes(world, perturb=scfg.oracle_perturb, seed=scfg.seed)
 
 
-def _trained(scfg: Any, world: SyntheticWorld) -> SyntheticSAEs:
+def _trained(scfg: DictConfig, world: SyntheticWorld) -> SyntheticSAEs:
     return trained_saes(world, seed=scfg.seed)
 
 
 #: ``synthetic.sae`` -> builder(synthetic settings, world) -> the world's SAEs with their truth
-SAE_BUILDERS: dict[str, Callable[[Any, SyntheticWorld], SyntheticSAEs]] = {"oracle": _oracle, "trained": _trained}
+SAE_BUILDERS: dict[str, Callable[[DictConfig, SyntheticWorld], SyntheticSAEs]] = {"oracle": _oracle, "trained": _trained}
 
 
-def build_saes(scfg: Any, world: SyntheticWorld) -> SyntheticSAEs:
+def build_saes(scfg: DictConfig, world: SyntheticWorld) -> SyntheticSAEs:
     """The SAEs ``synthetic.sae`` names (:data:`SAE_BUILDERS`) for ``world``."""
     if scfg.sae not in SAE_BUILDERS:
         raise ValueError(f"synthetic.sae={scfg.sae!r}; expected one of {sorted(SAE_BUILDERS)}")
     return SAE_BUILDERS[scfg.sae](scfg, world)
 
 
-def profile_world(world: Any, saes: Any, k: int, sampling: str, seed: int) -> dict:
-    """Feature samples of every hook over the ``profile`` split (one hook at a time)."""
+def stream_world(world: SyntheticWorld, saes: SyntheticSAEs | dict[str, Any], consumers: Sequence[Consumer],
+                 split: str, hooks: Sequence[str] | None = None, n_tokens: int | None = None) -> None:
+    """Feed the world's batches of ``split`` to the pipeline's consumers, batch by batch through
+    :meth:`StreamPass.predict_step` (what ``trainer.predict`` runs in ``train.py``'s passes);
+    one process, so there is nothing to merge. ``hooks``: the world streams several hooks
+    together only when they share tokens."""
+    step = StreamPass(dict(saes), list(consumers))
+    for i, batch in enumerate(world.iter_batches(split, hooks=hooks, n_tokens=n_tokens)):
+        step.predict_step(batch, i)
+
+
+def profile_world(world: SyntheticWorld, saes: SyntheticSAEs | dict[str, Any], k: int, sampling: str,
+                  seed: int) -> dict[str, FeatureSamples]:
+    """Feature samples of every hook over the ``profile`` split (one hook at a time: a
+    ``disjoint_tokens`` world has no batch of every hook), by the pipeline's :class:`ProfileConsumer`."""
     out = {}
     for hook in world.hooks:
         cons = ProfileConsumer([hook], dict(saes), k=k, mode=sampling, seed=seed)
-        for batch in world.iter_batches("profile", hooks=[hook]):
-            cons.update(batch, dict(saes), {})
+        stream_world(world, saes, [cons], "profile", hooks=[hook])
         out.update(cons.results())
     return out
 
 
-def aligned_states(world: Any, n_tokens: int) -> dict:
-    """Held-out hidden states of the same tokens at every layer (shared-token worlds only)."""
-    parts: dict[str, list] = {h: [] for h in world.hooks}
-    for batch in world.iter_batches("heldout", n_tokens=n_tokens):
-        for h in world.hooks:
-            x, _, _ = flatten_batch(batch, h)
-            parts[h].append(x)
-    return {h: torch.cat(v) for h, v in parts.items()}
+def heldout_streams(world: SyntheticWorld, saes: SyntheticSAEs | dict[str, Any], samples: dict[str, FeatureSamples],
+                    n_tokens: int) -> Streams:
+    """The held-out pass of ``train.py`` (:func:`saeot.pipeline.stages.stream`) on ``world``:
+    the hidden states of its first ``n_tokens`` held-out tokens at every hook
+    (:class:`AlignedStatesConsumer`) and, with shared tokens, the activation co-moments of the
+    first pair (:class:`CorrelationConsumer`), in one pass. Without shared tokens each hook is
+    streamed alone: its states are not aligned row by row and there are no correlations."""
+    if world.shared_tokens:
+        aligned = AlignedStatesConsumer(list(world.hooks), n_tokens)
+        corr = CorrelationConsumer([world.pairs[0]], dict(saes))
+        stream_world(world, saes, [aligned, corr], "heldout", n_tokens=n_tokens)
+        return Streams(samples=samples, aligned=aligned.results(), correlations=corr.results(), metrics={})
+    states: dict[str, Tensor] = {}
+    for hook in world.hooks:
+        cons = AlignedStatesConsumer([hook], n_tokens)
+        stream_world(world, saes, [cons], "heldout", hooks=[hook], n_tokens=n_tokens)
+        states.update(cons.results())
+    return Streams(samples=samples, aligned=states, correlations=None, metrics={})
 
 
-def heldout_states_per_layer(world: Any, n_tokens: int) -> dict:
-    return {h: torch.cat(list(world.hidden_states(h, "heldout", n_tokens=n_tokens))) for h in world.hooks}
-
-
-def correlations(world: Any, saes: Any, n_tokens: int) -> dict:
-    (a, b) = world.pairs[0]
-    cons = CorrelationConsumer([(a, b)], dict(saes))
-    for batch in world.iter_batches("heldout", n_tokens=n_tokens):
-        cons.update(batch, dict(saes), {})
-    return cons.results()
-
-
-def world_context(cfg: DictConfig, world: Any, saes: Any, k: int | None = None,
-                  samples: dict | None = None) -> tuple[MatchContext, dict, dict]:
+def world_context(cfg: DictConfig, world: SyntheticWorld, saes: SyntheticSAEs, k: int | None = None,
+                  samples: dict[str, FeatureSamples] | None = None,
+                  ) -> tuple[MatchContext, dict[str, FeatureSamples], dict[str, Any]]:
     """``(context, samples, info)``: what every matcher reads on one world: the SAEs, the
     profiled samples (K = ``k`` or ``synthetic.samples_per_feature``; or ``samples`` if given)
-    projected by ``cfg.reference`` fitted on held-out tokens, the correlations."""
+    projected by ``cfg.reference`` fitted on held-out tokens (:func:`saeot.pipeline.stages.fit_reference`
+    when the layers share tokens), the correlations."""
     scfg = cfg.synthetic
     k = k or scfg.samples_per_feature
     if samples is None:
         samples = profile_world(world, saes, k, scfg.sampling, cfg.seed)
     info: dict[str, Any] = {"shared_tokens": bool(world.shared_tokens)}
-    space = instantiate(cfg.reference)
+    streams = heldout_streams(world, saes, samples, scfg.reference_tokens)
     if world.shared_tokens:
-        space.fit(aligned_states(world, scfg.reference_tokens))
-        corr = correlations(world, saes, scfg.reference_tokens)
-    else:
+        fit = fit_reference(cfg, streams)
+        space, projected = fit.space, fit.projected
+    else:  # no aligned states: fit_reference's alignment error has no meaning here
+        space = build(cfg.reference)
         if space.name in NEEDS_SHARED_TOKENS_REFERENCE:
             info["reference"] = f"standardize ({space.name} needs the same tokens at every layer)"
             space = Standardize()
-        space.fit(heldout_states_per_layer(world, scfg.reference_tokens))
-        corr = None
+        space.fit(streams.aligned)
+        projected = {h: project_samples(space, s) for h, s in samples.items()}
     info.setdefault("reference", space.name)
-    projected = {h: project_samples(space, s) for h, s in samples.items()}
-    return MatchContext(saes=dict(saes), samples=projected, correlations=corr, reference=space), samples, info
+    return (MatchContext(saes=dict(saes), samples=projected, correlations=streams.correlations, reference=space),
+            samples, info)
 
 
-def score_matchers(ctx: MatchContext, saes: Any, alive_a: Any, matchers: dict[str, Any],
-                   assignments: tuple[str, ...] = ("nearest", "hungarian"), info: dict | None = None) -> dict:
-    """Scores (:func:`match_scores`) of every matcher (name -> config or Matcher) on the world's first pair."""
+def score_matchers(ctx: MatchContext, saes: SyntheticSAEs, alive_a: Tensor,
+                   matchers: dict[str, DictConfig | Matcher], assignments: tuple[str, ...] = ("nearest", "hungarian"),
+                   info: dict | None = None) -> dict:
+    """Scores (:func:`match_scores`) of every matcher (name -> config or Matcher) on the world's first pair.
+
+    Not :func:`saeot.pipeline.stages.match_pairs`: that runs one assignment per pair and
+    summarizes it; here both assignments come from one cost computation
+    (:meth:`Matcher.match_assignments`) and are scored against the planted truth."""
     a, b = saes.world.pairs[0]
     truth = saes.truth[(a, b)]
     out: dict[str, Any] = {}
@@ -177,8 +202,8 @@ def score_matchers(ctx: MatchContext, saes: Any, alive_a: Any, matchers: dict[st
     return out
 
 
-def evaluate_world(cfg: DictConfig, world: Any, saes: Any, matchers: dict[str, DictConfig],
-                   k: int | None = None, assignments: tuple[str, ...] = ("nearest", "hungarian")) -> tuple[dict, dict]:
+def evaluate_world(cfg: DictConfig, world: SyntheticWorld, saes: SyntheticSAEs,
+                   matchers: dict[str, DictConfig | Matcher], k: int | None = None, assignments: tuple[str, ...] = ("nearest", "hungarian")) -> tuple[dict, dict]:
     """Scores of every matcher on one world; returns ``(scores, info)``."""
     ctx, samples, info = world_context(cfg, world, saes, k)
     a, _ = world.pairs[0]
@@ -192,7 +217,7 @@ def _quiet(matcher: Matcher) -> Matcher:
     return matcher
 
 
-def benchmark_seeds(scfg: Any) -> tuple[list[int], bool]:
+def benchmark_seeds(scfg: DictConfig) -> tuple[list[int], bool]:
     """``(seeds, aggregated)``: ``synthetic.seeds`` if set (aggregated over them), else ``[synthetic.seed]``."""
     seeds = scfg.get("seeds")
     if seeds is None or len(seeds) == 0:

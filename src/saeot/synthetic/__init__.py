@@ -126,11 +126,12 @@ never on the batch size, the order of calls or global RNG state.
 Modules: :mod:`.config` (settings), :mod:`.builder` (:func:`make_world`), :mod:`.world`
 (the world, its truth and streams), :mod:`._tokens` (concept streams), :mod:`._geometry`,
 :mod:`.latents` (truth in latent indices), :mod:`.oracle`, :mod:`.trained`,
-:mod:`.metrics`.
+:mod:`.metrics`; the benchmark of every matcher on these worlds (``evaluate.py
+experiment=synthetic_benchmark``): :mod:`.benchmark`, its tables and plots :mod:`.report`.
 """
 
-from saeot.evaluation.synthetic.builder import make_world
-from saeot.evaluation.synthetic.config import (
+from saeot.synthetic.builder import make_world
+from saeot.synthetic.config import (
     KINDS,
     SCENARIOS,
     SPLITS,
@@ -139,13 +140,13 @@ from saeot.evaluation.synthetic.config import (
     parse_angle,
     parse_scenario,
 )
-from saeot.evaluation.synthetic.latents import (
+from saeot.synthetic.latents import (
     SyntheticSAEs,
     activation_agreement,
     express_in_latents,
     latents_to_true_by_decoder,
 )
-from saeot.evaluation.synthetic.metrics import (
+from saeot.synthetic.metrics import (
     AFFECTED,
     affected_accuracy,
     affected_kinds,
@@ -154,9 +155,9 @@ from saeot.evaluation.synthetic.metrics import (
     match_scores,
     mean_ci95,
 )
-from saeot.evaluation.synthetic.oracle import ORACLE_ARCHITECTURES, default_k, oracle_encoder, oracle_saes
-from saeot.evaluation.synthetic.trained import trained_saes
-from saeot.evaluation.synthetic.world import SyntheticWorld
+from saeot.synthetic.oracle import ORACLE_ARCHITECTURES, default_k, oracle_encoder, oracle_saes
+from saeot.synthetic.trained import trained_saes
+from saeot.synthetic.world import SyntheticWorld
 
 __all__ = [
     "SCENARIOS",
