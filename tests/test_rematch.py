@@ -43,6 +43,8 @@ def test_rematch_equals_a_train_run_with_that_matcher(tmp_path, compose_cfg, mat
     assert (re_ / "flows.csv").read_bytes() == (direct / "flows.csv").read_bytes()
     assert metrics["matching"]["matcher"] == json.loads((direct / "metrics.json").read_text())["matching"]["matcher"]
     assert (re_ / RUN_MARKER).is_file()
+    res = json.loads((re_ / "metrics.json").read_text())["resources"]
+    assert [s["stage"] for s in res["stages"]] == ["load", "matching"] and res["peak_rss_gb"] > 0.05
     run = RunDir.load(re_)
     src = RunDir.load(tmp_path / "src")
     assert run.matcher == metrics["matching"]["matcher"] and run.cfg.matcher._target_.endswith(

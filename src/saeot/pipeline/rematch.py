@@ -38,6 +38,7 @@ from saeot.matching.splits import write_run_splits
 from saeot.pipeline.artifacts import write_matches
 from saeot.pipeline.completion import clear_complete, mark_complete
 from saeot.pipeline.config import build
+from saeot.pipeline.resources import StageClock
 from saeot.pipeline.rundir import RunDir
 from saeot.pipeline.stages import match_pairs
 
@@ -79,9 +80,12 @@ def run_rematch(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         lm = src.load_model()
         device = next(lm.model.parameters()).device
         datamodule = src.data_module(lm)
-    saes = src.load_saes(device)
-    ctx = src.match_context(matcher, saes, datamodule, pairs, progress=bool(cfg.get("progress", True)))
-    matches = match_pairs(matcher, ctx, pairs)
+    clock = StageClock()
+    with clock.stage("load"):  # the run's SAEs, samples, reference space (and held-out correlations)
+        saes = src.load_saes(device)
+        ctx = src.match_context(matcher, saes, datamodule, pairs, progress=bool(cfg.get("progress", True)))
+    with clock.stage("matching"):
+        matches = match_pairs(matcher, ctx, pairs)
     flows = build_flows(matches.results, alive=src.alive())
 
     run_cfg = src.cfg.copy()
@@ -105,6 +109,7 @@ def run_rematch(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         **({"splits": splits[0]} if splits is not None else {}),  # two SAEs of one hook (sae_b)
         "rematched_from": str(src.path.resolve()),
         "seconds_total": time.perf_counter() - t0,
+        "resources": clock.summary(),
     }
     if (out / "metrics.json").is_file():
         (out / "metrics.json").unlink()  # an earlier run's evaluations are not this run's
