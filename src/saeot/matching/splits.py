@@ -141,13 +141,13 @@ def plot_splits(all_splits: list[Splits], path: str | Path) -> Path:
     fig, axes = plt.subplots(len(all_splits), 2, figsize=(9.5, 3.4 * len(all_splits)), squeeze=False)
     for (bar_ax, sc_ax), s in zip(axes, all_splits):
         n_children = np.array([len(c) for c in s.children])
-        top = max(5, int(n_children.max()) if len(n_children) else 0)
+        top = 8  # bars 0 .. 7 children, then "8+"
         bins = np.bincount(np.minimum(n_children, top), minlength=top + 1)
         colours = ["#c44e52"] + ["#55a868"] + ["#4c72b0"] * (top - 1)
-        labels = ["0\n(none)", "1\n(one)"] + [str(k) for k in range(2, top)] + [f"{top}+"]
+        labels = [str(k) for k in range(top)] + [f"{top}+"]
         bar_ax.bar(range(top + 1), bins, color=colours)
         bar_ax.set_xticks(range(top + 1), labels, fontsize=8)
-        bar_ax.set_xlabel(f"children in {s.wide}")
+        bar_ax.set_xlabel(f"children in {s.wide} (0: none, red; 1: one, green; 2+: split, blue)", fontsize=8)
         bar_ax.set_ylabel(f"features of {s.narrow}")
         c = s.counts()
         bar_ax.set_title(f"one {c['one']} ({c['one_mutual']} mutual) · split {c['split']} · none {c['none']}", fontsize=9)
