@@ -30,8 +30,8 @@ from saeot.circuits import (
     select_nodes,
 )
 from saeot.circuits.curves import curve_counts
-from saeot.circuits.evaluate import CircuitScore, coherence, feature_means, pearson, score_circuit
 from saeot.circuits.grouping import attribution_profiles, cosine_distances, random_partition_distances
+from saeot.circuits.scoring import CircuitScore, coherence, feature_means, pearson, score_circuit
 from saeot.circuits.supernodes import agglomerate, decoder_cosine_distances, semantic_distances
 from saeot.circuits.tasks import TaskError, clean_accuracy
 from saeot.models import ByteCodec, LanguageModel

@@ -6,7 +6,7 @@ Data flows top to bottom:
                    logit-difference metric
     attribution.py attribution patching over SAE features and error terms: node effects,
                    edges, exact patching checks
-    evaluate.py    mean-ablation faithfulness, supernode-level compressed circuits, coherence
+    scoring.py     mean-ablation faithfulness, supernode-level compressed circuits, coherence
     graph.py       Neuronpedia / circuit-tracer graph JSON (read and write) and the picture
     supernodes.py  agglomerative clustering by the semantic W2 distance (and the
                    decoder-cosine baseline), labels, graph compression

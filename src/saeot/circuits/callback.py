@@ -44,7 +44,10 @@ from saeot.circuits.attribution import (
     exact_node_effects,
     select_nodes,
 )
-from saeot.circuits.evaluate import (
+from saeot.circuits.curves import DEFAULT_RATIOS, curve_counts, plot_supernode_curves, supernode_curves
+from saeot.circuits.graph import circuit_graph, plot_supernode_graph, save_graph
+from saeot.circuits.grouping import GROUPINGS, attribution_profiles, cosine_distances
+from saeot.circuits.scoring import (
     ABLATIONS,
     coherence,
     compressed_circuit,
@@ -52,9 +55,6 @@ from saeot.circuits.evaluate import (
     pearson,
     score_circuit,
 )
-from saeot.circuits.curves import DEFAULT_RATIOS, curve_counts, plot_supernode_curves, supernode_curves
-from saeot.circuits.graph import circuit_graph, plot_supernode_graph, save_graph
-from saeot.circuits.grouping import GROUPINGS, attribution_profiles, cosine_distances
 from saeot.circuits.supernodes import Clustering, compress_graph, decoder_cosine_distances, token_label
 from saeot.hooks import hook_layer
 from saeot.circuits.tasks import Task, TaskData, clean_accuracy
@@ -107,7 +107,7 @@ class CircuitCompression(L.Callback, RunCallback):
         n_exact: nodes (largest |effect|) checked by exact activation patching.
         ablation: the means everything outside a circuit is set to: ``position`` (per
             position, over the clean prompts of the same length) or ``global`` (see
-            :mod:`saeot.circuits.evaluate`).
+            :mod:`saeot.circuits.scoring`).
         min_clean_accuracy: below this clean accuracy the task is reported as too hard.
         on_low_accuracy: ``warn`` (record it and go on), ``skip`` (record it and stop)
             or ``raise``.

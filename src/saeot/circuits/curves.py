@@ -6,7 +6,7 @@ ratios ``curve_ratios``: :math:`M = \lceil n / r \rceil` for a circuit of n node
 nodes staying singletons) and each grouping, the circuit's nodes are clustered into M
 supernodes and the compressed circuit keeps the ``keep_fraction`` of supernodes with
 the largest :math:`|\sum_{x \in S} \mathrm{IE}(x)|` (whole; every other supernode is
-ablated as a unit, :func:`~saeot.circuits.evaluate.compressed_circuit`). A point of the
+ablated as a unit, :func:`~saeot.circuits.scoring.compressed_circuit`). A point of the
 curve is its compression ratio :math:`n / M`, faithfulness and task accuracy, with the
 share of the kept nodes' :math:`|\mathrm{IE}|` that sits in SAE error nodes
 (``error_share_kept``): where that is large, the features do not carry the task and no
@@ -32,9 +32,9 @@ import matplotlib.pyplot as plt
 from torch import Tensor
 
 from saeot.circuits.attribution import NodeRef
-from saeot.circuits.evaluate import CircuitScore, compressed_circuit
 from saeot.circuits.graph import CircuitGraph
 from saeot.circuits.grouping import random_partition_distances
+from saeot.circuits.scoring import CircuitScore, compressed_circuit
 from saeot.circuits.supernodes import compress_graph
 from saeot.plots import save_figure
 

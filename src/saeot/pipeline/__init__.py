@@ -21,9 +21,9 @@ from saeot.pipeline.config import (
     layer_pairs,
     run_hooks,
 )
+from saeot.pipeline.run import log_run, run_train
 from saeot.pipeline.stages import fit_reference, match, setup, stream, summarize
 from saeot.pipeline.state import Matches, ReferenceFit, RunSetup, Streams, TrainResult
-from saeot.pipeline.train import log_run, run_train
 
 __all__ = [
     "MATCH_COLUMNS", "read_matches", "save_artifacts", "write_feature_stats", "write_matches",

@@ -1,4 +1,4 @@
-r"""Evaluating circuits and their supernode compressions by mean ablation.
+r"""Scoring circuits and their supernode compressions by mean ablation (faithfulness, coherence).
 
 Ablation
 --------

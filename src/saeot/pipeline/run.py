@@ -1,4 +1,5 @@
-"""``train.py``: the stages in order, then the outputs (rank 0 writes them)."""
+"""``train.py``'s run: it profiles, fits the reference space and matches (it trains no model;
+SAEs it lacks are trained in setup): the stages in order, then the outputs (rank 0 writes them)."""
 
 from __future__ import annotations
 
