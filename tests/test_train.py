@@ -125,13 +125,14 @@ def test_cli_prints_one_line_error(tmp_path):
 
 
 def _numbers_without_timings(metrics: dict) -> dict:
-    """``metrics.json`` flattened to ``path -> value``, without wall-clock times (seconds, minutes)."""
+    """``metrics.json`` flattened to ``path -> value``, without wall-clock times (seconds, minutes) and
+    memory (``resources``: a process's peak RSS is not a result)."""
     out: dict = {}
 
     def walk(prefix: str, node) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
-                if "seconds" not in k and "minutes" not in k:
+                if "seconds" not in k and "minutes" not in k and k != "resources":
                     walk(f"{prefix}/{k}", v)
         else:
             out[prefix] = node
