@@ -39,7 +39,7 @@ Which outputs feed which table (``--from-eval`` readers):
 * ``synthetic_{headline,rotation,oracle}_{affected_top1_accuracy,top1_accuracy,hungarian_accuracy,
   nomatch_precision,nomatch_recall}`` (synthetic.md): ``EVAL_DIR/synthetic_table.md`` written by
   ``evaluate.py experiment=synthetic_headline`` / ``synthetic_rotation`` / ``synthetic_oracle``
-  (``saeot.evaluation.benchmark_report.markdown_table``), the table under the metric's heading.
+  (``saeot.synthetic.report.markdown_table``), the table under the metric's heading.
 
 No reader yet (``--from-eval`` stops with "no reader for table X yet"; edit the data file):
 ``ec_sample_agreement`` (``benchmarks/sample_agreement.py``'s JSON lines), ``ec_semantic_ot_variants``
