@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -13,7 +13,9 @@ import torch  # noqa: E402
 
 from saeot.hooks import hook_layer  # noqa: E402
 from saeot.io import atomic_path  # noqa: E402
-from saeot.matching.flows import Chain, Flows  # noqa: E402
+
+if TYPE_CHECKING:  # annotations only: plots sit below matching/, which draws with them
+    from saeot.matching.flows import Chain, Flows
 
 
 def save_figure(fig, path: Path) -> Path:
