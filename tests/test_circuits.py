@@ -418,14 +418,15 @@ def test_callback_compresses_the_planted_circuit(tmp_path):
 
 def test_callback_reports_a_task_the_model_cannot_do(tmp_path):
     from saeot.circuits.callback import CircuitCompression, LowAccuracyError
+    from saeot.circuits.compression import CircuitCompressor, CircuitSettings
 
     lm, saes, _ = _planted()
     swapped = PromptsTask([PromptPair(p.clean, p.corrupted, p.wrong, p.correct) for p in _planted()[2].pairs()])
-    cb = CircuitCompression(task=swapped, on_low_accuracy="skip", progress=False)
-    m = cb.compress(lm, saes, _planted_samples(), tmp_path, hooks=[H0, H1])
+    compressor = CircuitCompressor(CircuitSettings(task=swapped, on_low_accuracy="skip", progress=False))
+    m = compressor.run(lm, saes, _planted_samples(), tmp_path, hooks=[H0, H1])
     assert m["clean_accuracy"] == 0.0 and m["skipped"] and "min_clean_accuracy" in m["warning"]
     with pytest.raises(LowAccuracyError, match="clean accuracy"):
-        CircuitCompression(task=swapped, on_low_accuracy="raise", progress=False).compress(
+        CircuitCompressor(CircuitSettings(task=swapped, on_low_accuracy="raise", progress=False)).run(
             lm, saes, _planted_samples(), tmp_path, hooks=[H0, H1])
     with pytest.raises(ValueError, match="circuit=ioi"):
         CircuitCompression(task=None)
@@ -433,6 +434,26 @@ def test_callback_reports_a_task_the_model_cannot_do(tmp_path):
     cb = CircuitCompression(task=IOITask(n_prompts=4), progress=False)
     with pytest.raises(TaskError, match="circuit=ioi: all 4 prompt pairs were dropped"):
         cb.setup(SimpleNamespace(datamodule=SimpleNamespace(lm=lm)), None, "predict")
+
+
+@pytest.mark.parametrize("override,named", [
+    ("callbacks.circuit.keep_fraction=2.0", "callbacks.circuit.keep_fraction=2.0 must be in (0, 1]"),
+    ("callbacks.circuit.n_exact=abc", "callbacks.circuit.n_exact='abc' must be of type int"),
+    ("callbacks.circuit.selection=top", "callbacks.circuit.selection='top'; use top_k or cumulative"),
+    ("callbacks.circuit.linkage=ward", "callbacks.circuit.linkage='ward'"),
+    ("callbacks.circuit.groupings=[semantic_ot,nope]", "callbacks.circuit.groupings has ['nope']"),
+    ("callbacks.circuit.curve_ratios=[0.5]", "callbacks.circuit.curve_counts / curve_ratios has [0.5]"),
+    ("+callbacks.circuit.n_supernode=3", "callbacks.circuit.n_supernode is not a setting of the circuit callback"),
+])
+def test_a_wrong_circuit_setting_is_named_when_the_callback_is_built(override, named, compose_cfg):
+    """The settings are checked once, when Hydra builds the callback (before the model is loaded):
+    a wrong value or an unknown key is one ValueError naming the yaml key."""
+    from saeot.pipeline.config import build
+
+    cfg = compose_cfg("circuit=ioi", "callbacks=circuit", override)
+    with pytest.raises(ValueError) as e:
+        build(cfg.callbacks.circuit)
+    assert str(e.value).splitlines()[0].startswith(named), str(e.value)
 
 
 def test_hydra_wiring_builds_the_callback_with_its_task():
@@ -447,8 +468,9 @@ def test_hydra_wiring_builds_the_callback_with_its_task():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["circuit=sva", "callbacks=circuit", "circuit.n_prompts=8"])
         cb = instantiate(cfg.callbacks.circuit)
-        assert isinstance(cb, CircuitCompression) and isinstance(cb.task, SVATask) and cb.task.n_prompts == 8
-        assert cb.solver == instantiate(cfg.transport)
+        task = cb.settings.task
+        assert isinstance(cb, CircuitCompression) and isinstance(task, SVATask) and task.n_prompts == 8
+        assert cb.settings.solver == instantiate(cfg.transport)
         bare = compose("train", overrides=["callbacks=circuit"])
         with pytest.raises(Exception, match="circuit=ioi"):
             instantiate(bare.callbacks.circuit)

@@ -13,7 +13,9 @@ Data flows top to bottom:
     grouping.py    the groupings compared: semantic OT, decoder cosine, attribution
                    profiles (signed in/out edges), random
     curves.py      faithfulness against compression ratio for every grouping
-    callback.py    CircuitCompression: all of it at the end of a train.py run
+    compression.py CircuitSettings (the callbacks.circuit settings, checked once) and
+                   CircuitCompressor: all of it, for train.py and evaluate.py alike
+    callback.py    CircuitCompression: the compressor at the end of a train.py run
 """
 
 from saeot.circuits.attribution import (

@@ -3,8 +3,9 @@
 
 The run directory gives the model (its ``model`` config), its SAEs (``saes.json``, never
 retrained) and its feature samples projected by its fitted reference space (what the
-supernodes' semantic distance reads); :meth:`saeot.circuits.callback.CircuitCompression.compress`
-does the rest with the ``callbacks.circuit`` settings of the ``evaluate.py`` line.
+supernodes' semantic distance reads); :class:`saeot.circuits.compression.CircuitCompressor`
+(what the ``train.py`` callback runs too) does the rest with the ``callbacks.circuit`` settings of
+the ``evaluate.py`` line (a :class:`~saeot.circuits.compression.CircuitSettings`).
 Outputs go to the evaluation dir: ``circuit.json``, ``circuit_curves.png``, ... and
 ``metrics.json["circuit"]`` (with the run dir it came from).
 """
@@ -18,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from saeot.circuits.callback import CircuitCompression
+from saeot.circuits.compression import CircuitCompressor
 from saeot.io import update_json
 from saeot.pipeline.config import build
 from saeot.pipeline.rundir import RunDir
@@ -37,14 +39,15 @@ def evaluate_circuit(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     callback = build(node)
     if not isinstance(callback, CircuitCompression):
         raise TypeError(f"callbacks.circuit builds a {type(callback).__name__}, not a CircuitCompression")
+    settings = callback.settings
     run = RunDir.load(cfg.run_dir)
     lm = run.load_model()
-    callback.task.build(lm)  # an unusable task fails before the SAEs and samples are read
+    settings.task.build(lm)  # an unusable task fails before the SAEs and samples are read
     saes = run.load_saes(next(lm.model.parameters()).device)
-    hooks = list(callback.hooks or run.hooks)
+    hooks = list(settings.hooks or run.hooks)
     samples = run.projected_samples(hooks)
     out_dir = Path(out_dir)
-    metrics = callback.compress(lm, saes, samples, out_dir, hooks=hooks)
+    metrics = CircuitCompressor(settings).run(lm, saes, samples, out_dir, hooks=hooks)
     metrics["run_dir"] = str(run.path)
     update_json(out_dir / "metrics.json", "circuit", metrics)
     log.info("circuit of %s on %s -> %s", metrics.get("task"), run.path, out_dir)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from saeot.matching.assignment import linear_assignment_sparse
+from saeot.settings import check_types, from_settings
 from saeot.types import FeatureSamples, MatchResult
 
 if TYPE_CHECKING:
@@ -105,12 +106,6 @@ class NullEstimate:
     method: str
 
 
-#: annotations whose values MatcherConfig checks, and the Python types each accepts
-_PLAIN_TYPES = {name: types for base, types in (("int", (int,)), ("float", (int, float)), ("bool", (bool,)),
-                                                  ("str", (str,)))
-                for name in (base, f"{base}|None")}
-
-
 @dataclass
 class MatcherConfig:
     """Settings every matcher shares; a matcher's own settings extend it in a subclass
@@ -180,14 +175,7 @@ class MatcherConfig:
     def _check_types(self) -> None:
         """Every field annotated with plain ``int`` / ``float`` / ``bool`` / ``str`` (``| None``)
         holds such a value (``matcher.null_alpha=abc`` is named, not a TypeError later)."""
-        for f in fields(self):
-            allowed = _PLAIN_TYPES.get(str(f.type).replace(" ", ""))
-            value = getattr(self, f.name)
-            if allowed is None or (value is None and "None" in str(f.type)):
-                continue
-            if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
-                raise ValueError(f"matcher.{f.name}={value!r} must be of type {f.type}")
-
+        check_types(self, "matcher")
 
 
 class Matcher(ABC):
@@ -209,12 +197,7 @@ class Matcher(ABC):
 
     def __init__(self, cfg: MatcherConfig | None = None, **settings: Any) -> None:
         if cfg is None:
-            known = {f.name for f in fields(self.config_class)}
-            unknown = sorted(set(settings) - known)
-            if unknown:
-                raise ValueError(f"matcher.{unknown[0]} is not a setting of matcher {self.name}; "
-                                 f"its settings: {sorted(known)}")
-            cfg = self.config_class(**settings)
+            cfg = from_settings(self.config_class, settings, "matcher", f"matcher {self.name}")
         elif settings:
             raise TypeError(f"{type(self).__name__}: pass either a config or settings, not both")
         if not isinstance(cfg, self.config_class):
