@@ -77,10 +77,10 @@ def test_identity_substitution_is_exactly_the_sae_reconstruction(results, tiny_s
     sae = tiny_saes[H1]
     res = results["id1"]
     p = res["pairs"][f"{H1}|{H1}"]
-    sub, ref = p["substitution"], p["reference"]
+    sub, ref = p["substitution"], p["baselines"]
     assert sub["explained_variance"] == ref["sae"]["explained_variance"]
     assert sub["delta_ce"] == ref["sae"]["delta_ce"]
-    # the SAE is a real one, the references differ (a random model: CE differences carry no meaning),
+    # the SAE is a real one, the baselines differ (a random model: CE differences carry no meaning),
     # and the SAE's EV is what a direct computation gives
     assert 0.3 < ref["sae"]["explained_variance"] < 1.0
     assert len({ref[r]["delta_ce"] for r in ("sae", "bias", "mean")}) == 3
@@ -102,7 +102,7 @@ def test_a_scrambled_matching_substitutes_worse_than_the_identity(results):
     sc = results["scrambled"]["pairs"][key]
     assert sc["substitution"]["explained_variance"] < ev_id - 0.2
     assert sc["coactivation"]["corr"] < 0.5
-    assert sc["reference"] == results["id1"]["pairs"][key]["reference"]  # shared references
+    assert sc["baselines"] == results["id1"]["pairs"][key]["baselines"]  # shared baselines
 
 
 def test_identity_coactivation_is_perfect(results):
@@ -235,7 +235,7 @@ def test_equal_coverage_curves_equal_the_substitution_of_the_same_pairs(tiny_lm,
         i = grid.index(f)
         assert c["explained_variance"][i] == pytest.approx(sub["explained_variance"], abs=1e-9)
         assert c["delta_ce"][i] == pytest.approx(sub["delta_ce"], abs=1e-9)
-    assert c["full"]["explained_variance"] == res["id"]["pairs"][key]["reference"]["sae"]["explained_variance"]
+    assert c["full"]["explained_variance"] == res["id"]["pairs"][key]["baselines"]["sae"]["explained_variance"]
     assert c["explained_variance"][0] < c["explained_variance"][1] < c["explained_variance"][2]
     assert c["corr"][2] == pytest.approx(1.0) and c["precision"][2] == pytest.approx(1.0)
     assert c["auc"]["explained_variance"] == pytest.approx(curve_auc(c["fraction"], c["explained_variance"]))
@@ -293,13 +293,13 @@ def test_evaluate_runs_writes_metrics_table_and_report_without_training(tmp_path
         assert f["saes"] == records and f["n_runs_sharing_pass"] == 2
         assert f["split"] == "fresh" and f["n_tokens"] > 0, f["split_note"]
         p = f["pairs"][k]
-        assert 0 < p["reference"]["sae"]["explained_variance"] <= 1
-        assert p["substitution"]["explained_variance"] < p["reference"]["sae"]["explained_variance"]
+        assert 0 < p["baselines"]["sae"]["explained_variance"] <= 1
+        assert p["substitution"]["explained_variance"] < p["baselines"]["sae"]["explained_variance"]
         assert p["coverage"]["frac_a_matched"] + p["coverage"]["frac_no_match"] == pytest.approx(1.0)
         assert p["coverage"]["n_dropped_many_to_one"] == 0  # sae_match is one-to-one
         assert (d / "report.html").stat().st_size > 1000
         funcs.append(p)
-    assert funcs[0]["substitution"] == funcs[1]["substitution"] and funcs[0]["reference"] == funcs[1]["reference"]
+    assert funcs[0]["substitution"] == funcs[1]["substitution"] and funcs[0]["baselines"] == funcs[1]["baselines"]
     md = (tmp_path / "eval" / "functional_table.md").read_text()
     assert md.count("| 1→2 |") == 2 and "EV sub" in md
     assert len((tmp_path / "eval" / "functional_table.csv").read_text().strip().splitlines()) == 3

@@ -81,7 +81,7 @@ def _summary_table(func: dict | None, judged: dict | None) -> str:
             "co-act R", "corr", "corr (rand)", "A matched", "no match", "judge"]
     rows = []
     for key, p in func.get("pairs", {}).items():
-        ref, co, cov = p.get("reference", {}), p.get("coactivation", {}), p.get("coverage", {})
+        ref, co, cov = p.get("baselines", {}), p.get("coactivation", {}), p.get("coverage", {})
         jp = (judged or {}).get("pairs", {}).get(key)
         jtxt = f"{_num(jp['mean'], 2)} [{_num(jp['ci'][0], 2)}, {_num(jp['ci'][1], 2)}]" if jp else "–"
         cells = [f"{p['layer_a']}→{p['layer_b']}", _num(p["substitution"]["explained_variance"]),

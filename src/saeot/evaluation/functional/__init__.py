@@ -35,7 +35,7 @@ decoder as ``f_i^A * s^B_j / s^A_i``. ``code_scale=none`` uses the raw codes. Re
   hook B at every position but BOS (which keeps its clean state) and the rest of the
   model runs on it, against the clean forward pass.
 
-and the same two numbers for the references, on the same tokens:
+and the same two numbers for the baselines, on the same tokens:
 
 * ``sae``: B's own SAE reconstruction ``decode_B(encode_B(h^B))`` -- the ceiling of any
   substitution through B's dictionary (the identity matching of B onto itself
@@ -68,7 +68,7 @@ fraction of B's features that receive a match, and the fraction of A's *alive*
 features (fired during the run's profiling) that are matched.
 
 Runs that share model, data, SAEs and layers (a matcher sweep) are evaluated in one
-streaming pass: the clean forward pass, the SAE codes and the references are
+streaming pass: the clean forward pass, the SAE codes and the baselines are
 computed once per batch and shared. Memory is one batch of activations (plus, per
 pair, a few ``[n_pairs]`` accumulators); nothing grows with the number of tokens.
 
@@ -108,7 +108,7 @@ from saeot.evaluation.functional._matchings import (
 )
 from saeot.evaluation.functional._pass import evaluate_functional
 from saeot.evaluation.functional._runs import EvaluationData, evaluate_runs, evaluation_data, label_runs
-from saeot.evaluation.functional._settings import REFERENCE_DOC, REFERENCES, FunctionalSettings
+from saeot.evaluation.functional._settings import BASELINE_DOC, BASELINES, FunctionalSettings
 from saeot.evaluation.functional._substitution import (
     SubstitutionAccumulator, code_ratio, next_token_ce, run_from_hook, substitute_codes,
 )
@@ -117,7 +117,7 @@ from saeot.evaluation.functional._tables import (
 )
 
 __all__ = [
-    "FunctionalSettings", "REFERENCES", "REFERENCE_DOC",
+    "FunctionalSettings", "BASELINES", "BASELINE_DOC",
     "PairMatching", "ONE_TO_ONE_DOC", "one_to_one", "pair_matching", "identity_matching", "matchings_from_rows",
     "code_ratio", "substitute_codes", "run_from_hook", "next_token_ce", "SubstitutionAccumulator",
     "CoactivationAccumulator",

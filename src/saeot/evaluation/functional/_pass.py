@@ -1,7 +1,7 @@
-"""The streaming pass: substitution, references, co-activation and coverage of every run of
+"""The streaming pass: substitution, baselines, co-activation and coverage of every run of
 a matcher sweep in one pass over the evaluation tokens (the clean forward pass, the SAE
-codes and the references computed once per batch and shared; the substituted
-continuations of a batch -- references, every run's pairs, the consumers' coverage
+codes and the baselines computed once per batch and shared; the substituted
+continuations of a batch -- baselines, every run's pairs, the consumers' coverage
 levels -- start from the shared clean ``h^B`` and run stacked per hook,
 :mod:`saeot.evaluation.functional._continuations`)."""
 
@@ -19,7 +19,7 @@ from saeot.evaluation.functional._batch import PassBatch, PassConsumer, PassTota
 from saeot.evaluation.functional._coactivation import CoactivationAccumulator
 from saeot.evaluation.functional._continuations import Continuations
 from saeot.evaluation.functional._matchings import ONE_TO_ONE_DOC, PairMatching
-from saeot.evaluation.functional._settings import REFERENCE_DOC, FunctionalSettings
+from saeot.evaluation.functional._settings import BASELINE_DOC, FunctionalSettings
 from saeot.evaluation.functional._substitution import (
     SubstitutionAccumulator, code_ratio, is_residual, next_token_ce, run_between, substitute_codes,
 )
@@ -45,7 +45,7 @@ def evaluate_functional(
     consumers: Sequence[PassConsumer] = (),
     stack_contexts: int = 64,
 ) -> dict[str, dict]:
-    """Substitution, references, co-activation and coverage of several runs that share
+    """Substitution, baselines, co-activation and coverage of several runs that share
     ``lm``, ``saes`` and ``datamodule``, in one streaming pass over ``settings.split``.
 
     Args:
@@ -102,7 +102,7 @@ def evaluate_functional(
 
     # pass 1: everything else
     sst = {h: 0.0 for h in hooks_b}
-    ref_acc = {h: {r: SubstitutionAccumulator() for r in s.references} for h in hooks_b}  # shared by all runs
+    ref_acc = {h: {r: SubstitutionAccumulator() for r in s.baselines} for h in hooks_b}  # shared by all runs
     ce_clean_sum, n_ce, n_tok1 = 0.0, 0, 0
     n_requests = n_forwards = 0
     # A -> B forwards for the consumers' deactivation tests (residual-stream hooks only)
@@ -174,7 +174,7 @@ def evaluate_functional(
             ch = st.chance.summary()
             pairs[pm.key] = {
                 "layer_a": hook_layer(pm.hook_a), "layer_b": hook_layer(pm.hook_b),
-                "substitution": sub, "reference": ref, "ce_recovered": rec,
+                "substitution": sub, "baselines": ref, "ce_recovered": rec,
                 "coactivation": st.coact.summary(),
                 "chance": {k: ch[k] for k in ("precision", "recall", "corr", "micro_precision")},
                 "coverage": pm.coverage(None if alive is None else alive.get(pm.hook_a)),
@@ -182,7 +182,7 @@ def evaluate_functional(
         out[label] = {
             "split": s.split, "n_tokens": n_tok1, "n_ce_tokens": n_ce, "ce_clean": ce_clean,
             "code_scale": s.code_scale, "one_to_one": ONE_TO_ONE_DOC,
-            "references": {r: REFERENCE_DOC[r] for r in s.references},
+            "baselines": {r: BASELINE_DOC[r] for r in s.baselines},
             "max_batches": s.max_batches, "pairs": pairs, "seconds_shared_pass": seconds,
             "n_continuations": n_requests, "n_continuation_forwards": n_forwards,
         }

@@ -1,4 +1,4 @@
-"""``functional:`` in ``conf/evaluate.yaml``: which tokens, which references, what the report shows."""
+"""``functional:`` in ``conf/evaluate.yaml``: which tokens, which baselines (sae / bias / mean), what the report shows."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["REFERENCES", "REFERENCE_DOC", "FunctionalSettings"]
+__all__ = ["BASELINES", "BASELINE_DOC", "FunctionalSettings"]
 
-REFERENCES = ("sae", "bias", "mean")
-REFERENCE_DOC = {
+BASELINES = ("sae", "bias", "mean")
+BASELINE_DOC = {
     "sae": "B's own SAE reconstruction decode_B(encode_B(h_B))",
     "bias": "zero-ablation: every code zero, h_B replaced by b_dec_B",
     "mean": "mean-ablation: h_B replaced by its mean over the evaluation tokens",
@@ -28,7 +28,7 @@ class FunctionalSettings:
         pairs: the layer pairs ``[[a, b], ...]`` evaluated (None: every pair of each run's
             ``matches.csv``); each must be a pair of every run.
         code_scale: ``fold`` (SAE Match Eq. 5 in folded parameters) or ``none``.
-        references: which of ``sae``, ``bias``, ``mean`` to compute.
+        baselines: which of ``sae``, ``bias``, ``mean`` to compute.
         coverage: equal-coverage curves (every matcher's full one-to-one assignment with
             the null off, ranked by its cost; :mod:`saeot.evaluation.functional._curves`).
         coverage_grid: fractions of A matched at which the curves are measured (ascending, in [0, 1]).
@@ -54,7 +54,7 @@ class FunctionalSettings:
     max_batches: int | None = None
     pairs: tuple[tuple[int, int], ...] | None = None
     code_scale: str = "fold"
-    references: tuple[str, ...] = REFERENCES
+    baselines: tuple[str, ...] = BASELINES
     coverage: bool = True
     coverage_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     coverage_ce: bool = True
@@ -74,11 +74,11 @@ class FunctionalSettings:
             raise ValueError(f"functional.split={self.split!r}; expected fresh, heldout or profile")
         if self.code_scale not in ("fold", "none"):
             raise ValueError(f"functional.code_scale={self.code_scale!r}; expected fold or none")
-        refs = tuple(self.references)
-        bad = [r for r in refs if r not in REFERENCES]
+        refs = tuple(self.baselines)
+        bad = [r for r in refs if r not in BASELINES]
         if bad:
-            raise ValueError(f"functional.references has {bad}; expected a subset of {list(REFERENCES)}")
-        self.references = refs
+            raise ValueError(f"functional.baselines has {bad}; expected a subset of {list(BASELINES)}")
+        self.baselines = refs
         grid = tuple(float(f) for f in self.coverage_grid)
         if not grid or list(grid) != sorted(set(grid)) or not all(0.0 < f <= 1.0 for f in grid):
             raise ValueError(f"functional.coverage_grid={list(grid)} must be distinct ascending fractions in (0, 1]")

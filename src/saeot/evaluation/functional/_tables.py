@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from saeot.evaluation.functional._settings import REFERENCES
+from saeot.evaluation.functional._settings import BASELINES
 from saeot.io import atomic_path, atomic_write_text
 from saeot.pipeline.rundir import RunDir
 
@@ -27,7 +27,7 @@ def table_rows(run: RunDir, func: dict, judged: dict | None = None) -> list[dict
     """One row per layer pair of ``func`` (a run's ``metrics.json["functional"]``)."""
     rows = []
     for key, p in func["pairs"].items():
-        ref, co, cov, ch = p["reference"], p["coactivation"], p["coverage"], p["chance"]
+        ref, co, cov, ch = p["baselines"], p["coactivation"], p["coverage"], p["chance"]
         row = {
             "matcher": run.label, "layer_a": p["layer_a"], "layer_b": p["layer_b"], "run_dir": str(run.path),
             "ev_sub": p["substitution"]["explained_variance"], "dce_sub": p["substitution"]["delta_ce"],
@@ -37,7 +37,7 @@ def table_rows(run: RunDir, func: dict, judged: dict | None = None) -> list[dict
             "frac_a_matched": cov["frac_a_matched"], "frac_no_match": cov["frac_no_match"],
             "frac_b_covered": cov["frac_b_covered"], "n_one_to_one": cov["n_one_to_one"],
         }
-        for r in REFERENCES:
+        for r in BASELINES:
             row[f"ev_{r}"] = ref.get(r, {}).get("explained_variance", float("nan"))
             row[f"dce_{r}"] = ref.get(r, {}).get("delta_ce", float("nan"))
         jp = (judged or {}).get("pairs", {}).get(key)
