@@ -207,6 +207,8 @@ CASES = [
          "callbacks.circuit.keep_fraction", r"keep_fraction=2 must be in \(0, 1\]", before_model=True),
     Case("circuit-n-exact-text", _t("callbacks=circuit", "circuit=digit_addition", "callbacks.circuit.n_exact=abc"),
          "callbacks.circuit.n_exact", r"n_exact='abc' must be of type int", before_model=True),
+    Case("sae-steps-text", _t("sae.steps=abc"), "sae.steps", r"sae\.steps='abc' must be of type int", before_model=True),
+    Case("sae-unknown-key", _t("+sae.kk=3"), "sae.kk", r"is not a setting of sae=train_local", before_model=True),
     Case("jsonl-missing-key", _t("callbacks=circuit", "circuit=jsonl", "circuit.path={ws}/missing.jsonl"),
          "circuit.path", r"line 2: missing field\(s\) \['wrong'\]"),
     Case("jsonl-answer-not-one-token", _t("callbacks=circuit", "circuit=jsonl", "circuit.path={ws}/long_answer.jsonl"),

@@ -8,6 +8,7 @@ their ``_target_`` imports and their settings bind to its signature.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -46,12 +47,23 @@ def _node(cfg: DictConfig, group: str):
     return OmegaConf.select(cfg, group)
 
 
+def _settings_fields(target) -> set[str] | None:
+    """The fields of the settings dataclass a target is built from (``settings_class`` /
+    ``config_class``: its yaml keys), or None for a target that takes plain arguments."""
+    cls = getattr(target, "settings_class", None) or getattr(target, "config_class", None)
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+
+
 def _check_binds(node: DictConfig, where: str) -> None:
-    """``_target_`` imports; its settings bind to its signature (nested targets too)."""
+    """``_target_`` imports; its settings bind to its signature, or are fields of its settings
+    dataclass (nested targets too)."""
     target = get_object(node["_target_"])
     kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
     params = inspect.signature(target).parameters
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    fields = _settings_fields(target)
+    if fields is not None:
+        params, takes_kwargs = fields, False
     unknown = [k for k in kwargs if k not in params and not takes_kwargs]
     assert not unknown, f"{where}: {unknown} are not arguments of {node['_target_']}"
     for k, v in kwargs.items():
@@ -97,10 +109,42 @@ def test_option_composes_and_builds(group, option, tmp_path, compose_cfg):
         assert lm.n_layers >= 2
 
 
-def test_the_local_sae_config_lists_every_training_setting():
-    """Every training setting of LocalTrainedSAEs is in conf/sae/train_local.yaml, so each one can be
-    overridden from the command line (sae.jumprelu_init_threshold once was not: Hydra refused it)."""
-    node = OmegaConf.load(Path(CONF_DIR) / "sae" / "train_local.yaml")
-    params = set(inspect.signature(get_object(node["_target_"])).parameters) - {"self", "device", "progress"}
-    missing = sorted(params - set(node))
-    assert not missing, f"conf/sae/train_local.yaml lacks {missing}"
+#: yaml files whose keys are exactly the fields of their target's settings dataclass (less the
+#: fields each leaves to the code): every setting can be overridden on the command line without ``+``
+#: (sae.jumprelu_init_threshold once could not be: Hydra refused it)
+SETTINGS_FILES = {"sae/train_local.yaml": {"device", "progress"}, "callbacks/circuit.yaml": set()}
+
+
+@pytest.mark.parametrize("path", sorted(SETTINGS_FILES))
+def test_a_settings_file_lists_every_setting_of_its_dataclass(path):
+    node = OmegaConf.load(Path(CONF_DIR) / path)
+    if "_target_" not in node:  # callbacks/*.yaml: one node per callback
+        (node,) = node.values()
+    fields = _settings_fields(get_object(node["_target_"]))
+    keys = {k for k in node if not k.startswith("_")}
+    missing = sorted(fields - SETTINGS_FILES[path] - keys)
+    assert not missing, f"conf/{path} lacks {missing}"
+    assert keys <= fields, f"conf/{path}: {sorted(keys - fields)} are not settings"
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["sae.k=abc"], "sae.k='abc' must be of type int"),
+    (["sae.steps=0"], "sae.steps=0 must be >= 1"),
+    (["sae.lr=-1"], "sae.lr=-1 must be > 0"),
+    (["+sae.kk=3"], "sae.kk is not a setting of sae=train_local"),
+    (["sae.architecture=gated"], "sae.architecture='gated'"),
+    (["callbacks=circuit", "circuit=ioi", "callbacks.circuit.fraction=0"], "callbacks.circuit.fraction=0 must be"),
+    (["callbacks=circuit", "circuit=ioi", "+callbacks.circuit.nodes=3"], "callbacks.circuit.nodes is not a setting"),
+    (["matcher.null_alpha=abc"], "matcher.null_alpha='abc' must be of type float"),
+])
+def test_a_wrong_setting_is_one_value_error_naming_it(overrides, named, compose_cfg):
+    """One settings style: matchers, the circuit callback and SAE training all check their
+    settings when built and name the yaml key of a wrong one (the line the CLI prints)."""
+    from saeot.pipeline.config import build
+
+    cfg = compose_cfg("experiment=smoke", *overrides)
+    group = "callbacks" if overrides[0].startswith(("callbacks", "+callbacks")) else overrides[0].lstrip("+").split(".")[0]
+    node = cfg.callbacks.circuit if group == "callbacks" else cfg[group]
+    with pytest.raises(ValueError) as e:
+        build(node)
+    assert str(e.value).splitlines()[0].startswith(named), str(e.value)

@@ -54,7 +54,7 @@ def test_sae_architecture_jumprelu_trains_through_the_config(compose_cfg, tiny_l
 
     cfg = compose_cfg("experiment=smoke", "sae.architecture=jumprelu", f"paths.cache_dir={tmp_path}")
     provider = build(cfg.sae)
-    assert provider.architecture == "jumprelu"
+    assert provider.settings.architecture == "jumprelu"
     tiny_dm.setup()
     hooks = list(tiny_dm.hooks)
     saes = provider.load(tiny_lm, hooks, tiny_dm)
@@ -85,8 +85,8 @@ def test_target_l0_trains_towards_it_and_keys_the_cache():
     low, high = l0(2), l0(48)
     assert high > 2 * low  # the same data, seed and steps: the L0 follows the target
     assert abs(high - 48) < 8  # and lands near it (the threshold moves slowly: 2 is not reached in 400 steps)
-    plain = LocalTrainedSAEs(architecture="jumprelu").settings(24)
+    plain = LocalTrainedSAEs(architecture="jumprelu").key_settings(24)
     assert "target_l0" not in plain and "jumprelu_sparsity_loss_mode" not in plain
-    assert LocalTrainedSAEs(architecture="jumprelu", target_l0=64).settings(24)["target_l0"] == 64.0
+    assert LocalTrainedSAEs(architecture="jumprelu", target_l0=64).key_settings(24)["target_l0"] == 64.0
     with pytest.raises(ValueError, match="sae.target_l0"):
         SAETrainingConfig(architecture="jumprelu", d_sae=64, target_l0=100)

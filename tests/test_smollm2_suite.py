@@ -26,14 +26,14 @@ def test_suite_settings(compose_cfg):
     assert {(3, 4), (4, 5), (8, 9)} <= pairs and any(b - a >= 4 for a, b in pairs)
     provider = instantiate(cfg.sae)
     assert isinstance(provider, LocalTrainedSAEs)
-    assert provider.training_config(D_MODEL).d_sae >= 4 * D_MODEL and provider.train_tokens >= 2_000_000
+    assert provider.training_config(D_MODEL).d_sae >= 4 * D_MODEL and provider.settings.train_tokens >= 2_000_000
     n_held = round(cfg.data.heldout_fraction * cfg.data.max_contexts)
-    assert (cfg.data.max_contexts - n_held) * (cfg.data.context_len - 1) >= provider.train_tokens
+    assert (cfg.data.max_contexts - n_held) * (cfg.data.context_len - 1) >= provider.settings.train_tokens
     assert cfg.data.text._target_ == "saeot.data.corpus.PackagesCorpus"
     assert cfg.activation_store.splits == ["profile", "heldout"]
     assert cfg.callbacks.sae_quality._target_ == "saeot.evaluation.sae_quality.SAEQuality"
     jump = instantiate(compose_cfg("experiment=smollm2_suite", "sae.architecture=jumprelu").sae)
-    assert jump.architecture == "jumprelu"
+    assert jump.settings.architecture == "jumprelu"
 
 
 def test_suite_sae_cache_key_changes_with_width_layer_tokens(compose_cfg):

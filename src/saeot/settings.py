@@ -1,7 +1,7 @@
 """One style for every group of settings: a frozen dataclass, checked once when it is built.
 
 A component's settings are the fields of a dataclass (``MatcherConfig``, ``CircuitSettings``,
-``SAETrainingSettings``, ``LayerSettings``, ``ProfilingSettings``); the fields are the keys of its
+``LocalSAESettings``, ``LayerSettings``, ``ProfilingSettings``); the fields are the keys of its
 yaml node, so ``callbacks.circuit.n_supernodes=4`` on the command line is the field
 ``n_supernodes``. The dataclass's ``__post_init__`` checks the values with :func:`check_types`
 and its own rules, and every error is a ``ValueError`` whose first line names the yaml key

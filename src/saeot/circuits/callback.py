@@ -14,7 +14,7 @@ its supernodes, faithfulness, curves, ``circuit.json`` and the ``"circuit"`` ent
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 
@@ -38,6 +38,7 @@ class CircuitCompression(L.Callback, RunCallback):
     """
 
     key = "circuit"
+    settings_class: ClassVar[type[CircuitSettings]] = CircuitSettings
 
     def __init__(self, settings: CircuitSettings | None = None, **kwargs: Any) -> None:
         super().__init__()

@@ -4,7 +4,7 @@ folding, one training path on sae_lens, and checks against the model."""
 from saeot.saes.checks import check_sae_widths, check_saes
 from saeot.saes.codes import decode, encode
 from saeot.saes.folding import encoder_bias, fold_sae, fold_scale, fold_threshold
-from saeot.saes.providers import DiskSAEs, LocalTrainedSAEs, PretrainedSAEs, SAEProvider
+from saeot.saes.providers import DiskSAEs, LocalSAESettings, LocalTrainedSAEs, PretrainedSAEs, SAEProvider
 from saeot.saes.records import disk_record, load_recorded, pretrained_record
 from saeot.saes.training import (
     ARCHITECTURES,
@@ -19,6 +19,7 @@ __all__ = [
     "PretrainedSAEs",
     "DiskSAEs",
     "LocalTrainedSAEs",
+    "LocalSAESettings",
     "load_recorded",
     "disk_record",
     "pretrained_record",

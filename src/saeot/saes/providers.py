@@ -20,8 +20,9 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from sae_lens import SAE
@@ -33,10 +34,11 @@ from saeot.io import CorruptFileError, build_dir_atomically, default_cache_dir, 
 from saeot.progress import progress_bar
 from saeot.saes.records import disk_record, pretrained_record
 from saeot.saes.training import ARCHITECTURES, SAETrainingConfig, train_sae
+from saeot.settings import check_types, from_settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SAEProvider", "PretrainedSAEs", "DiskSAEs", "LocalTrainedSAEs"]
+__all__ = ["SAEProvider", "PretrainedSAEs", "DiskSAEs", "LocalTrainedSAEs", "LocalSAESettings"]
 
 
 
@@ -138,6 +140,68 @@ class DiskSAEs(SAEProvider):
         return {h: disk_record(self._dir(h), self.dtype) for h in hooks}
 
 
+#: where the local training settings live in the run's config (``sae=train_local``)
+PREFIX = "sae"
+
+
+@dataclass(frozen=True)
+class LocalSAESettings:
+    """The settings of :class:`LocalTrainedSAEs` (the keys of ``conf/sae/train_local.yaml``),
+    checked when built: a wrong value or an unknown key is a ValueError naming ``sae.<key>``.
+
+    Attributes:
+        architecture: ``topk``, ``jumprelu`` or ``standard``.
+        d_sae: number of features (or ``expansion`` x d_model when None).
+        expansion: features per hidden dimension when ``d_sae`` is None.
+        k: TopK's k.
+        l1_coefficient / l0_coefficient: sparsity penalties of standard / JumpReLU.
+        jumprelu_init_threshold: JumpReLU: where the thresholds start.
+        target_l0: JumpReLU: train towards this L0 (quadratic loss) instead of penalising L0.
+        lr, steps, batch_size, train_tokens, seed: training settings.
+        cache_dir: cache root (default ``$SAEOT_CACHE`` or ``~/.cache/saeot``).
+        device: where to train and load.
+        progress: progress bars.
+    """
+
+    architecture: str = "topk"
+    d_sae: int | None = None
+    expansion: int = 4
+    k: int = 16
+    l1_coefficient: float = 5.0
+    l0_coefficient: float = 1.0
+    jumprelu_init_threshold: float = 0.01
+    target_l0: float | None = None
+    lr: float = 3e-3
+    steps: int = 600
+    batch_size: int = 512
+    train_tokens: int = 16384
+    seed: int = 0
+    cache_dir: str | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cache_dir, Path):
+            object.__setattr__(self, "cache_dir", str(self.cache_dir))
+        if self.architecture not in ARCHITECTURES:  # first: the message names the choices
+            raise ValueError(f"sae.architecture={self.architecture!r}; expected one of {sorted(ARCHITECTURES)}")
+        check_types(self, PREFIX)
+        for name in ("expansion", "k", "steps", "batch_size", "train_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sae.{name}={getattr(self, name)} must be >= 1")
+        if self.d_sae is not None and self.d_sae < 1:
+            raise ValueError(f"sae.d_sae={self.d_sae} must be >= 1 (or null: expansion x d_model)")
+        if not self.lr > 0:
+            raise ValueError(f"sae.lr={self.lr} must be > 0")
+        for name in ("l1_coefficient", "l0_coefficient", "jumprelu_init_threshold"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"sae.{name}={getattr(self, name)} must be >= 0")
+        if self.target_l0 is not None and not self.target_l0 > 0:  # the upper bound, d_sae, once d_model is known
+            raise ValueError(f"sae.target_l0={self.target_l0}: expected a number > 0 (and <= d_sae) or null")
+        if self.target_l0 is not None and self.d_sae is not None and self.target_l0 > self.d_sae:
+            raise ValueError(f"sae.target_l0={self.target_l0}: expected a number in (0, d_sae={self.d_sae}] or null")
+
+
 class LocalTrainedSAEs(SAEProvider):
     """Train one SAE per hook with sae_lens on streamed hidden states, cached on disk.
 
@@ -153,68 +217,46 @@ class LocalTrainedSAEs(SAEProvider):
     written to a temporary directory first and renamed, so an interrupted training
     is never reused.
 
-    Args:
-        architecture: ``topk``, ``jumprelu`` or ``standard``.
-        d_sae: number of features (or ``expansion`` x d_model when None).
-        k: TopK's k.
-        l1_coefficient / l0_coefficient: sparsity penalties of standard / JumpReLU.
-        target_l0: JumpReLU: train towards this L0 (quadratic loss) instead of penalising L0.
-        lr, steps, batch_size, train_tokens, seed: training settings.
-        cache_dir: cache root (default ``$SAEOT_CACHE`` or ``~/.cache/saeot``).
+    Built from its settings, ``LocalTrainedSAEs(d_sae=64, k=4)`` (what Hydra's
+    ``conf/sae/train_local.yaml`` does: the fields of :class:`LocalSAESettings`), or from
+    ready settings, ``LocalTrainedSAEs(LocalSAESettings(...))``; they live in ``self.settings``.
     """
 
-    def __init__(
-        self,
-        architecture: str = "topk",
-        d_sae: int | None = None,
-        expansion: int = 4,
-        k: int = 16,
-        l1_coefficient: float = 5.0,
-        l0_coefficient: float = 1.0,
-        jumprelu_init_threshold: float = 0.01,
-        target_l0: float | None = None,
-        lr: float = 3e-3,
-        steps: int = 600,
-        batch_size: int = 512,
-        train_tokens: int = 16384,
-        seed: int = 0,
-        cache_dir: str | None = None,
-        device: str = "cpu",
-        progress: bool = True,
-    ) -> None:
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"sae.architecture={architecture!r}; expected one of {sorted(ARCHITECTURES)}")
-        self.architecture = architecture
-        self.d_sae, self.expansion, self.k = d_sae, expansion, k
-        self.l1_coefficient, self.l0_coefficient = l1_coefficient, l0_coefficient
-        self.jumprelu_init_threshold, self.target_l0 = jumprelu_init_threshold, target_l0
-        self.lr, self.steps, self.batch_size, self.train_tokens, self.seed = lr, steps, batch_size, train_tokens, seed
-        self.cache_dir = cache_dir
-        self.device = device
-        self.progress = progress
+    settings_class: ClassVar[type[LocalSAESettings]] = LocalSAESettings
+
+    def __init__(self, settings: LocalSAESettings | None = None, **kwargs: Any) -> None:
+        if settings is None:
+            settings = from_settings(LocalSAESettings, kwargs, PREFIX, "sae=train_local")
+        elif kwargs:
+            raise TypeError("LocalTrainedSAEs: pass either a LocalSAESettings or settings, not both")
+        if not isinstance(settings, LocalSAESettings):
+            raise TypeError(f"LocalTrainedSAEs needs a LocalSAESettings, got {type(settings).__name__}")
+        self.settings = settings
         self.n_trained = 0  # SAEs trained (not taken from the cache) by the last load()
         self._paths: dict[str, Path] = {}  # hook -> cache entry, set by load()
 
     def training_config(self, d_model: int) -> SAETrainingConfig:
         """The settings of :func:`saeot.saes.training.train_sae` for hidden states of width ``d_model``."""
+        s = self.settings
         return SAETrainingConfig(
-            architecture=self.architecture, d_sae=self.d_sae or self.expansion * d_model, k=self.k,
-            l1_coefficient=self.l1_coefficient, l0_coefficient=self.l0_coefficient,
-            jumprelu_init_threshold=self.jumprelu_init_threshold, target_l0=self.target_l0, lr=self.lr, steps=self.steps,
-            batch_size=self.batch_size, normalize_inputs=True, device=self.device, progress=self.progress,
+            architecture=s.architecture, d_sae=s.d_sae or s.expansion * d_model, k=s.k,
+            l1_coefficient=s.l1_coefficient, l0_coefficient=s.l0_coefficient,
+            jumprelu_init_threshold=s.jumprelu_init_threshold, target_l0=s.target_l0, lr=s.lr, steps=s.steps,
+            batch_size=s.batch_size, normalize_inputs=True, device=s.device, progress=s.progress,
         )
 
     # ------------------------------------------------------------------ cache
     def _root(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir).expanduser()
+        if self.settings.cache_dir:
+            return Path(self.settings.cache_dir).expanduser()
         return default_cache_dir()
 
-    def settings(self, d_model: int) -> dict[str, Any]:
-        tcfg = self.training_config(d_model)
+    def key_settings(self, d_model: int) -> dict[str, Any]:
+        """The training settings the cache key hashes (for hidden states of width ``d_model``)."""
+        s, tcfg = self.settings, self.training_config(d_model)
         return {
-            "architecture": self.architecture, "d_sae": tcfg.d_sae, "lr": self.lr, "steps": self.steps,
-            "batch_size": self.batch_size, "train_tokens": self.train_tokens, "seed": self.seed,
+            "architecture": s.architecture, "d_sae": tcfg.d_sae, "lr": s.lr, "steps": s.steps,
+            "batch_size": s.batch_size, "train_tokens": s.train_tokens, "seed": s.seed,
             **tcfg.architecture_options(),
         }
 
@@ -222,7 +264,7 @@ class LocalTrainedSAEs(SAEProvider):
         model_id = {"name": lm.name, "cfg": {k: str(v) for k, v in sorted(lm.model.cfg.to_dict().items())
                                              if k in ("n_layers", "d_model", "d_vocab", "n_heads", "d_mlp", "seed")}}
         blob = json.dumps({"model": model_id, "hook": hook, "data": data_fingerprint,
-                           "settings": self.settings(lm.model.cfg.d_model), "v": 1}, sort_keys=True)
+                           "settings": self.key_settings(lm.model.cfg.d_model), "v": 1}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def cache_path(self, lm: Any, hook: str, data_fingerprint: str) -> Path:
@@ -256,7 +298,7 @@ class LocalTrainedSAEs(SAEProvider):
         out = {}
         for h in hooks:
             try:
-                out[h] = SAE.load_from_disk(paths[h], device=self.device)
+                out[h] = SAE.load_from_disk(paths[h], device=self.settings.device)
             except Exception as e:
                 raise CorruptFileError(f"paths.cache_dir: the cached SAE {paths[h]} is corrupt ({e}); "
                                        "delete that directory and rerun") from e
@@ -274,29 +316,30 @@ class LocalTrainedSAEs(SAEProvider):
         """Up to ``train_tokens`` hidden states per hook from the profile split, ``[N, d]`` fp32,
         written into one buffer per hook allocated up front (peak memory: the pool, not the
         pool plus its batches, as gathering and concatenating took)."""
+        s = self.settings
         bufs: dict[str, torch.Tensor] = {}
         n = 0
-        with progress_bar(total=self.train_tokens, desc="collect SAE training tokens", enabled=self.progress, leave=False) as bar:
-            for batch in datamodule.iter_batches("profile", device=self.device, hooks=hooks):
+        with progress_bar(total=s.train_tokens, desc="collect SAE training tokens", enabled=s.progress, leave=False) as bar:
+            for batch in datamodule.iter_batches("profile", device=s.device, hooks=hooks):
                 mask = batch["mask"]
-                take = min(int(mask.sum()), self.train_tokens - n)
+                take = min(int(mask.sum()), s.train_tokens - n)
                 for h in hooks:
                     x = batch["hidden"][h][mask][:take]
                     if h not in bufs:
-                        bufs[h] = torch.empty(self.train_tokens, x.shape[-1], dtype=torch.float32)
+                        bufs[h] = torch.empty(s.train_tokens, x.shape[-1], dtype=torch.float32)
                     bufs[h][n:n + take].copy_(x)
                 n += take
                 bar.update(take)
-                if n >= self.train_tokens:
+                if n >= s.train_tokens:
                     break
         if n == 0:
-            raise ValueError(f"sae.train_tokens={self.train_tokens}: the profile split gave no token to train the SAEs "
+            raise ValueError(f"sae.train_tokens={s.train_tokens}: the profile split gave no token to train the SAEs "
                              f"of {hooks} on (data.max_contexts, data.heldout_fraction)")
         return {h: b if n == b.shape[0] else b[:n].clone() for h, b in bufs.items()}
 
     def train_one(self, acts: torch.Tensor, hook: str) -> Any:
         """Train a fresh training SAE on ``acts [N, d]``; returns it with the input scale folded in."""
-        return train_sae(acts, self.training_config(acts.shape[1]), seed=self.seed, name=hook)
+        return train_sae(acts, self.training_config(acts.shape[1]), seed=self.settings.seed, name=hook)
 
 
 TRAINING_RECORD = "training.json"
