@@ -148,3 +148,40 @@ def test_a_wrong_setting_is_one_value_error_naming_it(overrides, named, compose_
     with pytest.raises(ValueError) as e:
         build(node)
     assert str(e.value).splitlines()[0].startswith(named), str(e.value)
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["layers.ids=[1,1]"], "layers.ids=[1, 1] has repeats"),
+    (["layers.ids=some"], "layers.ids='some'; use a list of layer numbers"),
+    (["layers.pairs=sideways"], "layers.pairs='sideways'; use adjacent"),
+    (["layers.pairs=[[1]]"], "layers.pairs=[[1]]; use adjacent"),
+    (["layers.site=3"], "layers.site=3 must be of type str"),
+    (["+layers.idz=[1]"], "layers.idz is not a setting of layers"),
+    (["profiling.k=0"], "profiling.k=0 must be a whole number >= 1"),
+    (["profiling.sampling=best"], "profiling.sampling='best'; expected one of"),
+    (["profiling.reference_tokens=abc"], "profiling.reference_tokens='abc' must be a whole number >= 2"),
+])
+def test_a_wrong_layers_or_profiling_setting_is_named(overrides, named, compose_cfg):
+    """``layers`` and ``profiling`` are typed settings too, built and checked once by the setup stage."""
+    from saeot.pipeline.config import layer_settings, profiling_settings
+
+    cfg = compose_cfg("experiment=smoke", *overrides)
+    read = layer_settings if overrides[0].lstrip("+").startswith("layers") else profiling_settings
+    with pytest.raises(ValueError) as e:
+        read(cfg)
+    assert str(e.value).splitlines()[0].startswith(named), str(e.value)
+
+
+def test_the_layers_settings_give_the_run_hooks_and_pairs(compose_cfg):
+    from saeot.pipeline.config import LayerSettings, layer_settings, profiling_settings, run_hooks
+
+    layers = layer_settings(compose_cfg("experiment=smoke", "layers.ids=[3,1,2]", "layers.pairs=all_to_last"))
+    assert layers == LayerSettings(ids=(1, 2, 3), site="resid_post", pairs="all_to_last") and not layers.all_layers
+    assert layers.layer_pairs(layers.layer_ids()) == [(1, 3), (2, 3)]
+    every = layer_settings(compose_cfg("layers.ids=all", "layers.pairs=[[0,2]]"))
+    assert every.all_layers and every.layer_ids(4) == [0, 1, 2, 3] and every.layer_pairs([0, 1, 2, 3]) == [(0, 2)]
+    assert profiling_settings(compose_cfg("experiment=smoke")).k == 8
+    # sae_b: the layers' hooks, then their second SAEs' keys; both directions at every layer
+    hooks, pairs = run_hooks(compose_cfg("experiment=smoke", "layers.ids=[1]", "sae@sae_b=train_local_tiny"))
+    assert hooks == ["blocks.1.hook_resid_post", "blocks.1.hook_resid_post@b"]
+    assert pairs == [(hooks[0], hooks[1]), (hooks[1], hooks[0])]

@@ -1,6 +1,9 @@
 """The stages of a ``train.py`` run, each a function from typed inputs to a typed result.
 
-1. :func:`setup`: load the model; check the layers; build the data module and
+1. :func:`setup`: read the ``layers`` and ``profiling`` settings into their typed, checked
+   dataclasses (:class:`~saeot.pipeline.config.LayerSettings`,
+   :class:`~saeot.pipeline.config.ProfilingSettings`; the later stages read those, not
+   ``cfg``); load the model; check the layers; build the data module and
    tokenise (empty corpus?); check the SAE settings; load or train SAEs; check their
    widths. Every check that can fail on bad input runs here, before the first
    forward pass over the corpus.
@@ -29,10 +32,10 @@ from saeot.pipeline.config import (
     build,
     check_layers,
     check_trainer,
-    layer_ids,
+    layer_settings,
     match_device,
+    profiling_settings,
     run_hooks,
-    wants_all_layers,
 )
 from saeot.pipeline.state import Matches, ReferenceFit, RunSetup, Streams
 from saeot.profiling import (
@@ -40,7 +43,6 @@ from saeot.profiling import (
     CorrelationConsumer,
     ProfileConsumer,
     StreamPass,
-    check_profiling,
 )
 from saeot.reference import project_samples
 from saeot.saes import check_saes
@@ -55,21 +57,22 @@ def setup(cfg: DictConfig, run_dir: str | Path, checks: Sequence[Callable[[Any],
     """Stage 1: build and check everything; no forward pass over the corpus happens here
     (except to train SAEs that are not cached, after every check of the settings).
     ``checks``: more checks of the loaded model (e.g. :meth:`RunCallback.check`)."""
-    check_profiling(cfg.profiling.k, cfg.profiling.sampling, cfg.profiling.reference_tokens)
+    profiling = profiling_settings(cfg)  # the typed settings the stages read, checked once here
+    layers = layer_settings(cfg)
     if cfg.get("trainer") is not None:  # built only after setup, by the caller
         check_trainer(cfg.trainer)
     matcher = build(cfg.matcher)
     providers = {None: build(cfg.sae)}  # SAE tag -> provider; sae_b: the second SAE at every hook
     if cfg.get("sae_b") is not None:
         providers[SAE_B_TAG] = build(cfg.sae_b)
-    if not wants_all_layers(cfg):  # the SAE settings, before the model is even loaded
+    if not layers.all_layers:  # the SAE settings, before the model is even loaded
         for provider in providers.values():
             provider.validate(_model_hooks(run_hooks(cfg)[0]))
     lm = build(cfg.model)
     n_layers = lm.model.cfg.n_layers
-    check_layers(layer_ids(cfg, n_layers), n_layers)
+    check_layers(layers.layer_ids(n_layers), n_layers)
     hooks, pairs = run_hooks(cfg, n_layers)
-    if wants_all_layers(cfg):
+    if layers.all_layers:
         for provider in providers.values():
             provider.validate(_model_hooks(hooks))
     build(cfg.reference).check(lm.model.cfg.d_model)
@@ -93,7 +96,8 @@ def setup(cfg: DictConfig, run_dir: str | Path, checks: Sequence[Callable[[Any],
         sae.eval()
         sae.requires_grad_(False)
     return RunSetup(cfg=cfg, run_dir=Path(run_dir), lm=lm, datamodule=datamodule, saes=saes,
-                    sae_records=records, hooks=tuple(hooks), pairs=tuple(pairs), matcher=matcher)
+                    sae_records=records, hooks=tuple(hooks), pairs=tuple(pairs), matcher=matcher,
+                    layers=layers, profiling=profiling)
 
 
 def _model_hooks(keys: Sequence[str]) -> list[str]:
@@ -103,14 +107,14 @@ def _model_hooks(keys: Sequence[str]) -> list[str]:
 
 def stream(run: RunSetup, trainer: Any) -> Streams:
     """Stages 2-3: the profile pass and the held-out pass through ``trainer.predict``."""
-    cfg = run.cfg
+    p = run.profiling
     t0 = time.perf_counter()
     hooks = list(run.hooks)
-    prof = ProfileConsumer(hooks, run.saes, k=cfg.profiling.k, mode=cfg.profiling.sampling, seed=cfg.seed)
+    prof = ProfileConsumer(hooks, run.saes, k=p.k, mode=p.sampling, seed=run.cfg.seed)
     trainer.predict(StreamPass(run.saes, [prof]), datamodule=run.datamodule.view("profile"), return_predictions=False)
     samples = prof.results()
 
-    aligned_c = AlignedStatesConsumer(hooks, cfg.profiling.reference_tokens)
+    aligned_c = AlignedStatesConsumer(hooks, p.reference_tokens)
     consumers: list = [aligned_c]
     corr_c = None
     if "correlations" in run.matcher.requires:
@@ -121,7 +125,7 @@ def stream(run: RunSetup, trainer: Any) -> Streams:
         "seconds": time.perf_counter() - t0,
         "n_tokens": {h: s.n_tokens for h, s in samples.items()},
         "alive_fraction": {h: float(s.alive.float().mean()) for h, s in samples.items()},
-        "k": cfg.profiling.k, "sampling": cfg.profiling.sampling,
+        "k": p.k, "sampling": p.sampling,
     }
     return Streams(samples=samples, aligned=aligned_c.results(),
                    correlations=corr_c.results() if corr_c is not None else None, metrics=metrics)

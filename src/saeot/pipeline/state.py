@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # annotations only: importing state.py loads no model, data o
     from saeot.data.datamodule import HiddenStateDataModule
     from saeot.matching.base import Matcher
     from saeot.models.language_model import LanguageModel
+    from saeot.pipeline.config import LayerSettings, ProfilingSettings
     from saeot.reference.base import ReferenceSpace
 
 __all__ = ["RunSetup", "Streams", "ReferenceFit", "Matches", "TrainResult"]
@@ -38,7 +39,7 @@ class RunSetup:
     ``saes``: hook -> frozen sae_lens SAE; ``sae_records``: hook -> JSON record of where
     the SAE came from (read back by :class:`saeot.pipeline.rundir.RunDir`, never retrained);
     ``datamodule``: the corpus's data module, or the on-disk store of its hidden states
-    (``activation_store`` set).
+    (``activation_store`` set); ``layers`` / ``profiling``: those settings, typed and checked.
     """
 
     cfg: DictConfig
@@ -50,6 +51,8 @@ class RunSetup:
     hooks: tuple[str, ...]
     pairs: tuple[tuple[str, str], ...]
     matcher: Matcher
+    layers: LayerSettings
+    profiling: ProfilingSettings
 
 
 @dataclass(frozen=True)
