@@ -132,7 +132,7 @@ class MatcherConfig:
             pairs that exclude each feature's nearest partner (its likely true partner).
             Excluding it also removes the best null pair of every feature that has no
             partner, which is most of the null's mass below ``q``: the threshold comes
-            out high (lenient). Kept as the comparison (tests/test_null.py measures it).
+            out high (lenient). Kept as the comparison (tests/matching/test_null.py measures it).
             Either way the threshold does not depend on the assignments computed.
         null_quantile: if set, use this raw quantile of the random-pair costs instead.
         n_null: random pairs drawn for the null (``fit``; at least, for ``empirical``).

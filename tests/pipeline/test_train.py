@@ -12,7 +12,7 @@ import torch
 
 from saeot.pipeline import MATCH_COLUMNS, ConfigError, build, fit_reference, match, run_train, setup, stream
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MATCHERS = ["semantic_ot", "sae_match", "feature_flow", "activation_correlation", "mean_embedding"]
 
 

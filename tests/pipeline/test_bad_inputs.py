@@ -35,7 +35,7 @@ from saeot.data.text import StdlibDocstrings
 from saeot.pipeline.completion import RUN_MARKER
 from saeot.pipeline.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ["experiment=smoke", "logger=none", "trainer.enable_progress_bar=false"]
 HOOK1 = "blocks.1.hook_resid_post"
 

@@ -1,6 +1,6 @@
 """Matching sharded over ranks: each rank searches a block of A's features; the gathered
 result equals one process's (ranks simulated by threads exchanging through a barrier; the
-2-process DDP run is in tests/test_train.py)."""
+2-process DDP run is in tests/pipeline/test_train.py)."""
 
 import threading
 

@@ -1,5 +1,5 @@
 """SIGKILL at 20+ moments over the phases of ``train.py experiment=smoke`` (and of the model
-conversion), reruns, a resumed sweep: tests/kill_harness.py, run as its own process (it forks
+conversion), reruns, a resumed sweep: tests/pipeline/kill_harness.py, run as its own process (it forks
 its runs after one import of saeot; see its docstring). Runs in CI (marker ``kill``)."""
 
 import json
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.kill
 def test_killed_runs_never_leave_trusted_partial_outputs_and_reruns_equal_the_clean_run(tmp_path):
     work = tmp_path / "kills"
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_harness.py"), "--work", str(work), "--seed", "0"],
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "pipeline" / "kill_harness.py"), "--work", str(work), "--seed", "0"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=1500)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]  # the harness asserts integrity after every kill
     print(p.stdout.strip().splitlines()[-2])  # the summary line (pytest -s)

@@ -1,5 +1,5 @@
 """``evaluate.py evaluation=supernodes graph=G.json run_dir=DIR``: a graph saeot did not make
-(tests/data/circuit_tracer_graph.json, written by hand in circuit-tracer's format, features of
+(tests/fixtures/circuit_tracer_graph.json, written by hand in circuit-tracer's format, features of
 layers 1 and 2 of the smoke SAEs) comes back with ``qParams.supernodes`` filled, valid against
 Neuronpedia's schema, every field of the input kept."""
 
@@ -14,7 +14,7 @@ from helpers.runs import train_run
 from saeot.evaluation.runner import run_evaluate
 from saeot.pipeline.rundir import RunDir
 
-GRAPH = Path(__file__).parent / "data" / "circuit_tracer_graph.json"
+GRAPH = Path(__file__).resolve().parents[1] / "fixtures" / "circuit_tracer_graph.json"
 
 
 def _features(graph: dict) -> list[dict]:

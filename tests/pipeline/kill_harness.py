@@ -1,6 +1,6 @@
 """Kill ``train.py experiment=smoke`` with SIGKILL at many moments, rerun it, compare.
 
-    python tests/kill_harness.py --work /tmp/kills [--seed 0]
+    python tests/pipeline/kill_harness.py --work /tmp/kills [--seed 0]
 
 1. Two clean runs (cold SAE cache, then warm) give the reference outputs and the timeline
    of each phase, read from the run's log lines (``corpus: ...`` -> SAE training and
