@@ -44,6 +44,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers, run as a script too
+from helpers.metrics import result_numbers  # noqa: E402
+
 from saeot.cli import train_main  # the heavy imports, once, before any fork
 from saeot.io import is_complete_dir
 from saeot.models import smollm2
@@ -147,21 +150,6 @@ def _phase(log: Path, cold: bool) -> str:
 
 
 # ---------------------------------------------------------------------------- checks
-def _numbers(metrics: dict) -> dict:
-    out: dict = {}
-
-    def walk(prefix: str, node) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if "seconds" not in k and "minutes" not in k:
-                    walk(f"{prefix}/{k}", v)
-        else:
-            out[prefix] = node
-
-    walk("", metrics)
-    return out
-
-
 def _tensors(path: Path) -> tuple[dict, dict]:
     """A safetensors file's metadata and arrays (NumPy: the parent never runs torch kernels)."""
     with safe_open(str(path), framework="numpy") as f:
@@ -179,7 +167,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def _same_outputs(a: Path, b: Path) -> list[str]:
     """What differs between two finished run dirs (empty: the same)."""
     diff = [f for f in COMPARED if not _same_file(a / f, b / f)]
-    if _numbers(json.loads((a / "metrics.json").read_text())) != _numbers(json.loads((b / "metrics.json").read_text())):
+    if result_numbers(json.loads((a / "metrics.json").read_text())) != result_numbers(json.loads((b / "metrics.json").read_text())):
         diff.append("metrics.json")
     return diff
 

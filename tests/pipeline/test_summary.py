@@ -94,7 +94,9 @@ def test_metrics_record_seconds_and_peak_rss_per_stage(tmp_path, compose_cfg):
     import json
     import subprocess
     import sys
+    from pathlib import Path
 
+    from saeot.pipeline import resources
     from saeot.pipeline.resources import peak_rss_gb
 
     run_train(compose_cfg("experiment=smoke", "logger=none", f"paths.cache_dir={tmp_path / 'cache'}",
@@ -107,7 +109,10 @@ def test_metrics_record_seconds_and_peak_rss_per_stage(tmp_path, compose_cfg):
     assert res["stages"][0]["seconds"] > 0.5  # setup trains two tiny SAEs
     # in a fresh process (this one's high-water mark is set by earlier tests): touching 0.3 GB in a
     # stage raises that stage's peak by about that much
-    code = ("from saeot.pipeline.resources import StageClock\n"
+    code = ("import importlib.util\n"  # the module alone: saeot.pipeline would load torch first, whose import peak could hide the growth
+            f"spec = importlib.util.spec_from_file_location('resources', {str(Path(resources.__file__))!r})\n"
+            "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+            "StageClock = mod.StageClock\n"
             "c = StageClock()\n"
             "with c.stage('idle'): pass\n"
             "with c.stage('grow'):\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.metrics import result_numbers
 
 from saeot.pipeline import MATCH_COLUMNS, ConfigError, build, fit_reference, match, run_train, setup, stream
 
@@ -124,23 +125,6 @@ def test_cli_prints_one_line_error(tmp_path):
     assert not (tmp_path / "run" / "matches.csv").exists()
 
 
-def _numbers_without_timings(metrics: dict) -> dict:
-    """``metrics.json`` flattened to ``path -> value``, without wall-clock times (seconds, minutes) and
-    memory (``resources``: a process's peak RSS is not a result)."""
-    out: dict = {}
-
-    def walk(prefix: str, node) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if "seconds" not in k and "minutes" not in k and k != "resources":
-                    walk(f"{prefix}/{k}", v)
-        else:
-            out[prefix] = node
-
-    walk("", metrics)
-    return out
-
-
 @pytest.mark.parametrize("sampling", ["topk", "reservoir"])
 def test_ddp_two_processes_give_the_single_process_result(tmp_path, sampling):
     """trainer=ddp on 2 CPU processes: each rank profiles a shard of the contexts (reservoir keys
@@ -159,7 +143,7 @@ def test_ddp_two_processes_give_the_single_process_result(tmp_path, sampling):
     assert "Starting with 2 processes" in two.stderr  # really two ranks
     for name in ("matches.csv", "feature_stats.csv", "flows.csv"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
-    m1, m2 = (_numbers_without_timings(json.loads((tmp_path / d / "metrics.json").read_text())) for d in ("one", "two"))
+    m1, m2 = (result_numbers(json.loads((tmp_path / d / "metrics.json").read_text())) for d in ("one", "two"))
     assert m1 == m2
     assert m1["/profiling/sampling"] == sampling and m1["/reference/n_tokens"] > 0
     from saeot.types import FeatureSamples

@@ -6,8 +6,7 @@
         ...
     metrics["resources"] = clock.summary()
 
-Peak RSS is the process's high-water mark (``getrusage(RUSAGE_SELF).ru_maxrss``), read when
-each stage ends: it never decreases, so the stage whose entry jumps is the one that raised it.
+Peak RSS is the process's high-water mark (:func:`peak_rss_gb`), read when each stage ends: it never decreases, so the stage whose entry jumps is the one that raised it.
 ``peak_rss_gb_children`` is the same for finished child processes (DDP workers launched by
 this one, data-loader workers).
 """
@@ -27,7 +26,19 @@ _RSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 
 def peak_rss_gb(who: int = resource.RUSAGE_SELF) -> float:
-    """The high-water mark of resident memory of this process (or its finished children), GB."""
+    """The high-water mark of resident memory of this process (or its finished children), GB.
+
+    On Linux this process's own is ``VmHWM`` of ``/proc/self/status``: ``getrusage``'s
+    ``ru_maxrss`` survives ``exec``, so a process started from a large one (a test runner, a
+    launcher) would report its parent's size."""
+    if who == resource.RUSAGE_SELF:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024 / 1e9
+        except OSError:
+            pass
     return resource.getrusage(who).ru_maxrss * _RSS_UNIT / 1e9
 
 
