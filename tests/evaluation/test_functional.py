@@ -164,10 +164,13 @@ def test_pair_matching_coverage_and_no_match():
 
 
 def test_settings_reject_unknown_keys():
-    with pytest.raises(ValueError, match="functional.bogus"):
+    with pytest.raises(ValueError, match="functional.bogus is not a setting of evaluate.py's functional evaluation"):
         FunctionalSettings.from_cfg({"bogus": 1})
     with pytest.raises(ValueError, match="code_scale"):
         FunctionalSettings(code_scale="sideways")
+    with pytest.raises(ValueError, match=r"functional.fresh_contexts='many' must be of type int"):
+        FunctionalSettings.from_cfg({"fresh_contexts": "many"})  # named here, not a TypeError in the pass
+    assert FunctionalSettings.from_cfg({"fresh_contexts": 40, "coverage_grid": [0.5, 1.0]}).coverage_grid == (0.5, 1.0)
 
 
 # ---------------------------------------------------------------------------- equal coverage

@@ -7,6 +7,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from saeot.settings import check_types, from_settings
+
 __all__ = ["BASELINES", "BASELINE_DOC", "FunctionalSettings"]
 
 BASELINES = ("sae", "bias", "mean")
@@ -70,6 +72,7 @@ class FunctionalSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self, "functional")
         if self.split not in ("fresh", "heldout", "profile"):
             raise ValueError(f"functional.split={self.split!r}; expected fresh, heldout or profile")
         if self.code_scale not in ("fold", "none"):
@@ -103,9 +106,5 @@ class FunctionalSettings:
         if node is None:
             return cls()
         d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"functional.{unknown[0]} is not a setting; known: {sorted(known)}")
-        return cls(**d)
+        return from_settings(cls, d, "functional", "evaluate.py's functional evaluation")
 
