@@ -26,11 +26,7 @@ from saeot.types import FeatureSamples
 
 
 def top_tokens(s: FeatureSamples, i: int, n: int = 5) -> set[int]:
-    mass: dict[int, float] = {}
-    for t, w in zip(s.token_ids[i].tolist(), s.weights[i].tolist()):
-        if t >= 0 and w > 0:
-            mass[t] = mass.get(t, 0.0) + w
-    return set(sorted(mass, key=lambda t: (-mass[t], t))[:n])
+    return set(s.top_token_ids(i, n))
 
 
 def main() -> None:

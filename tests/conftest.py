@@ -94,3 +94,15 @@ def compose_cfg(tmp_path):
         return cfg
 
     return _compose
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny tensors (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    far faster there, and no OpenMP spin-waits against other processes on the CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

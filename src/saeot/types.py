@@ -80,6 +80,24 @@ class FeatureSamples:
         """``[F, d]`` the barycentre of each feature's distribution (0 for dead features)."""
         return torch.einsum("fk,fkd->fd", self.weights.to(self.points.dtype), self.points)
 
+    def token_mass(self, i: int) -> dict[int, float]:
+        """Token id -> the share of feature ``i``'s sample weight on it (its weights normalised to
+        sum 1; padding and zero weights left out; ``{}`` for a feature without samples)."""
+        w = self.weights[i].double()
+        tot = float(w.sum())
+        mass: dict[int, float] = {}
+        if tot <= 0:
+            return mass
+        for t, wt in zip(self.token_ids[i].tolist(), (w / tot).tolist()):
+            if t >= 0 and wt > 0:
+                mass[int(t)] = mass.get(int(t), 0.0) + wt
+        return mass
+
+    def top_token_ids(self, i: int, n: int) -> list[int]:
+        """The ``n`` token ids with most of feature ``i``'s sample weight, heaviest first (ties: lower id)."""
+        mass = self.token_mass(i)
+        return sorted(mass, key=lambda t: (-mass[t], t))[:n]
+
     def occurrences(self) -> Tensor:
         """``[F, K]`` long: one id per token occurrence, ``context * POS_SPAN + position`` (-1 on padding).
 

@@ -41,13 +41,7 @@ from saeot.types import FeatureSamples
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread (and do not fight other processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -18,12 +18,7 @@ PUBLIC = (T.lower_bound_mean, T.lower_bound_mean_spread, T.lower_bound_axis_spre
           T.lower_bound_gelbrich, T.lower_bound_max_sliced)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 def _gen(seed: int) -> torch.Generator:

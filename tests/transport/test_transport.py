@@ -16,13 +16,7 @@ from saeot.transport import ExactW2, SinkhornW2, SlicedW2
 EXACT = ExactW2()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny tensors: one thread avoids OpenMP spin-waits when other processes load the CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 def clouds(F, K, r, seed, pad=True, shift=0.0, dtype=torch.float64, uniform=False):

@@ -187,16 +187,9 @@ def token_label(samples: dict[str, FeatureSamples], keys: Sequence[tuple[str, in
     """
     mass: dict[int, float] = {}
     for h, i in keys:
-        s = samples.get(h)
-        if s is None:
-            continue
-        w = s.weights[i].double()
-        tot = float(w.sum())
-        if tot <= 0:
-            continue
-        for t, wt in zip(s.token_ids[i].tolist(), (w / tot).tolist()):
-            if t >= 0 and wt > 0:
-                mass[int(t)] = mass.get(int(t), 0.0) + wt
+        if h in samples:
+            for t, wt in samples[h].token_mass(i).items():
+                mass[t] = mass.get(t, 0.0) + wt
     if not mass:
         return "(no samples)"
     best = sorted(mass, key=lambda t: (-mass[t], t))[:top]

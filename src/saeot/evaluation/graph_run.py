@@ -33,7 +33,6 @@ from saeot.circuits.supernodes import compress_graph, decoder_cosine_distances, 
 from saeot.io import update_json
 from saeot.pipeline.config import build
 from saeot.pipeline.rundir import RunDir
-from saeot.reference import project_samples
 
 __all__ = ["SupernodeSettings", "evaluate_graph_supernodes"]
 
@@ -79,8 +78,8 @@ class SupernodeSettings:
             raise ValueError(f"supernodes.hook_template={self.hook_template!r} must contain {{layer}}")
 
 
-def _check_features(graph: CircuitGraph, keys: dict[str, tuple[str, int]], run: RunDir, graph_path: Path) -> None:
-    """Every feature node on a hook the run profiled, its index within that SAE's width."""
+def _check_hooks(keys: dict[str, tuple[str, int]], run: RunDir, graph_path: Path) -> None:
+    """Every feature node on a hook the run profiled."""
     hooks = set(run.hooks)
     outside = sorted({h for h, _ in keys.values() if h not in hooks})
     if outside:
@@ -88,7 +87,11 @@ def _check_features(graph: CircuitGraph, keys: dict[str, tuple[str, int]], run: 
         raise ValueError(f"graph={graph_path}: node {nid!r} is on {outside[0]}, which run_dir={run.path} did not "
                          f"profile (it has {sorted(hooks)}): train.py with layers.ids covering the graph's layers, "
                          "or set supernodes.hook_template")
-    widths = {h: run.samples(h).n_features for h in {h for h, _ in keys.values()}}
+
+
+def _check_widths(keys: dict[str, tuple[str, int]], samples: dict, run: RunDir, graph_path: Path) -> None:
+    """Every feature node's index within its SAE's width (``samples``: the run's, by hook)."""
+    widths = {h: s.n_features for h, s in samples.items()}
     for nid, (h, i) in keys.items():
         if not 0 <= i < widths[h]:
             raise ValueError(f"graph={graph_path}: node {nid!r} names feature {i} of {h}, whose SAE in "
@@ -111,10 +114,9 @@ def evaluate_graph_supernodes(cfg: DictConfig, out_dir: str | Path) -> dict[str,
     keys = graph_feature_keys(graph, template)
     if not keys:
         raise ValueError(f"graph={graph_path} has no feature nodes to group")
-    _check_features(graph, keys, run, graph_path)
-    hooks = sorted({h for h, _ in keys.values()})
-    space = run.reference()
-    samples = {h: project_samples(space, run.samples(h)) for h in hooks}
+    _check_hooks(keys, run, graph_path)
+    samples = run.projected_samples(sorted({h for h, _ in keys.values()}))  # each hook's file read once
+    _check_widths(keys, samples, run, graph_path)
     distances = None
     if settings.distance == "decoder_cosine":
         saes = run.load_saes()

@@ -23,6 +23,7 @@ When the SAEs are of equal width, B (``sae_b``) plays the wide one.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,15 +170,16 @@ def plot_splits(all_splits: list[Splits], path: str | Path) -> Path:
     return save_figure(fig, Path(path))
 
 
-def write_run_splits(results: list[MatchResult], samples: dict[str, FeatureSamples],
+def write_run_splits(results: list[MatchResult], samples_of: Callable[[str], FeatureSamples],
                      run_dir: str | Path) -> tuple[dict, Path] | None:
     """A run's splitting outputs (``splits.csv``, ``parents.csv``, ``plots/splits.png``) when
     ``results`` match two SAEs of one hook both ways; returns ``(metrics["splits"], plot path)``,
-    or None (nothing written) when they do not."""
+    or None (nothing written, ``samples_of`` never called) when they do not. ``samples_of``:
+    hook -> its feature samples (for the firing frequencies), read only for the split hooks."""
     pairs = same_hook_pairs(results)
     if not pairs:
         return None
-    freq = {h: s.firing_frequency for h, s in samples.items()}
+    freq = {h: samples_of(h).firing_frequency for ab, _ in pairs for h in (ab.hook_a, ab.hook_b)}
     splits = [build_splits(ab, ba, freq) for ab, ba in pairs]
     write_splits(splits, run_dir)
     plot = plot_splits(splits, Path(run_dir) / "plots" / "splits.png")

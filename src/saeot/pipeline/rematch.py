@@ -102,7 +102,7 @@ def run_rematch(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         OmegaConf.save(run_cfg, tmp)
     write_matches(matches.results, out / "matches.csv")
     write_flows(flows, out / "flows.csv")
-    splits = write_run_splits(matches.results, {h: src.samples(h) for h in src.hooks}, out)
+    splits = write_run_splits(matches.results, src.samples, out)  # samples read only for split hooks
     metrics = {
         "matching": matches.metrics,
         "flows": flows.summary(),

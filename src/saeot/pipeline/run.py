@@ -92,7 +92,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             save_artifacts(result)
             write_flows(flows, result.run_dir / "flows.csv")
             plots = plot_run(result, flows)
-            splits = write_run_splits(result.results, result.samples, result.run_dir)
+            splits = write_run_splits(result.results, result.samples.__getitem__, result.run_dir)
             if splits is not None:  # two SAEs of one hook (sae_b)
                 result.metrics["splits"], plots["splits"] = splits
         result.metrics["resources"] = clock.summary()

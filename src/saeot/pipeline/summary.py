@@ -44,15 +44,7 @@ class StrongMatch:
 def top_tokens(samples: FeatureSamples, feature: int, codec: TextCodec, n: int = 3) -> list[str]:
     """The ``n`` tokens carrying most of ``feature``'s sample weight (distinct token ids), decoded
     and quoted, strongest first; ``[]`` for a feature without samples."""
-    ids, w = samples.token_ids[feature].long(), samples.weights[feature].double()
-    keep = (ids >= 0) & (w > 0)
-    if not bool(keep.any()):
-        return []
-    uniq, inverse = torch.unique(ids[keep], return_inverse=True)
-    mass = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, w[keep])
-    order = sorted(range(len(uniq)), key=lambda j: (-float(mass[j]), int(uniq[j])))[:n]
-    return [repr(codec.decode([int(uniq[j])])) for j in order]
-
+    return [repr(codec.decode([t])) for t in samples.top_token_ids(feature, n)]
 
 def _below(res: MatchResult) -> torch.Tensor:
     """``[F_a]`` (threshold - distance) / std of the finite distances (NaN where the cost is not finite)."""
