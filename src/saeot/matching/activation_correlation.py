@@ -29,7 +29,7 @@ def _as_correlation(value: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
     raise TypeError(f"ctx.correlations values must be tensors or CorrelationAccumulator, got {type(value).__name__}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ActivationCorrelationConfig(MatcherConfig):
     """Settings of :class:`ActivationCorrelation` (and the shared ones of :class:`MatcherConfig`).
 

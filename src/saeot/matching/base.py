@@ -106,7 +106,7 @@ class NullEstimate:
     method: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class MatcherConfig:
     """Settings every matcher shares; a matcher's own settings extend it in a subclass
     (``SAEMatchConfig(MatcherConfig)``), whose fields are the keys of its ``conf/matcher/`` file.

@@ -32,7 +32,7 @@ def unit_decoder_rows(sae, device: torch.device | str = "cpu", dtype: torch.dtyp
     return torch.where(norm > 0, W / norm.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(W))
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeatureFlowConfig(MatcherConfig):
     """Settings of :class:`FeatureFlow` (and the shared ones of :class:`MatcherConfig`).
 

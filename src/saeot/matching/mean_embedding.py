@@ -18,7 +18,7 @@ from saeot.matching.candidates import topk_from_dense
 __all__ = ["MeanEmbedding", "MeanEmbeddingConfig"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeanEmbeddingConfig(MatcherConfig):
     """Settings of :class:`MeanEmbedding` (and the shared ones of :class:`MatcherConfig`).
 

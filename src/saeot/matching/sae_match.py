@@ -101,7 +101,7 @@ def rerank_exact(va: Tensor, vb: Tensor, cost: Tensor, index: Tensor, max_elemen
 
 
 # ---------------------------------------------------------------------------- matcher
-@dataclass
+@dataclass(frozen=True)
 class SAEMatchConfig(MatcherConfig):
     """Settings of :class:`SAEMatch` (and the shared ones of :class:`MatcherConfig`;
     the assignment defaults to ``hungarian``, as in the paper).
@@ -153,7 +153,7 @@ class SAEMatchConfig(MatcherConfig):
             raise ValueError(f"matcher.lap must be one of {list(LAPS)}, got {self.lap!r}")
         if not self.lap_max_gb > 0:
             raise ValueError(f"matcher.lap_max_gb must be > 0, got {self.lap_max_gb}")
-        self.chain = list(self.chain) if self.chain is not None else None
+        object.__setattr__(self, "chain", list(self.chain) if self.chain is not None else None)  # frozen: a plain list, once
 
 
 class SAEMatch(Matcher):

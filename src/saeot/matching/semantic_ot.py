@@ -33,7 +33,7 @@ from saeot.transport import ExactW2, W2Solver
 __all__ = ["SemanticOT", "SemanticOTConfig"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class SemanticOTConfig(MatcherConfig):
     """Settings of :class:`SemanticOT` (and the shared ones of :class:`MatcherConfig`).
 
@@ -68,7 +68,7 @@ class SemanticOTConfig(MatcherConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.solver is None:
-            self.solver = ExactW2()
+            object.__setattr__(self, "solver", ExactW2())  # frozen: the default solver, set once
         if not isinstance(self.solver, W2Solver):
             raise ValueError(f"matcher.solver must be a saeot.transport.W2Solver (set transport=exact, sinkhorn or "
                              f"sliced), got {type(self.solver).__name__}")

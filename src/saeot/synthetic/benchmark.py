@@ -213,7 +213,7 @@ def evaluate_world(cfg: DictConfig, world: SyntheticWorld, saes: SyntheticSAEs,
 def _quiet(matcher: Matcher) -> Matcher:
     """``matcher`` with its progress bar off, if its settings have one (the benchmark shows one bar over scenarios)."""
     if any(f.name == "progress" for f in dataclasses.fields(matcher.cfg)):
-        matcher.cfg.progress = False
+        matcher.cfg = dataclasses.replace(matcher.cfg, progress=False)
     return matcher
 
 
