@@ -314,6 +314,17 @@ def test_evaluate_runs_writes_metrics_table_and_report_without_training(tmp_path
     assert cov.count("| 1→2 |") == 2 and "AUC EV" in cov
     assert (tmp_path / "eval" / "plots" / "equal_coverage.png").stat().st_size > 5000
     assert "explained_variance@0.5" in (tmp_path / "eval" / "equal_coverage.csv").read_text().splitlines()[0]
+    # the bootstrap (functional.bootstrap=200 by default): intervals, and the two copies paired with each other
+    import csv
+
+    with open(tmp_path / "eval" / "equal_coverage.csv", newline="") as f:
+        ec = list(csv.DictReader(f))
+    assert [r["auc_ev_best_other"] for r in ec] == ["sae_match (copy)", "sae_match (sm)"]
+    for r in ec:  # the same run twice: the same numbers in every replicate
+        assert float(r["auc_ev_lo"]) < float(r["auc_ev"]) < float(r["auc_ev_hi"])
+        assert float(r["auc_ev_vs_best_lo"]) == 0.0 == float(r["auc_ev_vs_best_hi"])
+        assert float(r["auc_dce_vs_best_lo"]) == 0.0 == float(r["auc_dce_vs_best_hi"])
+    assert funcs[0]["equal_coverage"]["bootstrap"]["replicates"] == 200 and " [" in cov
     run = RunDir.load(dirs[0])  # the rest of what the run wrote reads back as it was written
     assert run.matcher == "sae_match" and run.hooks == ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
     samples = run.samples(run.hooks[0])
@@ -576,3 +587,86 @@ def test_equal_coverage_curves_carry_deactivation_over_the_sampled_ranks(tiny_lm
     assert off.curves[rp.key].deact is None
     with pytest.raises(ValueError, match="coverage_deactivation"):
         FunctionalSettings(coverage_deactivation=-1)
+
+
+# ---------------------------------------------------------------------------- bootstrap over contexts
+def _boot_ranked(F: int) -> list:
+    g = torch.Generator().manual_seed(5)
+    fa, fb, ranks = torch.randperm(F, generator=g), torch.randperm(F, generator=g), torch.arange(F, dtype=torch.float64)
+    return [RankedPairs(H0, H1, fa, fb, ranks, n_features_a=F, n_features_b=F),
+            RankedPairs(H1, H1, fb, fb, ranks, n_features_a=F, n_features_b=F)]
+
+
+BOOT_GRID = (0.25, 0.5, 1.0)
+
+
+@pytest.fixture(scope="module")
+def boot_pass(tiny_lm, tiny_saes, dm):
+    """One pass with the same curves twice: bootstrap=40 (seed 1) and off."""
+    ranked = _boot_ranked(tiny_saes[H0].cfg.d_sae)
+    boot = CoverageCurves(ranked, tiny_saes, BOOT_GRID, with_ce=True, deactivation=12, bootstrap=40, bootstrap_seed=1)
+    off = CoverageCurves(ranked, tiny_saes, BOOT_GRID, with_ce=True, deactivation=12)
+    F = tiny_saes[H1].cfg.d_sae
+    evaluate_functional(tiny_lm, tiny_saes, dm, {"id": [identity_matching(H1, F)]}, QUIET, consumers=[boot, off])
+    return boot, off
+
+
+def test_bootstrap_with_all_ones_weights_is_the_point_estimate(boot_pass, dm):
+    """Every curve and area recomputed from the per-context sums with weight 1 on every context equals the
+    point estimate (accumulated as before, over all tokens at once); bootstrap=0 keeps the results as they were.
+    Intervals on constructed sums and the paired differences: test_bootstrap.py."""
+    from saeot.evaluation.functional import CURVE_METRICS, replicate_weights
+
+    boot, off = boot_pass
+    n_contexts = dm.n_contexts("heldout")
+    digests = set()
+    for key, pc in boot.curves.items():
+        c, o = pc.result, off.curves[key].result
+        assert not {"auc_ci", "auc_boot", "bootstrap"} & set(o)  # off: the result as it was
+        same = {k: v for k, v in c.items() if k not in ("auc_ci", "auc_boot", "bootstrap")}
+        assert json.dumps(same, sort_keys=True) == json.dumps(o, sort_keys=True)  # the point estimate is unchanged
+        assert pc.sums.n_contexts == n_contexts == c["bootstrap"]["n_contexts"]
+        ones = torch.ones(1, n_contexts)
+        curves, aucs = pc.sums.curves(ones), pc.sums.aucs(ones)
+        for m in CURVE_METRICS:
+            assert all(math.isfinite(v) for v in c[m]), (key, m)  # every metric is measured here
+            np.testing.assert_allclose(curves[m][0].numpy(), c[m], rtol=1e-9, atol=1e-12, err_msg=f"{key} {m}")
+            assert aucs[m][0] == pytest.approx(c["auc"][m], rel=1e-9, abs=1e-12), (key, m)
+            assert len(c["auc_boot"][m]) == 40 and c["auc_ci"][m][0] <= c["auc_ci"][m][1]
+        w = replicate_weights(n_contexts, 40, 1)  # what finish() drew: a function of the seed and C only
+        assert pc.sums.aucs(w)["explained_variance"].tolist() == c["auc_boot"]["explained_variance"]
+        assert c["auc_ci"]["explained_variance"][0] < c["auc_ci"]["explained_variance"][1]
+        digests.add(c["bootstrap"]["contexts_digest"])
+    assert len(digests) == 1  # every layer pair saw the same contexts
+
+
+class _SomeRows:
+    """The data module with only rows ``rows`` of every batch."""
+
+    def __init__(self, dm, rows):
+        self.dm, self.rows = dm, list(rows)
+
+    def iter_batches(self, *a, **k):
+        for b in self.dm.iter_batches(*a, **k):
+            yield {n: ({h: t[self.rows] for h, t in v.items()} if isinstance(v, dict) else v[self.rows])
+                   for n, v in b.items()}
+
+
+def test_bootstrap_weights_reweight_the_contexts_they_name(boot_pass, tiny_lm, tiny_saes, dm):
+    """Weight 1 on rows 1 and 3 of every batch, 0 elsewhere, gives what a pass over only those contexts
+    measures (ΔCE, correlation, deactivation; EV's squared error -- its sst has the full pass's mean): the
+    per-context sums of every accumulator are aligned with the pass's contexts."""
+    from saeot.evaluation.functional import CURVE_METRICS
+
+    boot, _ = boot_pass
+    assert dm.batch_size == 4 and dm.n_contexts("heldout") % 4 == 0
+    sub = CoverageCurves(_boot_ranked(tiny_saes[H0].cfg.d_sae), tiny_saes, BOOT_GRID, with_ce=True, deactivation=12)
+    F = tiny_saes[H1].cfg.d_sae
+    evaluate_functional(tiny_lm, tiny_saes, _SomeRows(dm, [1, 3]), {"id": [identity_matching(H1, F)]}, QUIET,
+                        consumers=[sub])
+    w = (torch.arange(dm.n_contexts("heldout")) % 4 % 2 == 1).double()[None]
+    for key, pc in boot.curves.items():
+        want, got = sub.curves[key].result, pc.sums.curves(w)
+        for m in (m for m in CURVE_METRICS if m != "explained_variance"):
+            np.testing.assert_allclose(got[m][0].numpy(), want[m], rtol=1e-4, atol=1e-5, err_msg=f"{key} {m}")
+        np.testing.assert_allclose((w @ pc.sums.sse)[0].numpy(), [sub.curves[key].sse[n] for n in pc.n], rtol=1e-5)

@@ -82,7 +82,9 @@ is also compared at the same coverage: its full one-to-one assignment with the n
 not membership) is computed from the run's directory, its pairs ranked by the
 matcher's own cost, and substitution EV / ΔCE and co-activation correlation measured
 for the best fraction ``f`` of A on ``functional.coverage_grid``, all levels in the same
-streaming pass; the area under each curve summarises it. Output: ``equal_coverage``
+streaming pass; the area under each curve summarises it, with a 95% interval from a
+bootstrap over the evaluation contexts (``functional.bootstrap``; paired across matchers:
+the same replicate weights for every run). Output: ``equal_coverage``
 per layer pair in the metrics, ``equal_coverage.md`` / ``.csv`` and
 ``plots/equal_coverage.png`` in the evaluation dir.
 
@@ -90,18 +92,22 @@ Modules: ``_settings`` (the ``functional:`` settings), ``_matchings`` (a run's m
 index arrays, the one-to-one subset), ``_substitution`` (Eq. 5 and its accumulator),
 ``_coactivation`` (the co-activation accumulator), ``_batch`` (what the pass hands extra
 consumers), ``_pass`` (the one streaming pass), ``_coverage`` (full assignments, ranked),
-``_curves`` (the equal-coverage curves), ``_equal_coverage`` (their table and plot),
+``_curves`` (the equal-coverage curves), ``_bootstrap`` (their intervals over contexts),
+``_equal_coverage`` (their table and plot),
 ``_runs`` (run dirs -> grouped passes -> metrics, reports), ``_tables`` (the tables).
 """
 
 from saeot.evaluation.functional._coactivation import CoactivationAccumulator
 from saeot.evaluation.functional._batch import PassBatch, PassConsumer, PassTotals
+from saeot.evaluation.functional._bootstrap import (
+    CurveSums, bootstrap_result, paired_difference, percentile_ci, replicate_weights,
+)
 from saeot.evaluation.functional._coverage import (
     RankedPairs, assign_run, full_assignment, full_matcher, rank_pairs,
 )
 from saeot.evaluation.functional._curves import CURVE_METRICS, CoverageCurves, PairCurve, curve_auc
 from saeot.evaluation.functional._equal_coverage import (
-    coverage_rows, format_coverage_markdown, plot_equal_coverage, write_coverage_table,
+    add_paired_differences, coverage_rows, format_coverage_markdown, plot_equal_coverage, write_coverage_table,
 )
 from saeot.evaluation.functional._matchings import (
     ONE_TO_ONE_DOC, PairMatching, identity_matching, matchings_from_rows, one_to_one, pair_matching,
@@ -124,7 +130,9 @@ __all__ = [
     "PassBatch", "PassConsumer", "PassTotals",
     "RankedPairs", "rank_pairs", "full_matcher", "full_assignment", "assign_run",
     "CURVE_METRICS", "curve_auc", "PairCurve", "CoverageCurves",
-    "coverage_rows", "format_coverage_markdown", "write_coverage_table", "plot_equal_coverage",
+    "CurveSums", "replicate_weights", "percentile_ci", "paired_difference", "bootstrap_result",
+    "coverage_rows", "add_paired_differences", "format_coverage_markdown", "write_coverage_table",
+    "plot_equal_coverage",
     "evaluate_functional",
     "EvaluationData", "evaluation_data", "label_runs", "evaluate_runs",
     "TABLE_COLUMNS", "table_rows", "judge_row", "format_markdown", "format_judge_markdown", "write_table",

@@ -49,11 +49,24 @@ class PassBatch:
 @dataclass(frozen=True)
 class PassTotals:
     """Totals of the pass: ``sst`` per hook of B (``sum ||h^B - mean||^2`` over the evaluation
-    positions), ``n_ce`` CE positions, ``ce_clean`` the clean mean CE (nats/token)."""
+    positions), ``n_ce`` CE positions, ``ce_clean`` the clean mean CE (nats/token).
+
+    The same sums per context (one row of a batch, in the order the batches came; ``C``
+    contexts), for the bootstrap over contexts
+    (:mod:`saeot.evaluation.functional._bootstrap`): ``context_sst`` hook -> ``[C]`` (additive:
+    the mean is fixed by pass 0 before this pass), ``context_ce_clean [C]`` the clean CE
+    summed over the context's CE positions, ``context_n_ce [C]`` their number;
+    ``contexts_digest`` a hash of the contexts' tokens in order (two passes with the same
+    digest resampled with the same weights resample the same contexts). None: not kept.
+    """
 
     sst: dict[str, float]
     n_ce: int
     ce_clean: float
+    context_sst: dict[str, Tensor] | None = None
+    context_ce_clean: Tensor | None = None
+    context_n_ce: Tensor | None = None
+    contexts_digest: str | None = None
 
 
 class PassConsumer(Protocol):

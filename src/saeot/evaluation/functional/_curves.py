@@ -25,7 +25,10 @@ Per level and batch:
 The area under each curve (``auc``) is the trapezoid area over the actual fractions
 (the same grid for every matcher, so areas compare directly; ΔCE: lower is better).
 The ``full`` entry is the last level (``f = 1``: the complete assignment, Eq. 5's
-protocol).
+protocol). With ``functional.bootstrap`` replicates, every sum above is also kept per
+context (row of a batch) and each area gets a 95% interval from a bootstrap over the
+contexts, the same replicate weights for every run and layer pair
+(:mod:`saeot.evaluation.functional._bootstrap`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 from torch import Tensor
 
 from saeot.evaluation.functional._batch import PassBatch, PassTotals
+from saeot.evaluation.functional._bootstrap import CurveSums, bootstrap_result
 from saeot.evaluation.functional._coactivation import CoactivationAccumulator
 from saeot.evaluation.functional._coverage import RankedPairs
 from saeot.evaluation.functional._deactivation import DeactivationAccumulator, sample_ranks
@@ -68,8 +72,13 @@ class PairCurve:
     """The curves of one layer pair of one run (module docstring)."""
 
     def __init__(self, ranked: RankedPairs, sae_a: Any, sae_b: Any, grid: Sequence[float], code_scale: str,
-                 with_ce: bool, deactivation: int = 0) -> None:
+                 with_ce: bool, deactivation: int = 0, bootstrap: int = 0, bootstrap_seed: int = 0) -> None:
         self.rp, self.sae_b, self.with_ce = ranked, sae_b, with_ce
+        self.bootstrap, self.bootstrap_seed = int(bootstrap), int(bootstrap_seed)
+        per_context = self.bootstrap > 0
+        self._ctx_sse: list[Tensor] = []  # [B, levels] per batch (per_context)
+        self._ctx_ce: list[Tensor] = []
+        self.sums: CurveSums | None = None  # the per-context sums, after finish() (per_context)
         self.grid = [float(f) for f in grid]
         self.n = [ranked.n_at(f) for f in self.grid]
         self.levels = sorted(set(self.n))  # distinct pair counts: each computed once
@@ -79,10 +88,11 @@ class PairCurve:
         self.ratio = code_ratio(sae_a, sae_b, ranked.feature_a, ranked.feature_b, code_scale)
         self.sse = {n: 0.0 for n in self.levels}
         self.ce_sum = {n: 0.0 for n in self.levels}
-        self.coact = CoactivationAccumulator(ranked.n_pairs)
+        self.coact = CoactivationAccumulator(ranked.n_pairs, per_context=per_context)
         self.deact_ranks = sample_ranks(ranked.n_pairs, deactivation)
         self.deact = (DeactivationAccumulator(sae_a, sae_b, ranked.feature_a[self.deact_ranks],
-                                              ranked.feature_b[self.deact_ranks]) if len(self.deact_ranks) else None)
+                                              ranked.feature_b[self.deact_ranks], per_context=per_context)
+                      if len(self.deact_ranks) else None)
         self._result: dict | None = None
 
     @torch.no_grad()
@@ -94,25 +104,44 @@ class PairCurve:
         sub = substitute_codes(ca, fa, fb, self.ratio, rp.n_features_b)
         h_b = b.hidden[rp.hook_b]
         keep = b.mask[..., None]
-        for n in self.levels:
+        n_rows = b.tokens.shape[0]
+        per_context = self.bootstrap > 0
+        if per_context:  # this batch's rows, filled per level (by the callbacks, before the batch ends)
+            self._ctx_sse.append(torch.zeros(n_rows, len(self.levels), dtype=torch.float64))
+            self._ctx_ce.append(torch.zeros(n_rows, len(self.levels), dtype=torch.float64))
+        for li, n in enumerate(self.levels):
             h_hat = decode(self.sae_b, sub * self.col_masks[n].to(dev))
             if self.with_ce and b.submit is not None:  # run stacked with the batch's other continuations
-                b.submit(rp.hook_b, h_hat, lambda h_sub, ce, n=n: self._absorb(n, b, h_b, h_sub, ce))
+                b.submit(rp.hook_b, h_hat, lambda h_sub, ce, n=n, li=li: self._absorb(n, li, b, h_b, h_sub, ce))
                 continue
             if self.with_ce:
                 h_sub, ce = b.substituted(rp.hook_b, h_hat)
                 self.ce_sum[n] += float(ce[b.ce_mask].double().sum())
             else:
-                h_sub = torch.where(keep, h_hat.expand_as(h_b), h_b)
+                h_sub, ce = torch.where(keep, h_hat.expand_as(h_b), h_b), None
             self.sse[n] += float((h_b - h_sub)[b.mask].double().pow(2).sum())
-        self.coact.update(ca[b.mask][:, fa], cb[b.mask][:, fb])
+            self._context_sums(li, b, h_b, h_sub, ce)
+        rows = b.mask.nonzero()[:, 0] if per_context else None  # the context of every evaluation token
+        self.coact.update(ca[b.mask][:, fa], cb[b.mask][:, fb], rows, n_rows)
         if self.deact is not None and b.run_between is not None:
             self.deact.update(b.run_between, rp.hook_a, rp.hook_b, b.hidden[rp.hook_a], ca, cb, b.mask)
+        elif self.deact is not None:
+            self.deact.skip(n_rows)
 
-    def _absorb(self, n: int, b: PassBatch, h_b: Tensor, h_sub: Tensor, ce: Tensor) -> None:
+    def _absorb(self, n: int, li: int, b: PassBatch, h_b: Tensor, h_sub: Tensor, ce: Tensor) -> None:
         """Level ``n``'s squared error and cross-entropy of one batch."""
         self.ce_sum[n] += float(ce[b.ce_mask].double().sum())
         self.sse[n] += float((h_b - h_sub)[b.mask].double().pow(2).sum())
+        self._context_sums(li, b, h_b, h_sub, ce)
+
+    def _context_sums(self, li: int, b: PassBatch, h_b: Tensor, h_sub: Tensor, ce: Tensor | None) -> None:
+        """The same sums per context (row) of the batch (level index ``li``), with ``functional.bootstrap``."""
+        if self.bootstrap <= 0:
+            return
+        d2 = (h_b - h_sub).double().pow(2).sum(-1)
+        self._ctx_sse[-1][:, li] += torch.where(b.mask, d2, 0.0).sum(-1).cpu()
+        if ce is not None:
+            self._ctx_ce[-1][:, li] += torch.where(b.ce_mask, ce.double(), 0.0).sum(-1).cpu()
 
     def finish(self, t: PassTotals) -> dict:
         rp = self.rp
@@ -152,8 +181,28 @@ class PairCurve:
         }
         out["auc"] = {m: curve_auc(frac, out[m]) for m in CURVE_METRICS}
         out["full"] = {k: out[k][-1] for k in ("fraction", "n_pairs", *CURVE_METRICS)} if self.n else {}
+        if self.bootstrap > 0:
+            self.sums = self.context_sums(t, frac)
+            out.update(bootstrap_result(self.sums, self.bootstrap, self.bootstrap_seed, t.contexts_digest))
         self._result = out
         return out
+
+    def context_sums(self, t: PassTotals, fraction: list[float]) -> CurveSums:
+        """The per-context sums of every curve (``functional.bootstrap`` > 0), aligned with ``t``'s contexts."""
+        if t.context_sst is None or t.context_ce_clean is None or t.context_n_ce is None:
+            raise ValueError("functional.bootstrap needs the pass's per-context totals (PassTotals.context_*)")
+        at = [self.levels.index(n) for n in self.n]  # grid point -> its distinct level
+        sse, ce = (torch.cat(v)[:, at] for v in (self._ctx_sse, self._ctx_ce))
+        sst = t.context_sst[self.rp.hook_b]
+        clean, ablated = self.deact.context_sums() if self.deact is not None else (None, None)
+        sums = CurveSums(fraction=fraction, n=self.n, sse=sse, sst=sst, ce_sum=ce if self.with_ce else None,
+                         ce_clean=t.context_ce_clean, n_ce=t.context_n_ce, moments=self.coact.context_moments(),
+                         deact_clean=clean, deact_ablated=ablated,
+                         deact_ranks=self.deact_ranks if self.deact is not None else None)
+        rows = {len(x) for x in (sst, t.context_n_ce, sse, sums.moments["n"], *([] if clean is None else [clean]))}
+        if len(rows) != 1:
+            raise RuntimeError(f"per-context sums of {self.rp.key} disagree on the number of contexts: {sorted(rows)}")
+        return sums
 
     @property
     def result(self) -> dict:
@@ -167,7 +216,8 @@ class CoverageCurves:
     pair of one run."""
 
     def __init__(self, ranked: Sequence[RankedPairs], saes: dict[str, Any], grid: Sequence[float],
-                 code_scale: str = "fold", with_ce: bool = True, deactivation: int = 0) -> None:
+                 code_scale: str = "fold", with_ce: bool = True, deactivation: int = 0, bootstrap: int = 0,
+                 bootstrap_seed: int = 0) -> None:
         if not grid:
             raise ValueError("functional.coverage_grid is empty")
         bad = [f for f in grid if not 0.0 <= float(f) <= 1.0]
@@ -176,7 +226,7 @@ class CoverageCurves:
         if list(grid) != sorted(grid):
             raise ValueError(f"functional.coverage_grid={list(grid)} must be ascending")
         self.curves = {rp.key: PairCurve(rp, saes[rp.hook_a], saes[rp.hook_b], grid, code_scale, with_ce,
-                                         deactivation) for rp in ranked}
+                                         deactivation, bootstrap, bootstrap_seed) for rp in ranked}
         self.hooks = tuple(sorted({h for rp in ranked for h in (rp.hook_a, rp.hook_b)}, key=hook_layer))
         self.hooks_b = tuple(sorted({rp.hook_b for rp in ranked}, key=hook_layer))
 

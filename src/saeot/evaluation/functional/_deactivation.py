@@ -18,7 +18,9 @@ downstream of i, which neither decoder geometry, co-firing nor sample distributi
 It is measured for ``functional.coverage_deactivation`` pairs per layer pair, spread
 evenly over the matcher's ranking, so the equal-coverage curves take the mean over the
 sampled pairs among the best ``n_f`` (one forward from A to B per sampled pair and batch
-where i fires, stacked).
+where i fires, stacked). With ``per_context``, the two sums of every pair are also kept per
+context (row of a batch), for the bootstrap over contexts
+(:mod:`saeot.evaluation.functional._bootstrap`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import Tensor
 
 from saeot.saes.codes import encode
 
-__all__ = ["SUCCESS_DROP", "DeactivationAccumulator", "sample_ranks"]
+__all__ = ["SUCCESS_DROP", "DeactivationAccumulator", "relative_drop", "sample_ranks"]
 
 #: a pair succeeds when deactivating i removes at least this fraction of j's activation on i's tokens
 SUCCESS_DROP = 0.5
@@ -48,12 +50,22 @@ def sample_ranks(n_pairs: int, m: int) -> Tensor:
 class DeactivationAccumulator:
     """:math:`\\Delta_{ij}` of the pairs ``(feature_a[q], feature_b[q])`` accumulated over batches."""
 
-    def __init__(self, sae_a: Any, sae_b: Any, feature_a: Tensor, feature_b: Tensor, stack_contexts: int = 64):
+    def __init__(self, sae_a: Any, sae_b: Any, feature_a: Tensor, feature_b: Tensor, stack_contexts: int = 64,
+                 per_context: bool = False):
         self.sae_a, self.sae_b = sae_a, sae_b
         self.fa, self.fb = feature_a.long().cpu(), feature_b.long().cpu()
         self.clean = torch.zeros(len(self.fa), dtype=torch.float64)
         self.ablated = torch.zeros(len(self.fa), dtype=torch.float64)
         self.stack = int(stack_contexts)
+        self.per_context = per_context
+        self._ctx_clean: list[Tensor] = []  # [B, P] per batch
+        self._ctx_ablated: list[Tensor] = []
+
+    def skip(self, n_rows: int) -> None:
+        """A batch of ``n_rows`` contexts not tested (zero sums), so the contexts stay aligned."""
+        if self.per_context:
+            self._ctx_clean.append(torch.zeros(n_rows, len(self.fa), dtype=torch.float64))
+            self._ctx_ablated.append(torch.zeros(n_rows, len(self.fa), dtype=torch.float64))
 
     @torch.no_grad()
     def update(self, run_between, hook_a: str, hook_b: str, h_a: Tensor, codes_a: Tensor, codes_b: Tensor,
@@ -62,6 +74,7 @@ class DeactivationAccumulator:
         ``run_between(hook_a, hook_b, h [n, T, d]) -> [n, T, d]`` runs the model from A to B."""
         dev = h_a.device
         w_dec = self.sae_a.W_dec.detach().float()
+        self.skip(h_a.shape[0])  # this batch's per-context sums (filled below)
         jobs: list[tuple[int, Tensor, Tensor]] = []  # (pair, contexts, fire mask [c, T])
         for q, (i, j) in enumerate(zip(self.fa.tolist(), self.fb.tolist())):
             fire = (codes_a[..., i] > 0) & mask
@@ -88,11 +101,29 @@ class DeactivationAccumulator:
                 j = int(self.fb[q])
                 self.clean[q] += float(codes_b[ctx, :, j][fire].double().sum())
                 self.ablated[q] += float(z[off:off + c, :, j][fire].double().sum())
+                if self.per_context:
+                    rows = ctx.cpu()
+                    self._ctx_clean[-1][rows, q] += torch.where(fire, codes_b[ctx, :, j], 0.0).double().sum(-1).cpu()
+                    self._ctx_ablated[-1][rows, q] += torch.where(fire, z[off:off + c, :, j], 0.0).double().sum(-1).cpu()
                 off += c
             start = end
 
+    def context_sums(self) -> tuple[Tensor, Tensor]:
+        """``clean, ablated [C, P]``: the two sums of every pair per context (``per_context``)."""
+        if not self.per_context:
+            raise RuntimeError("DeactivationAccumulator.context_sums needs per_context=True")
+        p = len(self.fa)
+        cat = lambda v: torch.cat(v) if v else torch.zeros(0, p, dtype=torch.float64)  # noqa: E731
+        return cat(self._ctx_clean), cat(self._ctx_ablated)
+
     def per_pair(self) -> dict[str, Tensor]:
         """``change [P]`` (:math:`\\Delta`, 0 where j was silent on i's tokens) and ``success [P]`` (0/1)."""
-        ok = self.clean > 0
-        change = torch.where(ok, 1.0 - self.ablated / self.clean.clamp_min(1e-300), torch.zeros_like(self.clean))
-        return {"change": change, "success": (change >= SUCCESS_DROP).double()}
+        return relative_drop(self.clean, self.ablated)
+
+
+def relative_drop(clean: Tensor, ablated: Tensor) -> dict[str, Tensor]:
+    """``change`` (:math:`\\Delta`, 0 where ``clean`` is 0) and ``success`` (0/1) from the two sums
+    (any shape, e.g. ``[R, P]`` under bootstrap weights)."""
+    ok = clean > 0
+    change = torch.where(ok, 1.0 - ablated / clean.clamp_min(1e-300), torch.zeros_like(clean))
+    return {"change": change, "success": (change >= SUCCESS_DROP).double()}

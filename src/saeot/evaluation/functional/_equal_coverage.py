@@ -3,7 +3,14 @@
 
 Table: one row per run (matcher) x layer pair -- the full one-to-one assignment
 (``f = 1``, SAE Match's Eq. 5 protocol) and the area under each curve; beside them the
-run's own coverage (its nearest / Hungarian matching with its null) for reference.
+run's own coverage (its nearest / Hungarian matching with its null) for reference. With
+``functional.bootstrap``, every area has its 95% interval over the evaluation contexts
+(``auc_<m>_lo`` / ``_hi``; markdown ``0.555 [0.541, 0.568]``) and the interval of its
+difference to the best *other* matcher of the layer pair on that metric (by point estimate,
+ΔCE: lowest), formed replicate by replicate from the same weights (``auc_<m>_vs_best_lo`` /
+``_hi``, that matcher in ``auc_<m>_best_other``;
+:mod:`saeot.evaluation.functional._bootstrap`): an interval that excludes 0 says the two
+differ beyond the spread of the contexts.
 Plot: one row of three panels (EV, ΔCE, co-activation correlation against the fraction
 of A matched) per layer pair, one line per matcher.
 """
@@ -16,12 +23,13 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from saeot.evaluation.functional._bootstrap import paired_difference
 from saeot.evaluation.functional._curves import CURVE_METRICS
 from saeot.io import atomic_path, atomic_write_text
 from saeot.plots import save_figure
 
-__all__ = ["COVERAGE_COLUMNS", "coverage_rows", "format_coverage_markdown", "write_coverage_table",
-           "plot_equal_coverage"]
+__all__ = ["COVERAGE_COLUMNS", "CI_COLUMNS", "AUC_COLUMNS", "coverage_rows", "add_paired_differences",
+           "format_coverage_markdown", "write_coverage_table", "plot_equal_coverage"]
 
 COVERAGE_COLUMNS = [
     "matcher", "layer_a", "layer_b", "n_pairs", "n_forced", "fraction_full",
@@ -29,6 +37,11 @@ COVERAGE_COLUMNS = [
     "deact_full", "deact_success_full", "auc_deact", "auc_deact_success",
     "own_frac_a_matched", "own_ev_sub", "own_dce_sub", "assignment_seconds", "run_dir",
 ]
+#: curve metric -> its ``auc_*`` column
+AUC_COLUMNS = {"explained_variance": "auc_ev", "delta_ce": "auc_dce", "corr": "auc_corr",
+               "deactivation": "auc_deact", "deactivation_success": "auc_deact_success"}
+#: the bootstrap's columns (after COVERAGE_COLUMNS): each area's interval, its paired difference to the best other
+CI_COLUMNS = [f"{a}_{s}" for a in AUC_COLUMNS.values() for s in ("lo", "hi", "vs_best_lo", "vs_best_hi", "best_other")]
 
 
 def coverage_rows(label: str, run_dir: str, func: dict) -> list[dict]:
@@ -53,6 +66,36 @@ def coverage_rows(label: str, run_dir: str, func: dict) -> list[dict]:
             "assignment_seconds": c["assignment_seconds"], "run_dir": run_dir,
             "curve": c,
         })
+        for m, col in AUC_COLUMNS.items():
+            rows[-1][f"{col}_lo"], rows[-1][f"{col}_hi"] = c.get("auc_ci", {}).get(m, [float("nan")] * 2)
+    return rows
+
+
+def _boot_key(r: dict) -> tuple | None:
+    """Rows with equal keys hold replicates of the same weights over the same contexts."""
+    b = r["curve"].get("bootstrap")
+    return None if not b else (r["layer_a"], r["layer_b"], b["contexts_digest"], b["n_contexts"], b["replicates"],
+                               b["seed"])
+
+
+def add_paired_differences(rows: list[dict]) -> list[dict]:
+    """Set ``auc_<m>_vs_best_lo`` / ``_hi`` / ``auc_<m>_best_other`` in every row (in place; also
+    returned): the interval of ``auc(row) - auc(best other)`` per replicate, the best other being
+    the row of the same layer pair and contexts with the best point estimate on the metric
+    (ΔCE: lowest) other than this one. NaN / "" without a bootstrap or another matcher."""
+    for r in rows:
+        key = _boot_key(r)
+        for m, col in AUC_COLUMNS.items():
+            r[f"{col}_vs_best_lo"] = r[f"{col}_vs_best_hi"] = float("nan")
+            r[f"{col}_best_other"] = ""
+            others = [o for o in rows if o is not r and key is not None and _boot_key(o) == key
+                      and not math.isnan(o[col])]
+            if not others:
+                continue
+            higher = CURVE_METRICS[m][1]
+            best = (max if higher else min)(others, key=lambda o: o[col])
+            lo, hi = paired_difference(r["curve"]["auc_boot"][m], best["curve"]["auc_boot"][m])
+            r[f"{col}_vs_best_lo"], r[f"{col}_vs_best_hi"], r[f"{col}_best_other"] = lo, hi, best["matcher"]
     return rows
 
 
@@ -60,6 +103,12 @@ def _f(v, digits: int = 3) -> str:
     if isinstance(v, float):
         return "–" if math.isnan(v) else f"{v:.{digits}f}"
     return str(v)
+
+
+def _ci(r: dict, col: str) -> str:
+    """``0.555 [0.541, 0.568]`` (the area and its interval; the area alone without one)."""
+    lo, hi = r.get(f"{col}_lo", float("nan")), r.get(f"{col}_hi", float("nan"))
+    return _f(r[col]) + ("" if math.isnan(lo) or math.isnan(hi) else f" [{_f(lo)}, {_f(hi)}]")
 
 
 def format_coverage_markdown(rows: list[dict]) -> str:
@@ -71,8 +120,8 @@ def format_coverage_markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = [r["matcher"], f"{r['layer_a']}→{r['layer_b']}", f"{r['n_pairs']} ({r['n_forced']})",
-                 _f(r["ev_full"]), _f(r["dce_full"]), _f(r["corr_full"]), _f(r["auc_ev"]), _f(r["auc_dce"]),
-                 _f(r["auc_corr"]), _f(r["deact_full"]), _f(r["deact_success_full"]), _f(r["auc_deact_success"]),
+                 _f(r["ev_full"]), _f(r["dce_full"]), _f(r["corr_full"]), _ci(r, "auc_ev"), _ci(r, "auc_dce"),
+                 _ci(r, "auc_corr"), _f(r["deact_full"]), _f(r["deact_success_full"]), _ci(r, "auc_deact_success"),
                  _f(r["own_frac_a_matched"]), _f(r["own_ev_sub"]), _f(r["own_dce_sub"])]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
@@ -87,18 +136,27 @@ def format_coverage_markdown(rows: list[dict]) -> str:
         f"{[round(g, 3) for g in grid]} (the same for every matcher). own: the run's own matching and null "
         "(functional_table.md), for reference.",
     ]
+    boot = next((r["curve"]["bootstrap"] for r in rows if r["curve"].get("bootstrap")), None)
+    if boot:
+        notes.append(f"\n[lo, hi]: 95% interval of the area, bootstrap over the {boot['n_contexts']} evaluation contexts "
+                     f"({boot['replicates']} replicates, seed {boot['seed']}; the context is the unit: its tokens are "
+                     "correlated). equal_coverage.csv adds, per area, the interval of the difference to the best other "
+                     "matcher of the pair (auc_*_vs_best_lo / _hi, that matcher in auc_*_best_other), paired: every "
+                     "matcher reweighted by the same replicates of the same contexts.")
     return "\n".join(lines + notes) + "\n"
 
 
 def write_coverage_table(rows: list[dict], out_dir: str | Path) -> Path:
-    """``out_dir/equal_coverage.md`` and ``.csv`` (atomic); the csv adds the curves, one column per level."""
+    """``out_dir/equal_coverage.md`` and ``.csv`` (atomic); the csv adds the bootstrap's intervals
+    (:data:`CI_COLUMNS`, :func:`add_paired_differences`) and the curves, one column per level."""
     out_dir = Path(out_dir)
+    add_paired_differences(rows)
     md = out_dir / "equal_coverage.md"
     atomic_write_text(md, format_coverage_markdown(rows))
     grid = rows[0]["curve"]["grid"] if rows else []
     curve_cols = [f"{m}@{g:g}" for m in CURVE_METRICS for g in grid]
     with atomic_path(out_dir / "equal_coverage.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COVERAGE_COLUMNS + curve_cols, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=COVERAGE_COLUMNS + CI_COLUMNS + curve_cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             out = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k != "curve"}

@@ -7,6 +7,7 @@ levels -- start from the shared clean ``h^B`` and run stacked per hook,
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,11 @@ def evaluate_functional(
     sst = {h: 0.0 for h in hooks_b}
     ref_acc = {h: {r: SubstitutionAccumulator() for r in s.baselines} for h in hooks_b}  # shared by all runs
     ce_clean_sum, n_ce, n_tok1 = 0.0, 0, 0
+    # the same sums per context (row of a batch), for the bootstrap over contexts (_bootstrap)
+    ctx_sst: dict[str, list[Tensor]] = {h: [] for h in hooks_b}
+    ctx_ce: list[Tensor] = []
+    ctx_n_ce: list[Tensor] = []
+    digest = hashlib.sha256()
     n_requests = n_forwards = 0
     # A -> B forwards for the consumers' deactivation tests (residual-stream hooks only)
     between = (lambda ha, hb, h: run_between(model, ha, hb, h)) if all(map(is_residual, hooks)) else None
@@ -116,6 +122,9 @@ def evaluate_functional(
             del logits
             ce_clean_sum += float(ce_clean[ce_mask].double().sum())
             n_ce += int(ce_mask.sum())
+            ctx_ce.append(torch.where(ce_mask, ce_clean.double(), 0.0).sum(-1).cpu())
+            ctx_n_ce.append(ce_mask.sum(-1).double().cpu())
+            digest.update(tokens.cpu().numpy().tobytes())
             n_tok1 += int(mask.sum())
             hidden = {h: cache[h].float() for h in hooks}
             del cache
@@ -129,6 +138,8 @@ def evaluate_functional(
 
             for hb, accs in ref_acc.items():
                 sst[hb] += float((hidden[hb] - mean[hb].to(device))[mask].double().pow(2).sum())
+                d2 = (hidden[hb] - mean[hb].to(device)).double().pow(2).sum(-1)
+                ctx_sst[hb].append(torch.where(mask, d2, 0.0).sum(-1).cpu())
                 for r, acc in accs.items():
                     if r == "sae":
                         h_hat = decode(saes[hb], codes[hb])
@@ -154,7 +165,10 @@ def evaluate_functional(
             n_forwards += cont.n_forwards
     ce_clean = ce_clean_sum / max(n_ce, 1)
     for c in consumers:
-        c.finish(PassTotals(sst=dict(sst), n_ce=n_ce, ce_clean=ce_clean))
+        c.finish(PassTotals(sst=dict(sst), n_ce=n_ce, ce_clean=ce_clean,
+                            context_sst={h: torch.cat(v) for h, v in ctx_sst.items()},
+                            context_ce_clean=torch.cat(ctx_ce), context_n_ce=torch.cat(ctx_n_ce),
+                            contexts_digest=digest.hexdigest()[:16]))
     ref_res = {hb: {r: acc.result(sst[hb], n_ce, ce_clean) for r, acc in accs.items()} for hb, accs in ref_acc.items()}
     seconds = time.perf_counter() - t0
 

@@ -192,5 +192,5 @@ def _coverage_curves(group: Sequence[RunDir], matchings: dict, saes: dict, datam
             log.warning("%s: no equal-coverage curves (%s)", r.label, e)
             continue
         out[r.label] = CoverageCurves(ranked, saes, settings.coverage_grid, settings.code_scale, settings.coverage_ce,
-                                      settings.coverage_deactivation)
+                                      settings.coverage_deactivation, settings.bootstrap, settings.bootstrap_seed)
     return out

@@ -41,6 +41,10 @@ class FunctionalSettings:
         coverage_deactivation: pairs per layer pair (spread over each matcher's ranking) that get
             the causal deactivation test (:mod:`saeot.evaluation.functional._deactivation`;
             0: off). Residual-stream hooks only.
+        bootstrap: replicates of the bootstrap over the evaluation contexts that gives every
+            equal-coverage area a 95% interval, paired across matchers
+            (:mod:`saeot.evaluation.functional._bootstrap`; 0: off).
+        bootstrap_seed: seed of the replicate weights (with the number of contexts, all they depend on).
         report: write ``report.html`` into every run dir.
         report_pairs: matched pairs shown per layer pair in the report.
         report_no_match: no-match features shown with their contexts (all are listed).
@@ -62,6 +66,8 @@ class FunctionalSettings:
     coverage_ce: bool = True
     coverage_candidates: int = 8
     coverage_deactivation: int = 128
+    bootstrap: int = 200
+    bootstrap_seed: int = 0
     report: bool = True
     report_pairs: int = 24
     report_no_match: int = 8
@@ -88,6 +94,8 @@ class FunctionalSettings:
         self.coverage_grid = grid
         if self.coverage_deactivation < 0:
             raise ValueError(f"functional.coverage_deactivation={self.coverage_deactivation} must be >= 0 (0: off)")
+        if self.bootstrap < 0:
+            raise ValueError(f"functional.bootstrap={self.bootstrap} must be >= 0 replicates (0: off)")
         if self.coverage_candidates < 2:
             raise ValueError(f"functional.coverage_candidates={self.coverage_candidates} must be >= 2")
         if self.pairs is not None:
