@@ -162,6 +162,30 @@ def test_train_sae_is_seeded_and_leaves_the_global_rng_alone():
     assert not torch.equal(a.W_dec, c.W_dec)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan", "inf and -inf in one column", "fp max in every entry"])
+def test_train_sae_refuses_exactly_the_non_finite_pools(bad, dtype):
+    """The finiteness check rides on the float64 moments (no [N, d] temporaries): it must catch every
+    inf / NaN, also +inf and -inf cancelling in one column, and pass the largest finite values."""
+    x = torch.randn(300, 12, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cfg = SAETrainingConfig(d_sae=24, k=3, steps=2, batch_size=64)
+    big = torch.finfo(dtype).max
+    if bad == "inf":
+        x[17, 3] = float("inf")
+    elif bad == "-inf":
+        x[299, 11] = float("-inf")
+    elif bad == "nan":
+        x[0, 0] = float("nan")
+    elif bad == "inf and -inf in one column":
+        x[5, 2], x[6, 2] = float("inf"), float("-inf")
+    else:  # finite, if huge: trains (no overflow in the float64 sums of values or squares)
+        x.fill_(big)
+        assert train_sae(x, cfg, seed=0) is not None
+        return
+    with pytest.raises(FloatingPointError, match="non-finite hidden states at layer7"):
+        train_sae(x, cfg, seed=0, name="layer7")
+
+
 def test_local_trained_saes_train_through_train_sae(tiny_dm, tiny_lm):
     prov = LocalTrainedSAEs(d_sae=32, k=4, steps=10, batch_size=64, train_tokens=200, seed=3, progress=False)
     acts = prov.collect(tiny_dm, tiny_dm.hooks[:1])[tiny_dm.hooks[0]]
