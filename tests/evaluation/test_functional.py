@@ -325,6 +325,15 @@ def test_evaluate_runs_writes_metrics_table_and_report_without_training(tmp_path
         assert float(r["auc_ev_vs_best_lo"]) == 0.0 == float(r["auc_ev_vs_best_hi"])
         assert float(r["auc_dce_vs_best_lo"]) == 0.0 == float(r["auc_dce_vs_best_hi"])
     assert funcs[0]["equal_coverage"]["bootstrap"]["replicates"] == 200 and " [" in cov
+    with open(tmp_path / "eval" / "deactivation_pairs.csv", newline="") as f:  # the test's pairs, per run
+        dp = list(csv.DictReader(f))
+    n_sampled = funcs[0]["equal_coverage"]["n_deactivation_pairs"]
+    assert n_sampled > 0 and len(dp) == 2 * n_sampled
+    assert [r["feature_a"] for r in dp if r["matcher"] == "sae_match (sm)"] == [
+        str(i) for i in funcs[0]["equal_coverage"]["deactivation_pairs"]["feature_a"]]
+    assert all(-1 <= float(r["transfer_cos"]) <= 1 for r in dp)
+    silent = [float(r["j_clean"]) == 0 for r in dp if r["matcher"] == "sae_match (sm)"]
+    assert float(ec[0]["deact_silent"]) == pytest.approx(sum(silent) / len(silent), abs=1e-5)
     run = RunDir.load(dirs[0])  # the rest of what the run wrote reads back as it was written
     assert run.matcher == "sae_match" and run.hooks == ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
     samples = run.samples(run.hooks[0])
@@ -583,6 +592,20 @@ def test_equal_coverage_curves_carry_deactivation_over_the_sampled_ranks(tiny_lm
     assert c["deactivation"][0] == pytest.approx(float(per["change"][: F // 2].mean()))
     assert c["deactivation"][1] == pytest.approx(float(per["change"].mean()))
     assert c["deactivation_success"][1] == pytest.approx(float(per["success"].mean()))
+    # where the successes are lost: the per-pair rows and their summary agree with the accumulator and the SAEs
+    dp, why = c["deactivation_pairs"], c["deactivation_why"]
+    acc = curves.curves[rp.key].deact
+    assert dp["feature_a"] == fa.tolist() and dp["feature_b"] == fb.tolist() and dp["j_clean"] == acc.clean.tolist()
+    silent = acc.clean == 0
+    assert 0 < int(silent.sum()) < F  # random pairs: some j never fire on i's tokens, some do
+    assert why["silent"] == pytest.approx(float(silent.double().mean()))
+    assert why["success_given_fires"] == pytest.approx(float(per["success"][~silent].mean()))
+    q = 3
+    sa, sb = tiny_saes[H0], tiny_saes[H1]
+    d_i, e_j, d_j = sa.W_dec[fa[q]].detach(), sb.W_enc[:, fb[q]].detach(), sb.W_dec[fb[q]].detach()
+    assert dp["transfer_cos"][q] == pytest.approx(float(d_i @ e_j / (d_i.norm() * e_j.norm())), abs=1e-5)
+    assert dp["decoder_cos"][q] == pytest.approx(float(d_i @ d_j / (d_i.norm() * d_j.norm())), abs=1e-5)
+    assert why["transfer_cos"] == pytest.approx(sum(dp["transfer_cos"]) / F)
     off = CoverageCurves([rp], tiny_saes, (1.0,), code_scale="fold", with_ce=False, deactivation=0)
     assert off.curves[rp.key].deact is None
     with pytest.raises(ValueError, match="coverage_deactivation"):

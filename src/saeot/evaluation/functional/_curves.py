@@ -44,7 +44,7 @@ from saeot.evaluation.functional._batch import PassBatch, PassTotals
 from saeot.evaluation.functional._bootstrap import CurveSums, bootstrap_result
 from saeot.evaluation.functional._coactivation import CoactivationAccumulator
 from saeot.evaluation.functional._coverage import RankedPairs
-from saeot.evaluation.functional._deactivation import DeactivationAccumulator, sample_ranks
+from saeot.evaluation.functional._deactivation import DeactivationAccumulator, pair_geometry, sample_ranks, why_summary
 from saeot.evaluation.functional._substitution import code_ratio, substitute_codes
 from saeot.hooks import hook_layer
 from saeot.saes.codes import decode
@@ -159,6 +159,7 @@ class PairCurve:
                else [float("nan")] * len(self.n))
         nan = [float("nan")] * len(self.n)
         deact, deact_ok = nan, nan
+        deact_pairs: dict[str, list] = {}
         if self.deact is not None:
             dp = self.deact.per_pair()
 
@@ -168,6 +169,12 @@ class PairCurve:
 
             deact = [sampled_mean(dp["change"], n) for n in self.n]
             deact_ok = [sampled_mean(dp["success"], n) for n in self.n]
+            fa, fb = self.deact.fa, self.deact.fb
+            geo = pair_geometry(self.deact.sae_a, self.deact.sae_b, fa, fb)
+            deact_pairs = {"rank": self.deact_ranks.tolist(), "feature_a": fa.tolist(), "feature_b": fb.tolist(),
+                           "j_clean": self.deact.clean.tolist(), "change": dp["change"].tolist(),
+                           "success": dp["success"].tolist(), "corr": pp["corr"][self.deact_ranks].tolist(),
+                           **{k: v.tolist() for k, v in geo.items()}}
         out = {
             "layer_a": hook_layer(rp.hook_a), "layer_b": hook_layer(rp.hook_b),
             "grid": self.grid, "fraction": frac, "n_pairs": self.n,
@@ -179,6 +186,9 @@ class PairCurve:
             "n_pairs_total": rp.n_pairs, "n_forced": rp.n_forced, "n_features_a": rp.n_features_a,
             "assignment_seconds": rp.seconds,
         }
+        if deact_pairs:  # per sampled pair, and where its successes are lost (full coverage: all sampled pairs)
+            out["deactivation_pairs"] = deact_pairs
+            out["deactivation_why"] = why_summary(deact_pairs)
         out["auc"] = {m: curve_auc(frac, out[m]) for m in CURVE_METRICS}
         out["full"] = {k: out[k][-1] for k in ("fraction", "n_pairs", *CURVE_METRICS)} if self.n else {}
         if self.bootstrap > 0:

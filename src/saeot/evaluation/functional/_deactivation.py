@@ -127,3 +127,38 @@ def relative_drop(clean: Tensor, ablated: Tensor) -> dict[str, Tensor]:
     ok = clean > 0
     change = torch.where(ok, 1.0 - ablated / clean.clamp_min(1e-300), torch.zeros_like(clean))
     return {"change": change, "success": (change >= SUCCESS_DROP).double()}
+
+
+@torch.no_grad()
+def pair_geometry(sae_a: Any, sae_b: Any, feature_a: Tensor, feature_b: Tensor) -> dict[str, Tensor]:
+    """The two first-order predictors of a pair's functional scores, ``[P]`` each:
+
+    * ``transfer_cos``: cosine of A's decoder row ``d_i`` and B's encoder column ``e_j``, feature
+      flow's score. Removing ``a_i d_i`` at A moves j's pre-activation by about
+      ``-a_i e_j . J d_i`` (J the A-to-B Jacobian, near the identity over few blocks of a residual
+      stream): the linear prediction of the deactivation test.
+    * ``decoder_cos``: cosine of ``d_i`` and B's decoder row ``d_j`` (SAE Match's geometry): what
+      substituting i's code into j's slot reconstructs.
+    """
+    fa, fb = feature_a.long().cpu(), feature_b.long().cpu()
+    d_a = sae_a.W_dec.detach().float().cpu()[fa]
+    e_b = sae_b.W_enc.detach().float().cpu()[:, fb].T
+    d_b = sae_b.W_dec.detach().float().cpu()[fb]
+    cos = torch.nn.functional.cosine_similarity
+    return {"transfer_cos": cos(d_a, e_b, dim=1).double(), "decoder_cos": cos(d_a, d_b, dim=1).double()}
+
+
+def why_summary(pairs: dict[str, list]) -> dict[str, float]:
+    """Where a matcher's deactivation successes are lost, over its sampled pairs: ``silent`` (share
+    of pairs whose j never fires on i's tokens: co-firing already fails), ``success_given_fires``
+    (the success rate among the others: j fires but does not depend on i), and the mean
+    ``transfer_cos`` / ``decoder_cos`` of the pairs (:func:`pair_geometry`)."""
+    clean = torch.tensor(pairs["j_clean"], dtype=torch.float64)
+    if not clean.numel():
+        return {k: float("nan") for k in ("silent", "success_given_fires", "transfer_cos", "decoder_cos")}
+    fires = clean > 0
+    succ = torch.tensor(pairs["success"], dtype=torch.float64)
+    return {"silent": float((~fires).double().mean()),
+            "success_given_fires": float(succ[fires].mean()) if bool(fires.any()) else float("nan"),
+            "transfer_cos": float(torch.tensor(pairs["transfer_cos"]).mean()),
+            "decoder_cos": float(torch.tensor(pairs["decoder_cos"]).mean())}

@@ -36,7 +36,12 @@ COVERAGE_COLUMNS = [
     "ev_full", "dce_full", "corr_full", "auc_ev", "auc_dce", "auc_corr",
     "deact_full", "deact_success_full", "auc_deact", "auc_deact_success",
     "own_frac_a_matched", "own_ev_sub", "own_dce_sub", "assignment_seconds", "run_dir",
+    # where the deactivation successes are lost (_deactivation.why_summary, over the sampled pairs)
+    "deact_silent", "deact_success_given_fires", "transfer_cos", "decoder_cos",
 ]
+#: deactivation_pairs.csv: one row per sampled pair of every run x layer pair
+DEACTIVATION_PAIR_COLUMNS = ["matcher", "layer_a", "layer_b", "rank", "feature_a", "feature_b", "j_clean", "change",
+                             "success", "corr", "transfer_cos", "decoder_cos"]
 #: curve metric -> its ``auc_*`` column
 AUC_COLUMNS = {"explained_variance": "auc_ev", "delta_ce": "auc_dce", "corr": "auc_corr",
                "deactivation": "auc_deact", "deactivation_success": "auc_deact_success"}
@@ -68,6 +73,10 @@ def coverage_rows(label: str, run_dir: str, func: dict) -> list[dict]:
         })
         for m, col in AUC_COLUMNS.items():
             rows[-1][f"{col}_lo"], rows[-1][f"{col}_hi"] = c.get("auc_ci", {}).get(m, [float("nan")] * 2)
+        why = c.get("deactivation_why", {})
+        for col, key in (("deact_silent", "silent"), ("deact_success_given_fires", "success_given_fires"),
+                         ("transfer_cos", "transfer_cos"), ("decoder_cos", "decoder_cos")):
+            rows[-1][col] = why.get(key, float("nan"))
     return rows
 
 
@@ -148,7 +157,9 @@ def format_coverage_markdown(rows: list[dict]) -> str:
 
 def write_coverage_table(rows: list[dict], out_dir: str | Path) -> Path:
     """``out_dir/equal_coverage.md`` and ``.csv`` (atomic); the csv adds the bootstrap's intervals
-    (:data:`CI_COLUMNS`, :func:`add_paired_differences`) and the curves, one column per level."""
+    (:data:`CI_COLUMNS`, :func:`add_paired_differences`) and the curves, one column per level;
+    ``deactivation_pairs.csv`` has every sampled pair of the deactivation test (its two sums, drop,
+    success, co-activation correlation and first-order geometry, :func:`~saeot.evaluation.functional._deactivation.pair_geometry`)."""
     out_dir = Path(out_dir)
     add_paired_differences(rows)
     md = out_dir / "equal_coverage.md"
@@ -164,6 +175,15 @@ def write_coverage_table(rows: list[dict], out_dir: str | Path) -> Path:
                 for g, v in zip(grid, r["curve"].get(m, [float("nan")] * len(grid))):
                     out[f"{m}@{g:g}"] = f"{v:.6g}"
             w.writerow(out)
+    with atomic_path(out_dir / "deactivation_pairs.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=DEACTIVATION_PAIR_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            dp = r["curve"].get("deactivation_pairs", {})
+            for q in range(len(dp.get("rank", []))):
+                w.writerow({"matcher": r["matcher"], "layer_a": r["layer_a"], "layer_b": r["layer_b"],
+                            **{k: (f"{dp[k][q]:.6g}" if isinstance(dp[k][q], float) else dp[k][q])
+                               for k in DEACTIVATION_PAIR_COLUMNS[3:]}})
     return md
 
 
