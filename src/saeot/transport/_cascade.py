@@ -149,6 +149,29 @@ class _Cascade:
                 L[p] = torch.maximum(L[p], (val - tol[p]).clamp_min(0.0))
         return L
 
+    def row_refiner(self, A: _Side, i: int):
+        """``(jb [b], L [b], tol [b]) -> [b]``: :meth:`refine` of the pairs ``(i, jb)`` of one row (``i``
+        local to the chunk of ``A``) on the calling thread, every pair stage, no limit: the lazy
+        refinement of :func:`~saeot.transport._nearest_exact._visit`, which runs on the solver's threads.
+        The row's Gelbrich sketch, mean and trace are taken once (the per-call indexing of
+        :meth:`_stage` cost as much as the SVDs on blocks of a few pairs)."""
+        B = self.B
+        za, ma, tra = A.Z[i] if A.Z is not None else None, A.m[i], A.tr[i]
+
+        def refine(jb: Tensor, L: Tensor, tol: Tensor) -> Tensor:
+            out = L.clone()
+            for stage in self.pair_stages:
+                if stage == "gelbrich":
+                    nuc = torch.linalg.svdvals(torch.matmul(za, B.Z[jb].transpose(1, 2))).sum(-1)
+                    dm = B.m[jb] - ma
+                    val = _bures_bound((dm * dm).sum(1), tra, B.tr[jb], nuc)
+                else:
+                    val = self._stage(stage, A, torch.full_like(jb, i), jb)
+                out = torch.maximum(out, (val - tol).clamp_min(0.0))
+            return out
+
+        return refine
+
     def _stage(self, stage: str, A: _Side, ia: Tensor, ib: Tensor) -> Tensor:
         B = self.B
         if stage == "gelbrich":
