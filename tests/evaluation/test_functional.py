@@ -579,6 +579,38 @@ def test_deactivation_drop_equals_an_ablation_run_through_hooks(tiny_lm, tiny_sa
     assert sample_ranks(100, 5).tolist() == [0, 25, 50, 74, 99] and sample_ranks(3, 8).tolist() == [0, 1, 2]
 
 
+def test_deactivation_sums_are_the_same_with_per_context_sums_over_many_stacks(tiny_lm, tiny_saes, dm):
+    """Keeping the per-context sums (the bootstrap) must not change which pairs get tested: with stacks of
+    one context (many stacks per batch) every pair's sums equal those without, and the per-context sums add
+    up to them (a loop variable once shadowed the list of stacks and ended the batch after the first)."""
+    from saeot.evaluation.functional._deactivation import DeactivationAccumulator
+    from saeot.evaluation.functional._substitution import run_between
+    from saeot.saes.codes import encode
+
+    model = tiny_lm.model
+    sa, sb = tiny_saes[H0], tiny_saes[H1]
+    batch = next(iter(dm.iter_batches("heldout", device=torch.device("cpu"), progress=False, desc="t",
+                                      hooks=None, hidden=False)))
+    tokens, mask = batch["tokens"], batch["mask"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[H0, H1])
+        h0, h1 = cache[H0].float(), cache[H1].float()
+        ca, cb = encode(sa, h0), encode(sb, h1)
+    fires = ((ca > 0) & mask[..., None]).sum((0, 1))
+    fa = torch.argsort(fires, descending=True)[:8]
+    fb = torch.tensor([int((cb[(ca[..., i] > 0) & mask]).sum(0).argmax()) for i in fa])
+    between = lambda a, b, h: run_between(model, a, b, h)  # noqa: E731
+    accs = [DeactivationAccumulator(sa, sb, fa, fb, stack_contexts=1, per_context=pc) for pc in (False, True)]
+    for acc in accs:
+        acc.update(between, H0, H1, h0, ca, cb, mask)
+    assert bool((accs[0].clean > 0).all())  # every pair tested: j fires on i's tokens
+    assert torch.equal(accs[0].clean, accs[1].clean) and torch.equal(accs[0].ablated, accs[1].ablated)
+    clean, ablated = accs[1].context_sums()
+    assert clean.shape == (tokens.shape[0], len(fa))
+    torch.testing.assert_close(clean.sum(0), accs[1].clean, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ablated.sum(0), accs[1].ablated, rtol=1e-9, atol=1e-9)
+
+
 def test_equal_coverage_curves_carry_deactivation_over_the_sampled_ranks(tiny_lm, tiny_saes, dm):
     F = tiny_saes[H0].cfg.d_sae
     g = torch.Generator().manual_seed(4)

@@ -102,9 +102,9 @@ class DeactivationAccumulator:
                 self.clean[q] += float(codes_b[ctx, :, j][fire].double().sum())
                 self.ablated[q] += float(z[off:off + c, :, j][fire].double().sum())
                 if self.per_context:
-                    rows = ctx.cpu()
-                    self._ctx_clean[-1][rows, q] += torch.where(fire, codes_b[ctx, :, j], 0.0).double().sum(-1).cpu()
-                    self._ctx_ablated[-1][rows, q] += torch.where(fire, z[off:off + c, :, j], 0.0).double().sum(-1).cpu()
+                    at = ctx.cpu()  # (not `rows`: that is the list of stacked states the while loop walks)
+                    self._ctx_clean[-1][at, q] += torch.where(fire, codes_b[ctx, :, j], 0.0).double().sum(-1).cpu()
+                    self._ctx_ablated[-1][at, q] += torch.where(fire, z[off:off + c, :, j], 0.0).double().sum(-1).cpu()
                 off += c
             start = end
 
