@@ -223,3 +223,49 @@ def test_the_equal_coverage_reader_reproduces_the_page(tmp_path, name, page):
     assert build.main(args) == 0
     assert json.loads((data / f"{page}.json").read_text())["tables"][name]["rows"] == table["rows"]
     assert (pages / f"{page}.md").read_text() == (RESULTS / f"{page}.md").read_text()
+
+
+def test_from_eval_reads_the_bootstrap_intervals_and_the_deactivation_causes(tmp_path):
+    """token_cost_ci / _vs_best / _why: each area with its interval, the paired difference to the best
+    other matcher, and where the deactivation successes are lost (equal_coverage.csv's columns)."""
+    pages, data = _copy(tmp_path)
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    cols = ["matcher", "layer_a", "layer_b", "auc_ev", "auc_ev_lo", "auc_ev_hi", "auc_ev_vs_best_lo",
+            "auc_ev_vs_best_hi", "auc_dce", "auc_dce_lo", "auc_dce_hi", "auc_corr", "auc_deact_success",
+            "deact_success_full", "deact_silent", "deact_success_given_fires", "transfer_cos", "decoder_cos"]
+    rows = [
+        {"matcher": "feature_flow", "layer_a": 3, "layer_b": 4, "auc_ev": 0.5581, "auc_ev_lo": 0.5512,
+         "auc_ev_hi": 0.5650, "auc_ev_vs_best_lo": -0.0140, "auc_ev_vs_best_hi": -0.0061, "auc_dce": 2.1,
+         "auc_dce_lo": 2.0, "auc_dce_hi": 2.2, "deact_success_full": 0.359, "deact_silent": 0.12,
+         "deact_success_given_fires": 0.408, "transfer_cos": 0.61, "decoder_cos": 0.55},
+        {"matcher": "activation_correlation", "layer_a": 3, "layer_b": 4, "auc_ev": 0.5691, "auc_ev_lo": 0.5601,
+         "auc_ev_hi": 0.5772, "auc_ev_vs_best_lo": 0.0061, "auc_ev_vs_best_hi": 0.0140, "auc_dce": 2.05,
+         "auc_dce_lo": "nan", "auc_dce_hi": "nan", "deact_success_full": 0.211, "deact_silent": 0.02,
+         "deact_success_given_fires": 0.215, "transfer_cos": 0.31, "decoder_cos": 0.29},
+    ]
+    with open(ev / "equal_coverage.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, restval="nan")
+        w.writeheader()
+        w.writerows(rows)
+    with open(ev / "judge_table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["matcher", "mean_percentile"])
+        w.writeheader()
+        w.writerows([{"matcher": "feature_flow", "mean_percentile": 0.82},
+                     {"matcher": "activation_correlation", "mean_percentile": 0.84}])
+    labels = [("activation_correlation", "activation_correlation"), ("feature_flow", "feature_flow")]
+    for name in ("token_cost_ci", "token_cost_vs_best", "token_cost_why"):
+        build.from_eval(name, ev, labels=labels, data_dir=data)
+    t = json.loads((data / "token_cost.json").read_text())["tables"]
+    # the area and its interval in one cell, bold by the area; no interval (bootstrap off): the area alone
+    assert t["token_cost_ci"]["rows"][0][:4] == ["3→4", "activation_correlation", {"bold": [0.5691, 0.5601, 0.5772]},
+                                                 "2.050"]
+    assert t["token_cost_ci"]["rows"][1][2] == [0.5581, 0.5512, 0.5650]
+    assert t["token_cost_vs_best"]["rows"][1][2] == [-0.0140, -0.0061]
+    assert t["token_cost_why"]["rows"][1][4:] == [{"bold": 0.359}, 0.12, {"bold": 0.408}, 0.61, 0.55]
+    assert build.build(pages, data) == {"token_cost.md": ["token_cost_ci", "token_cost_vs_best", "token_cost_why"]}
+    text = (pages / "token_cost.md").read_text()
+    assert "| 3→4 | activation_correlation | **0.569 [0.560, 0.577]** | 2.050 |" in text
+    assert "| 3→4 | feature_flow | 0.558 [0.551, 0.565] | 2.100 [2.000, 2.200] |" in text
+    assert "| 3→4 | feature_flow | [-0.014, -0.006] | – | – |" in text
+    assert build.check(pages, data) == {}

@@ -27,10 +27,12 @@ cell) or a string (printed as is: text, or a number whose printing is irregular)
 Which outputs feed which table (``--from-eval`` readers):
 
 * ``ec_quick_saes``, ``ec_suite``, ``ec_jumprelu`` (equal_coverage.md), ``token_cost_equal_coverage``,
-  ``token_cost_larger_tau`` (token_cost.md): ``EVAL_DIR/equal_coverage.csv`` (written by
+  ``token_cost_larger_tau``, ``token_cost_ci``, ``token_cost_vs_best``, ``token_cost_why`` (token_cost.md):
+  ``EVAL_DIR/equal_coverage.csv`` (written by
   ``saeot.evaluation.functional._equal_coverage.write_coverage_table``: ``auc_ev``, ``auc_dce``,
   ``auc_corr``, ``ev_full``, ``dce_full``, ``n_forced``, ``auc_deact_success``,
-  ``deact_success_full``, ``deact_full``) and, for the judge column, ``EVAL_DIR/judge_table.csv``
+  ``deact_success_full``, ``deact_full``; the bootstrap's ``auc_*_lo`` / ``_hi`` / ``_vs_best_lo`` / ``_hi``;
+  ``deact_silent``, ``deact_success_given_fires``, ``transfer_cos``, ``decoder_cos``) and, for the judge column, ``EVAL_DIR/judge_table.csv``
   (``mean_percentile`` per matcher, both layer pairs pooled; written with ``judge=embedding``).
   Bold marks the best printed value of a column within a layer pair (ties: all of them).
   ``--label RUN=TEXT`` renames a run's label (the csv's ``matcher`` column, or its run_dir's
@@ -335,7 +337,19 @@ EC_COLUMNS = {
     "AUC corr ↑": ("auc_corr", True), "EV at f = 1": ("ev_full", None), "ΔCE at f = 1": ("dce_full", None),
     "AUC deact. success ↑": ("auc_deact_success", True), "deact. success f=1": ("deact_success_full", True),
     "deact. drop f=1": ("deact_full", True), "pairs forced into the full assignment": ("n_forced", None),
+    # where the deactivation successes are lost (over the sampled pairs; benchmarks/deactivation_cause.py)
+    "j silent on i's tokens ↓": ("deact_silent", False), "success when j fires ↑": ("deact_success_given_fires", True),
+    "transfer cos": ("transfer_cos", None), "decoder cos": ("decoder_cos", None),
 }
+#: header text -> (csv column, higher is better); the cell is [area, lo, hi], the bootstrap's 95% interval
+#: (format "{:.3f} [{:.3f}, {:.3f}]"); bold by the area
+EC_CI_COLUMNS = {
+    "AUC EV [95% CI] ↑": ("auc_ev", True), "AUC ΔCE [95% CI] ↓": ("auc_dce", False),
+    "AUC corr [95% CI] ↑": ("auc_corr", True), "AUC deact. success [95% CI] ↑": ("auc_deact_success", True),
+}
+#: header text -> csv area; the cell is [lo, hi] of the paired difference to the pair's best other matcher
+EC_VS_BEST = {"EV − best other [95% CI]": "auc_ev", "ΔCE − best other [95% CI]": "auc_dce",
+              "corr − best other [95% CI]": "auc_corr", "deact. success − best other [95% CI]": "auc_deact_success"}
 JUDGE_HEADERS = ("judge percentile (0.5 = chance)", "judge percentile", "judge ↑")
 
 #: table -> how its rows are laid out: pair column?, row order ("auc_ev" = AUC EV descending within a pair,
@@ -347,14 +361,17 @@ EC_TABLES = {
     "ec_jumprelu": {"order": "auc_ev", "judge": "first_pair"},
     "token_cost_equal_coverage": {"order": None, "judge": "all"},
     "token_cost_larger_tau": {"order": None, "judge": None},
+    "token_cost_ci": {"order": None, "judge": "all"},
+    "token_cost_vs_best": {"order": None, "judge": None},
+    "token_cost_why": {"order": None, "judge": None},
 }
 
 
 def _bold_best(rows: list[list], cols: list[tuple[int, bool]], formats: list) -> None:
     """Wrap the best printed value of each column in ``{"bold": ...}`` (ties: all)."""
     for j, higher in cols:
-        vals = [(i, float(render_cell(r[j], formats[j]))) for i, r in enumerate(rows)
-                if isinstance(r[j], (int, float))]
+        vals = [(i, float(f"{r[j][0]:.3f}") if isinstance(r[j], list) else float(render_cell(r[j], formats[j])))
+                for i, r in enumerate(rows) if isinstance(r[j], (int, float, list))]
         vals = [(i, v) for i, v in vals if not math.isnan(v)]
         if len(vals) < 2:
             continue
@@ -415,6 +432,15 @@ def read_equal_coverage(name: str, table: dict, eval_dir: Path, labels: list[tup
                 elif h in EC_COLUMNS:
                     v = _float(r[EC_COLUMNS[h][0]])
                     row.append("–" if math.isnan(v) else (int(v) if formats[j] == "{:d}" else v))
+                elif h in EC_CI_COLUMNS:
+                    c = EC_CI_COLUMNS[h][0]
+                    v, lo, hi = (_float(r.get(k, "")) for k in (c, f"{c}_lo", f"{c}_hi"))
+                    # without an interval (functional.bootstrap=0) the area alone, as text (not bolded)
+                    row.append("–" if math.isnan(v) else (f"{v:.3f}" if math.isnan(lo) else [v, lo, hi]))
+                elif h in EC_VS_BEST:
+                    c = EC_VS_BEST[h]
+                    lo, hi = (_float(r.get(f"{c}_vs_best_{k}", "")) for k in ("lo", "hi"))
+                    row.append("–" if math.isnan(lo) else [lo, hi])
                 elif h in JUDGE_HEADERS:
                     show = spec["judge"] == "all" or (spec["judge"] == "first_pair" and k == 0)
                     v = judge.get(lab, float("nan"))
@@ -423,6 +449,7 @@ def read_equal_coverage(name: str, table: dict, eval_dir: Path, labels: list[tup
                     raise SystemExit(f"table {name}: no equal_coverage.csv column for header {h!r}")
             block.append(row)
         cols = [(j, EC_COLUMNS[h][1]) for j, h in enumerate(header) if h in EC_COLUMNS and EC_COLUMNS[h][1] is not None]
+        cols += [(j, EC_CI_COLUMNS[h][1]) for j, h in enumerate(header) if h in EC_CI_COLUMNS]
         cols += [(j, True) for j, h in enumerate(header) if h in JUDGE_HEADERS]
         _bold_best(block, cols, formats)
         out += block

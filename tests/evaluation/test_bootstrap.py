@@ -156,3 +156,20 @@ def test_a_negative_bootstrap_is_refused_naming_the_setting():
     with pytest.raises(ValueError, match=r"functional\.bootstrap_seed='x' must be of type int"):
         FunctionalSettings.from_cfg({"bootstrap_seed": "x"})
     assert FunctionalSettings.from_cfg({"bootstrap": 0}).bootstrap == 0 and FunctionalSettings().bootstrap == 200
+
+
+def test_a_matchers_variants_are_compared_with_the_other_methods_not_with_each_other(tmp_path):
+    """Two semantic OT variants and one baseline: each variant's best other is the baseline even where the
+    other variant is better; the baseline's best other is the better variant."""
+    s = _sums(40, seed=2)
+    worse = dataclasses.replace(s, sse=s.sse + 0.05 * s.sst[:, None])
+    worst = dataclasses.replace(s, sse=s.sse + 0.1 * s.sst[:, None])
+    rows = (coverage_rows("sot tw=16", "r/1", _func(s), method="semantic_ot")
+            + coverage_rows("sot tw=0", "r/0", _func(worst), method="semantic_ot")
+            + coverage_rows("feature_flow", "r/ff", _func(worse), method="feature_flow"))
+    write_coverage_table(rows, tmp_path)
+    got = _read(tmp_path / "equal_coverage.csv")
+    assert got["sot tw=0"]["auc_ev_best_other"] == "feature_flow"
+    assert got["sot tw=16"]["auc_ev_best_other"] == "feature_flow"
+    assert got["feature_flow"]["auc_ev_best_other"] == "sot tw=16"
+    assert float(got["sot tw=16"]["auc_ev_vs_best_lo"]) > 0 > float(got["sot tw=0"]["auc_ev_vs_best_hi"])

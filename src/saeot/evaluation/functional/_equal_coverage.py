@@ -49,8 +49,10 @@ AUC_COLUMNS = {"explained_variance": "auc_ev", "delta_ce": "auc_dce", "corr": "a
 CI_COLUMNS = [f"{a}_{s}" for a in AUC_COLUMNS.values() for s in ("lo", "hi", "vs_best_lo", "vs_best_hi", "best_other")]
 
 
-def coverage_rows(label: str, run_dir: str, func: dict) -> list[dict]:
-    """Rows of one run from its ``metrics.json["functional"]`` (pairs with an ``equal_coverage`` entry)."""
+def coverage_rows(label: str, run_dir: str, func: dict, method: str | None = None) -> list[dict]:
+    """Rows of one run from its ``metrics.json["functional"]`` (pairs with an ``equal_coverage`` entry);
+    ``method``: the run's matcher (``RunDir.matcher``), whose other runs are not its rivals in
+    :func:`add_paired_differences`."""
     rows = []
     for p in func["pairs"].values():
         c = p.get("equal_coverage")
@@ -68,7 +70,7 @@ def coverage_rows(label: str, run_dir: str, func: dict) -> list[dict]:
             "auc_deact_success": auc.get("deactivation_success", float("nan")),
             "own_frac_a_matched": p["coverage"]["frac_a_matched"],
             "own_ev_sub": p["substitution"]["explained_variance"], "own_dce_sub": p["substitution"]["delta_ce"],
-            "assignment_seconds": c["assignment_seconds"], "run_dir": run_dir,
+            "assignment_seconds": c["assignment_seconds"], "run_dir": run_dir, "method": method or label,
             "curve": c,
         })
         for m, col in AUC_COLUMNS.items():
@@ -91,7 +93,9 @@ def add_paired_differences(rows: list[dict]) -> list[dict]:
     """Set ``auc_<m>_vs_best_lo`` / ``_hi`` / ``auc_<m>_best_other`` in every row (in place; also
     returned): the interval of ``auc(row) - auc(best other)`` per replicate, the best other being
     the row of the same layer pair and contexts with the best point estimate on the metric
-    (ΔCE: lowest) other than this one. NaN / "" without a bootstrap or another matcher."""
+    (ΔCE: lowest) among the rows of the *other methods* (``method``: the run's matcher, so that
+    semantic OT's variants are compared with the baselines, not with each other); among all other
+    rows when no other method has one. NaN / "" without a bootstrap or another row."""
     for r in rows:
         key = _boot_key(r)
         for m, col in AUC_COLUMNS.items():
@@ -99,6 +103,8 @@ def add_paired_differences(rows: list[dict]) -> list[dict]:
             r[f"{col}_best_other"] = ""
             others = [o for o in rows if o is not r and key is not None and _boot_key(o) == key
                       and not math.isnan(o[col])]
+            rivals = [o for o in others if o.get("method") != r.get("method")]
+            others = rivals or others
             if not others:
                 continue
             higher = CURVE_METRICS[m][1]

@@ -167,7 +167,7 @@ def evaluate_runs(cfg: DictConfig, run_dirs: Sequence[str | Path], out_dir: str 
                 write_run_report(r.path / "report.html", r, matchings[r.label], contexts, settings, func, judged,
                                  model=getattr(lm, "name", "?"))
             all_rows.extend(table_rows(r, func, judged))
-            cov_rows.extend(coverage_rows(r.label, str(r.path), func))
+            cov_rows.extend(coverage_rows(r.label, str(r.path), func, method=r.matcher))
             if judged is not None:
                 judge_rows.append(judge_row(r, judged))
         del lm, saes, data
