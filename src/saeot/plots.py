@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -16,6 +16,9 @@ from saeot.io import atomic_path  # noqa: E402
 
 if TYPE_CHECKING:  # annotations only: plots sit below matching/, which draws with them
     from saeot.matching.flows import Chain, Flows
+    from saeot.models.codecs import TextCodec
+    from saeot.pipeline.state import TrainResult
+    from saeot.types import FeatureSamples
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -41,7 +44,7 @@ def plot_distances(results: list, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _top_token(samples: Any, codec: Any, i: int) -> str:
+def _top_token(samples: FeatureSamples | None, codec: TextCodec | None, i: int) -> str:
     if samples is None or codec is None:
         return ""
     toks = samples.token_ids[i]
@@ -53,7 +56,7 @@ def _top_token(samples: Any, codec: Any, i: int) -> str:
     return repr(text[:12])
 
 
-def plot_flow(results: list, path: Path, samples: dict | None = None, codec: Any = None, n_start: int = 24) -> Path:
+def plot_flow(results: list, path: Path, samples: dict | None = None, codec: TextCodec | None = None, n_start: int = 24) -> Path:
     """:func:`flow_figure` as PNG at ``path``."""
     return save_figure(flow_figure(results, samples=samples, codec=codec, n_start=n_start), path)
 
@@ -75,7 +78,7 @@ def _fit_labels_right(ax, labels: list, pad_px: float = 4.0) -> None:
     ax.set_xlim(x0, right)
 
 
-def flow_figure(results: list, samples: dict | None = None, codec: Any = None, n_start: int = 24):
+def flow_figure(results: list, samples: dict | None = None, codec: TextCodec | None = None, n_start: int = 24):
     """Follow the ``n_start`` most frequent features of the first layer through every layer pair.
 
     Nodes are (layer, feature), labelled with the feature's most common top token; an edge is
@@ -146,7 +149,7 @@ def flow_figure(results: list, samples: dict | None = None, codec: Any = None, n
     return fig
 
 
-def plot_chains(flows: Flows, path: Path, samples: dict | None = None, codec: Any = None, n: int = 40) -> Path:
+def plot_chains(flows: Flows, path: Path, samples: dict | None = None, codec: TextCodec | None = None, n: int = 40) -> Path:
     """The ``n`` longest chains through all layers (ties: most frequent first feature), one row
     each, coloured by distance; labelled with the top token at both ends; the births and
     deaths per layer as bars underneath. Stays readable for 30 layers."""
@@ -193,7 +196,7 @@ def plot_chains(flows: Flows, path: Path, samples: dict | None = None, codec: An
     return save_figure(fig, path)
 
 
-def plot_run(run: Any, flows: Flows | None = None) -> dict[str, Path]:
+def plot_run(run: TrainResult, flows: Flows | None = None) -> dict[str, Path]:
     out: dict[str, Path] = {}
     if run.results:
         out["distances"] = plot_distances(run.results, run.run_dir / "plots" / "distances.png")

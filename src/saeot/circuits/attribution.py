@@ -62,13 +62,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from saeot.circuits.tasks import TaskData, logit_diff
 from saeot.progress import progress_bar
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+    from transformer_lens.hook_points import HookPoint
+
+    from saeot.models.language_model import LanguageModel
 
 __all__ = [
     "ERROR",
@@ -102,23 +109,23 @@ class NodeRef:
 
 
 # ----------------------------------------------------------------------------- SAE pieces
-def _sae_param(sae: Any) -> Tensor:
+def _sae_param(sae: SAE) -> Tensor:
     return sae.W_dec
 
 
-def sae_encode(sae: Any, h: Tensor) -> Tensor:
+def sae_encode(sae: SAE, h: Tensor) -> Tensor:
     """``[..., d] -> [..., F]`` feature activations (float32, on h's device)."""
     p = _sae_param(sae)
     return sae.encode(h.to(device=p.device, dtype=p.dtype)).to(device=h.device, dtype=torch.float32)
 
 
-def sae_decode(sae: Any, f: Tensor, like: Tensor) -> Tensor:
+def sae_decode(sae: SAE, f: Tensor, like: Tensor) -> Tensor:
     """``[..., F] -> [..., d]`` reconstruction, in the dtype and device of ``like``."""
     p = _sae_param(sae)
     return sae.decode(f.to(device=p.device, dtype=p.dtype)).to(device=like.device, dtype=like.dtype)
 
 
-def decoder_vjp(sae: Any, f: Tensor, g: Tensor) -> Tensor:
+def decoder_vjp(sae: SAE, f: Tensor, g: Tensor) -> Tensor:
     r"""``[..., F]``: :math:`g^\top \partial\,\mathrm{dec}(f) / \partial f` (for a linear decoder
     ``g @ W_dec.T``), i.e. the gradient with respect to the features when the error
     term is held fixed. ``f [..., F]``, ``g [..., d]``."""
@@ -129,7 +136,7 @@ def decoder_vjp(sae: Any, f: Tensor, g: Tensor) -> Tensor:
     return grad.float()
 
 
-def _split(sae: Any, h: Tensor) -> tuple[Tensor, Tensor]:
+def _split(sae: SAE, h: Tensor) -> tuple[Tensor, Tensor]:
     f = sae_encode(sae, h)
     return f, h - sae_decode(sae, f, h)
 
@@ -142,12 +149,13 @@ class _Site:
     e: Tensor  # [n, T, d]
 
 
-def _spliced_clean(model: Any, tokens: Tensor, saes: dict[str, Any], hooks: Sequence[str]) -> tuple[Tensor, dict[str, _Site]]:
+def _spliced_clean(model: HookedTransformer, tokens: Tensor, saes: dict[str, SAE],
+                   hooks: Sequence[str]) -> tuple[Tensor, dict[str, _Site]]:
     """Clean forward with every hook spliced and differentiable from the first hook on."""
     sites: dict[str, _Site] = {}
     first = hooks[0]
 
-    def splice(h: Tensor, hook: Any) -> Tensor:
+    def splice(h: Tensor, hook: HookPoint) -> Tensor:
         name = hook.name
         if name == first:
             h = h.detach().requires_grad_(True)
@@ -164,13 +172,14 @@ def _spliced_clean(model: Any, tokens: Tensor, saes: dict[str, Any], hooks: Sequ
 
 
 @torch.no_grad()
-def _features(model: Any, tokens: Tensor, saes: dict[str, Any], hooks: Sequence[str]) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+def _features(model: HookedTransformer, tokens: Tensor, saes: dict[str, SAE],
+              hooks: Sequence[str]) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
     """Plain forward; ``hook -> (f [n, T, F], e [n, T, d])`` and the logits."""
     logits, cache = model.run_with_cache(tokens, names_filter=list(hooks))
     return logits, {h: _split(saes[h], cache[h]) for h in hooks}
 
 
-def _check_hooks(model: Any, saes: dict[str, Any], hooks: Sequence[str]) -> list[str]:
+def _check_hooks(model: HookedTransformer, saes: dict[str, SAE], hooks: Sequence[str]) -> list[str]:
     hooks = list(hooks)
     if not hooks:
         raise ValueError("circuit hooks are empty: configure at least one SAE hook")
@@ -228,7 +237,7 @@ class Attribution:
         return int(self.effects_by_rpos[node.hook][:, node.feature].abs().argmax())
 
 
-def attribute_nodes(lm: Any, saes: dict[str, Any], hooks: Sequence[str], data: TaskData,
+def attribute_nodes(lm: LanguageModel, saes: dict[str, SAE], hooks: Sequence[str], data: TaskData,
                     batch_size: int = 16, progress: bool = True) -> Attribution:
     """Attribution-patching effects of every feature and error node at ``hooks``.
 
@@ -328,7 +337,7 @@ class Edges:
         return len(self.weights)
 
 
-def attribute_edges(lm: Any, saes: dict[str, Any], nodes: Sequence[NodeRef], data: TaskData,
+def attribute_edges(lm: LanguageModel, saes: dict[str, SAE], nodes: Sequence[NodeRef], data: TaskData,
                     batch_size: int = 16, progress: bool = True) -> Edges:
     """Edge weights (module docstring) from every circuit node at hook A to every one at
     the next hook B that holds circuit nodes. One backward pass per downstream node and
@@ -388,7 +397,7 @@ def attribute_edges(lm: Any, saes: dict[str, Any], nodes: Sequence[NodeRef], dat
 
 # ----------------------------------------------------------------------------- exact patching
 @torch.no_grad()
-def exact_node_effects(lm: Any, saes: dict[str, Any], nodes: Sequence[NodeRef], data: TaskData,
+def exact_node_effects(lm: LanguageModel, saes: dict[str, SAE], nodes: Sequence[NodeRef], data: TaskData,
                        batch_size: int = 16, progress: bool = True) -> Tensor:
     r"""``[len(nodes)]`` exact effects :math:`\bar m(\mathrm{clean}) - \bar m(\mathrm{clean},\ x \leftarrow x^{\mathrm{corr}})`.
 
@@ -419,7 +428,7 @@ def exact_node_effects(lm: Any, saes: dict[str, Any], nodes: Sequence[NodeRef], 
                 f2[..., node.feature] = f_c[..., node.feature]
                 delta = sae_decode(sae, f2, e) - sae_decode(sae, f, e)
 
-            def patch(h: Tensor, hook: Any, delta: Tensor = delta) -> Tensor:
+            def patch(h: Tensor, hook: HookPoint, delta: Tensor = delta) -> Tensor:
                 return h + delta.to(h.dtype)
 
             lg = model.run_with_hooks(b.clean, fwd_hooks=[(node.hook, patch)])

@@ -14,13 +14,16 @@ its supernodes, faithfulness, curves, ``circuit.json`` and the ``"circuit"`` ent
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 
 from saeot.circuits.compression import CircuitCompressor, CircuitSettings, LowAccuracyError
 from saeot.pipeline.callbacks import RunCallback
 from saeot.pipeline.state import TrainResult
+
+if TYPE_CHECKING:
+    from saeot.models.language_model import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class CircuitCompression(L.Callback, RunCallback):
         self.settings = settings
 
     # ------------------------------------------------------------------ pipeline hooks
-    def check(self, lm: Any) -> None:
+    def check(self, lm: LanguageModel) -> None:
         """Before any forward pass (``train.py``'s setup stage): build the task with the model's
         codec, so that an unusable task (answers of several tokens, prompts of unequal length
         in a JSONL file) fails at once."""
@@ -58,7 +61,7 @@ class CircuitCompression(L.Callback, RunCallback):
             self.settings.task.build(lm)
             self._checked = lm
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Lightning hook, before the first streaming pass: build the task with the
         model's codec so that an unusable task (no single-token answers, bad JSONL)
         fails now, not after profiling."""

@@ -35,12 +35,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from saeot.circuits.attribution import (
     Attribution,
+    Edges,
     NodeRef,
     attribute_edges,
     attribute_nodes,
@@ -48,7 +49,7 @@ from saeot.circuits.attribution import (
     select_nodes,
 )
 from saeot.circuits.curves import DEFAULT_RATIOS, curve_counts, plot_supernode_curves, supernode_curves
-from saeot.circuits.graph import circuit_graph, plot_supernode_graph, save_graph
+from saeot.circuits.graph import CircuitGraph, circuit_graph, plot_supernode_graph, save_graph
 from saeot.circuits.grouping import GROUPINGS, attribution_profiles, cosine_distances
 from saeot.circuits.scoring import (
     ABLATIONS,
@@ -64,6 +65,12 @@ from saeot.circuits.tasks import Task, TaskData, clean_accuracy
 from saeot.hooks import hook_layer
 from saeot.settings import as_tuple, check_types, from_settings
 from saeot.transport import ExactW2, W2Solver
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from saeot.models.language_model import LanguageModel
+    from saeot.types import FeatureSamples
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +225,7 @@ class _Found:
 
     attr: Attribution
     nodes: list[NodeRef]
-    edges: Any
+    edges: Edges | None
 
     @property
     def effect(self) -> dict[NodeRef, float]:
@@ -233,12 +240,12 @@ class CircuitCompressor:
             raise TypeError(f"CircuitCompressor needs a CircuitSettings, got {type(settings).__name__}")
         self.settings = settings
 
-    def run(self, lm: Any, saes: dict[str, Any], samples: dict[str, Any], out_dir: str | Path,
+    def run(self, lm: LanguageModel, saes: dict[str, SAE], samples: dict[str, FeatureSamples], out_dir: str | Path,
             hooks: list[str] | None = None) -> dict:
         """The ``"circuit"`` metrics; the graphs and pictures go to ``out_dir``.
 
         Args:
-            lm: :class:`saeot.lm.LanguageModel`.
+            lm: :class:`saeot.models.language_model.LanguageModel`.
             saes: ``hook -> SAE``.
             samples: ``hook -> FeatureSamples`` in the shared reference space.
             out_dir: where ``circuit.json`` etc. go.
@@ -268,7 +275,7 @@ class CircuitCompressor:
         return metrics
 
     # ------------------------------------------------------------------ the steps
-    def _accuracy(self, lm: Any, data: TaskData, hooks: list[str]) -> tuple[dict[str, Any], dict]:
+    def _accuracy(self, lm: LanguageModel, data: TaskData, hooks: list[str]) -> tuple[dict[str, Any], dict]:
         """Step 1: clean accuracy; a task the model does badly is warned about, skipped or refused."""
         s = self.settings
         acc = clean_accuracy(lm, data, s.batch_size)
@@ -292,7 +299,7 @@ class CircuitCompressor:
                 m["skipped"] = True
         return m, acc
 
-    def _circuit(self, lm: Any, saes: dict, hooks: list[str], data: TaskData, m: dict[str, Any]) -> _Found:
+    def _circuit(self, lm: LanguageModel, saes: dict, hooks: list[str], data: TaskData, m: dict[str, Any]) -> _Found:
         """Step 2: attribution, node selection, edges, the exact-patching check."""
         s, bs = self.settings, self.settings.batch_size
         attr = attribute_nodes(lm, saes, hooks, data, bs, s.progress)
@@ -320,7 +327,7 @@ class CircuitCompressor:
             log.info("attribution vs exact patching on %d nodes: pearson %.3f", len(check), m["attribution_check"]["pearson"])
         return _Found(attr, nodes, edges)
 
-    def _faithfulness(self, lm: Any, saes: dict, hooks: list[str], data: TaskData, nodes: list[NodeRef], acc: dict,
+    def _faithfulness(self, lm: LanguageModel, saes: dict, hooks: list[str], data: TaskData, nodes: list[NodeRef], acc: dict,
                       m: dict[str, Any]) -> tuple[Callable[[list[NodeRef]], CircuitScore], CircuitScore]:
         """Step 3: the mean-ablation metric of the empty and the full circuit; returns the scorer of any
         set of kept nodes (everything else ablated) and the full circuit's score."""
@@ -345,8 +352,9 @@ class CircuitCompressor:
                   "task_accuracy_empty": empty.accuracy})
         return score, full
 
-    def _supernodes(self, lm: Any, saes: dict, samples: dict, data: TaskData, found: _Found,
-                    score: Callable[[list[NodeRef]], CircuitScore], m: dict[str, Any]) -> tuple[Any, Any, Clustering, dict]:
+    def _supernodes(self, lm: LanguageModel, saes: dict, samples: dict, data: TaskData, found: _Found,
+                    score: Callable[[list[NodeRef]], CircuitScore],
+                    m: dict[str, Any]) -> tuple[CircuitGraph, CircuitGraph, Clustering, dict]:
         """Steps 4-5: supernodes by semantic OT, then by decoder cosine at the same count, each scored;
         the curves. Returns both compressed graphs, the semantic clustering and its scores."""
         s, nodes, edges = self.settings, found.nodes, found.edges
@@ -374,8 +382,9 @@ class CircuitCompressor:
             m.update(self._curves(graph, ref_of, c_sem, d_cos, nodes, edges, effect, score))
         return g_sem, g_cos, c_sem, sem
 
-    def _write(self, out_dir: Path, g_sem: Any, g_cos: Any, data: TaskData, hooks: list[str], metrics: dict,
-               m: dict[str, Any], nodes: list[NodeRef], c_sem: Clustering, full: CircuitScore, sem: dict) -> None:
+    def _write(self, out_dir: Path, g_sem: CircuitGraph, g_cos: CircuitGraph, data: TaskData, hooks: list[str],
+               metrics: dict, m: dict[str, Any], nodes: list[NodeRef], c_sem: Clustering, full: CircuitScore,
+               sem: dict) -> None:
         """Step 6: the two graphs (with the metrics in their metadata) and the pictures."""
         s = self.settings
         meta = {"saeot": {"task": data.name, "n_prompts": data.n, "hooks": hooks, "supernode_distance": "semantic_w2",
@@ -397,8 +406,8 @@ class CircuitCompressor:
                                             f"{100 * m['error_effect_share']:.0f}% of their |effect| in SAE error "
                                             f"nodes; top {s.keep_fraction:.0%} of supernodes kept")
 
-    def _curves(self, graph: Any, ref_of: dict[str, NodeRef], c_sem: Clustering, d_cos: torch.Tensor,
-                nodes: list[NodeRef], edges: Any, effect: dict[NodeRef, float],
+    def _curves(self, graph: CircuitGraph, ref_of: dict[str, NodeRef], c_sem: Clustering, d_cos: torch.Tensor,
+                nodes: list[NodeRef], edges: Edges | None, effect: dict[NodeRef, float],
                 score: Callable[[list[NodeRef]], CircuitScore]) -> dict:
         """Faithfulness-vs-compression curves of every grouping (:mod:`saeot.circuits.curves`)."""
         s = self.settings

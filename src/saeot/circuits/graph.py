@@ -35,11 +35,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saeot.hooks import hook_layer
 from saeot.plots import plt  # matplotlib with the Agg backend selected
 from saeot.io import atomic_path, atomic_write_text, json_default
+
+if TYPE_CHECKING:
+    from saeot.circuits.attribution import Attribution, NodeRef
+    from saeot.circuits.tasks import TaskData
+    from saeot.models.language_model import LanguageModel
 
 __all__ = [
     "FEATURE_TYPE",
@@ -392,8 +397,9 @@ def finite_or_none(x: float | None) -> float | None:
 
 
 # ----------------------------------------------------------------------------- from an attribution
-def circuit_graph(lm: Any, data: Any, attr: Any, nodes: Sequence[Any], edges: Any, slug: str = "saeot-circuit",
-                  clerps: dict[Any, str] | None = None, metadata: dict[str, Any] | None = None) -> tuple[CircuitGraph, dict[Any, str]]:
+def circuit_graph(lm: LanguageModel, data: TaskData, attr: Attribution, nodes: Sequence[NodeRef], edges: Any,
+                  slug: str = "saeot-circuit", clerps: dict[Any, str] | None = None,
+                  metadata: dict[str, Any] | None = None) -> tuple[CircuitGraph, dict[Any, str]]:
     """The circuit as a :class:`CircuitGraph`, with one logit node for the metric.
 
     Args:

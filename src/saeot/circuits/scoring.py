@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -55,6 +55,12 @@ from torch import Tensor
 from saeot.circuits.attribution import NodeRef, _check_hooks, _split, sae_decode
 from saeot.circuits.tasks import TaskData, logit_diff
 from saeot.progress import progress_bar
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens.hook_points import HookPoint
+
+    from saeot.models.language_model import LanguageModel
 
 __all__ = [
     "ABLATIONS",
@@ -103,7 +109,7 @@ ABLATIONS = ("position", "global")
 
 
 @torch.no_grad()
-def feature_means(lm: Any, saes: dict[str, Any], hooks: Sequence[str], data: TaskData, batch_size: int = 16,
+def feature_means(lm: LanguageModel, saes: dict[str, SAE], hooks: Sequence[str], data: TaskData, batch_size: int = 16,
                   progress: bool = True, mode: str = "position", min_prompts: int = 4) -> AblationMeans:
     """Means of every feature and of the error vector over the clean prompts (plain
     forward passes, no intervention): global (non-BOS positions) and per position for
@@ -144,7 +150,7 @@ def feature_means(lm: Any, saes: dict[str, Any], hooks: Sequence[str], data: Tas
     )
 
 
-def keep_masks(saes: dict[str, Any], hooks: Sequence[str], nodes: Sequence[NodeRef]) -> dict[str, tuple[Tensor, bool]]:
+def keep_masks(saes: dict[str, SAE], hooks: Sequence[str], nodes: Sequence[NodeRef]) -> dict[str, tuple[Tensor, bool]]:
     """``hook -> (keep [F] bool, keep_error)`` for the nodes of a circuit."""
     masks = {h: (torch.zeros(saes[h].cfg.d_sae, dtype=torch.bool), False) for h in hooks}
     for n in nodes:
@@ -159,7 +165,7 @@ def keep_masks(saes: dict[str, Any], hooks: Sequence[str], nodes: Sequence[NodeR
 
 
 @torch.no_grad()
-def ablated_logit_diffs(lm: Any, saes: dict[str, Any], data: TaskData, keep: dict[str, tuple[Tensor, bool]],
+def ablated_logit_diffs(lm: LanguageModel, saes: dict[str, SAE], data: TaskData, keep: dict[str, tuple[Tensor, bool]],
                         means: AblationMeans, batch_size: int = 16) -> Tensor:
     """``[N]`` logit differences on the clean prompts with everything outside ``keep``
     mean-ablated (module docstring)."""
@@ -168,7 +174,7 @@ def ablated_logit_diffs(lm: Any, saes: dict[str, Any], data: TaskData, keep: dic
     device = next(model.parameters()).device
     masks = {h: (keep[h][0].to(device), keep[h][1]) for h in hooks}
 
-    def ablate(h: Tensor, hook: Any, bos: bool) -> Tensor:
+    def ablate(h: Tensor, hook: HookPoint, bos: bool) -> Tensor:
         name = hook.name
         keep_f, keep_e = masks[name]
         f, e = _split(saes[name], h)
@@ -206,7 +212,7 @@ class CircuitScore:
     n_nodes: int
 
 
-def score_circuit(lm: Any, saes: dict[str, Any], hooks: Sequence[str], data: TaskData, nodes: Sequence[NodeRef],
+def score_circuit(lm: LanguageModel, saes: dict[str, SAE], hooks: Sequence[str], data: TaskData, nodes: Sequence[NodeRef],
                   means: AblationMeans, m_full: float, m_empty: float, batch_size: int = 16) -> CircuitScore:
     """Mean-ablate everything at ``hooks`` but ``nodes`` and score the result."""
     ld = ablated_logit_diffs(lm, saes, data, keep_masks(saes, hooks, nodes), means, batch_size)

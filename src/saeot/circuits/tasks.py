@@ -39,10 +39,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from saeot.models.language_model import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +181,7 @@ def logit_diff(logits: Tensor, correct: Tensor, wrong: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def clean_accuracy(lm: Any, data: TaskData, batch_size: int = 32) -> dict[str, float]:
+def clean_accuracy(lm: LanguageModel, data: TaskData, batch_size: int = 32) -> dict[str, float]:
     """How well the unmodified model does the task.
 
     Returns a dict with ``accuracy`` (fraction of clean prompts with logit difference
@@ -217,7 +220,7 @@ class Task(ABC):
         """Where pair ``i`` comes from, for error messages."""
         return f"circuit={self.name} pair {i}"
 
-    def build(self, lm: Any) -> TaskData:
+    def build(self, lm: LanguageModel) -> TaskData:
         """Tokenise with ``lm.codec`` (BOS prepended when the codec has one).
 
         Pairs whose answers are not single tokens, whose two answers are the same

@@ -40,7 +40,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -48,11 +48,14 @@ from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from saeot.data.datamodule import _rank_world, shard_indices
+from saeot.data.datamodule import HiddenStateDataModule, _rank_world, shard_indices
 from saeot.dtypes import resolve_dtype
 from saeot.hooks import sort_hooks_by_layer
 from saeot.io import CorruptFileError, atomic_save_safetensors, atomic_write_json, default_cache_dir, exclusive_lock
 from saeot.progress import progress_bar
+
+if TYPE_CHECKING:
+    from saeot.models.language_model import LanguageModel
 
 __all__ = ["ActivationStore", "StoredHiddenStates", "StoreView", "model_identity", "store_key"]
 
@@ -62,7 +65,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 
 
-def model_identity(lm: Any) -> dict:
+def model_identity(lm: LanguageModel) -> dict:
     """Name, shape and a weight checksum of a language model (for cache keys)."""
     cfg = lm.model.cfg
     shape = {k: str(getattr(cfg, k, None)) for k in ("n_layers", "d_model", "d_vocab", "n_heads", "d_mlp")}
@@ -72,7 +75,7 @@ def model_identity(lm: Any) -> dict:
     return {"name": getattr(lm, "name", "?"), "shape": shape, "checksum": checksum}
 
 
-def store_key(lm: Any, tokens: Tensor, hooks: Sequence[str], dtype: torch.dtype) -> str:
+def store_key(lm: LanguageModel, tokens: Tensor, hooks: Sequence[str], dtype: torch.dtype) -> str:
     """Hash of the model, the token ids ``[N, T]`` of the stored contexts, the hooks and the dtype."""
     blob = json.dumps({"model": model_identity(lm), "tokens": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
                        "shape": list(tokens.shape), "hooks": list(hooks), "dtype": str(dtype), "v": FORMAT},
@@ -119,7 +122,7 @@ class ActivationStore:
 
     # ------------------------------------------------------------------ build
     def build(
-        self, datamodule: Any, split: str, hooks: Sequence[str], dtype: torch.dtype = torch.float16,
+        self, datamodule: HiddenStateDataModule, split: str, hooks: Sequence[str], dtype: torch.dtype = torch.float16,
         shard_contexts: int = 64, batch_size: int | None = None, progress: bool = False,
     ) -> "ActivationStore":
         """Write (or finish writing) the hidden states of ``split`` at ``hooks``; returns ``self``."""
@@ -229,7 +232,7 @@ class StoreView(L.LightningDataModule):
         self.owner, self.split, self.hooks = owner, split, hooks
 
     @property
-    def lm(self) -> Any:
+    def lm(self) -> LanguageModel:
         return self.owner.lm
 
     def setup(self, stage: str | None = None) -> None:
@@ -256,7 +259,7 @@ class StoredHiddenStates(L.LightningDataModule):
     """
 
     def __init__(
-        self, parent: Any, splits: Sequence[str] = ("profile",), hooks: Sequence[str] | None = None,
+        self, parent: HiddenStateDataModule, splits: Sequence[str] = ("profile",), hooks: Sequence[str] | None = None,
         dtype: str = "float16", shard_contexts: int = 64, cache_dir: str | None = None, progress: bool = True,
     ) -> None:
         super().__init__()

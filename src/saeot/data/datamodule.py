@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -34,6 +34,9 @@ from torch.utils.data import DataLoader, Dataset
 from saeot.data.text import EmptyCorpusError
 from saeot.hooks import base_hook, hook_layer, stop_layer
 from saeot.progress import progress_bar
+
+if TYPE_CHECKING:
+    from saeot.models.language_model import LanguageModel
 
 def shard_indices(n: int, rank: int, world_size: int) -> Tensor:
     """Indices of the contexts read by ``rank`` of ``world_size``: disjoint, covering, unpadded."""
@@ -107,7 +110,7 @@ class HiddenStateDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        lm: Any,
+        lm: LanguageModel,
         text: Any,
         hooks: Sequence[str],
         context_len: int = 128,
@@ -310,7 +313,7 @@ class SplitView(L.LightningDataModule):
         self.parent, self.split, self.hooks, self.hidden = parent, split, hooks, hidden
 
     @property
-    def lm(self) -> Any:
+    def lm(self) -> LanguageModel:
         return self.parent.lm
 
     def setup(self, stage: str | None = None) -> None:

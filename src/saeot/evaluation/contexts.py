@@ -12,12 +12,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from saeot.pipeline.rundir import read_feature_tensors
+
+if TYPE_CHECKING:
+    from saeot.models.codecs import TextCodec
 
 __all__ = ["NEWLINE_MARK", "Context", "feature_contexts", "FeatureContexts"]
 
@@ -45,7 +48,7 @@ def _clean(text: str) -> str:
 
 
 def feature_contexts(
-    locations: Tensor, activations: Tensor, contexts: Tensor, codec: Any, n: int = 5, window: int = 12,
+    locations: Tensor, activations: Tensor, contexts: Tensor, codec: TextCodec, n: int = 5, window: int = 12,
     right: int = 4, skip_ids: Sequence[int] = (),
 ) -> list[Context]:
     """The ``n`` most active distinct contexts of one feature.
@@ -97,7 +100,7 @@ class FeatureContexts:
 
     TENSORS = ("locations", "activations", "n_fire")
 
-    def __init__(self, run_dir: str | Path, contexts: Tensor, codec: Any) -> None:
+    def __init__(self, run_dir: str | Path, contexts: Tensor, codec: TextCodec) -> None:
         self.run_dir = Path(run_dir)
         self.contexts, self.codec = contexts, codec
         self._tensors: dict[str, dict[str, Tensor]] = {}

@@ -15,13 +15,17 @@ import html
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from saeot.evaluation.contexts import FeatureContexts
 from saeot.hooks import hook_layer
 from saeot.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from saeot.evaluation.functional._matchings import PairMatching
+    from saeot.evaluation.functional._settings import FunctionalSettings
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5rem auto;max-width:1400px;
@@ -153,8 +157,9 @@ def render_report(
     return "\n".join(out) + "\n"
 
 
-def write_run_report(path: str | Path, run: Any, matchings: Sequence[Any], contexts: FeatureContexts, settings: Any,
-                     func: dict | None = None, judged: dict | None = None, model: str = "?") -> Path:
+def write_run_report(path: str | Path, run: Any, matchings: Sequence[PairMatching], contexts: FeatureContexts,
+                     settings: FunctionalSettings, func: dict | None = None, judged: dict | None = None,
+                     model: str = "?") -> Path:
     """Build the sections of one run and write ``path`` atomically.
 
     Args:

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,13 +34,18 @@ from saeot.pipeline.state import TrainResult
 from saeot.saes.codes import decode, encode
 from saeot.saes.providers import TRAINING_RECORD
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from saeot.models.language_model import LanguageModel
+
 __all__ = ["SAEQuality", "sae_quality"]
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def sae_quality(lm: Any, saes: dict[str, Any], batches, means: dict[str, torch.Tensor],
+def sae_quality(lm: LanguageModel, saes: dict[str, SAE], batches, means: dict[str, torch.Tensor],
                 max_tokens: int | None = None) -> dict[str, dict]:
     """The reconstruction and loss numbers of the module docstring, per hook.
 

@@ -10,9 +10,12 @@ its ``key`` in ``metrics.json``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saeot.pipeline.state import TrainResult
+
+if TYPE_CHECKING:
+    from saeot.models.language_model import LanguageModel
 
 __all__ = ["RunCallback"]
 
@@ -23,7 +26,7 @@ class RunCallback(ABC):
     #: the key of ``metrics.json`` under which the returned metrics are stored
     key: str = "callback"
 
-    def check(self, lm: Any) -> None:
+    def check(self, lm: LanguageModel) -> None:
         """Check the callback's inputs against the loaded model, before any forward pass
         (:func:`saeot.pipeline.stages.setup`); raise an error naming the setting."""
 

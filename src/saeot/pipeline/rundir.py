@@ -26,7 +26,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -44,6 +44,13 @@ from saeot.reference import project_samples
 from saeot.saes import load_recorded
 from saeot.saes.codes import encode
 from saeot.types import FeatureSamples
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from saeot.data.types import DataModule
+    from saeot.models.language_model import LanguageModel
+    from saeot.reference.base import ReferenceSpace
 
 __all__ = ["RunDir", "read_feature_tensors"]
 
@@ -168,7 +175,7 @@ class RunDir:
         """The run's language model, built from its ``model`` config."""
         return build(self.cfg.model)
 
-    def load_saes(self, device: torch.device | str = "cpu") -> dict[str, Any]:
+    def load_saes(self, device: torch.device | str = "cpu") -> dict[str, SAE]:
         """hook -> the run's SAE, frozen, loaded from ``saes.json`` (never trained)."""
         saes = {}
         for h in self.hooks:
@@ -178,7 +185,7 @@ class RunDir:
             saes[h] = sae
         return saes
 
-    def data_module(self, lm: Any, **overrides: Any) -> Any:
+    def data_module(self, lm: LanguageModel, **overrides: Any) -> Any:
         """A data module built from the run's ``data`` config (``overrides``, e.g.
         ``fresh_contexts``, passed to it), set up: its splits fixed."""
         dm = build(self.cfg.data, partial=True)(lm=lm, hooks=list(self.hooks), **overrides)
@@ -202,18 +209,19 @@ class RunDir:
                 out[h] = read_feature_tensors(f, ("n_fire",))["n_fire"] > 0
         return out
 
-    def reference(self) -> Any:
+    def reference(self) -> ReferenceSpace:
         """The run's fitted reference space (``reference.safetensors``), not refit."""
         return build(self.cfg.reference).load(self.path / "reference.safetensors")
 
-    def projected_samples(self, hooks: Sequence[str] | None = None, space: Any = None) -> dict[str, FeatureSamples]:
+    def projected_samples(self, hooks: Sequence[str] | None = None,
+                          space: ReferenceSpace | None = None) -> dict[str, FeatureSamples]:
         """hook -> the run's feature samples of ``hooks`` (default: all) projected by its fitted
         reference space (``space``: the one :meth:`reference` loads, when it is already loaded)."""
         space = self.reference() if space is None else space
         return {h: project_samples(space, self.samples(h)) for h in (self.hooks if hooks is None else hooks)}
 
     @torch.no_grad()
-    def correlations(self, saes: dict[str, Any], datamodule: Any, pairs: Sequence[tuple[str, str]],
+    def correlations(self, saes: dict[str, SAE], datamodule: DataModule, pairs: Sequence[tuple[str, str]],
                      progress: bool = False) -> dict[tuple[str, str], CorrelationAccumulator]:
         """Activation correlations of every pair over the run's held-out split (as the run computed
         them), on the device of ``saes``."""
@@ -228,7 +236,7 @@ class RunDir:
                 c.update(codes[a], codes[b])
         return acc
 
-    def match_context(self, matcher: Matcher, saes: dict[str, Any], datamodule: Any = None,
+    def match_context(self, matcher: Matcher, saes: dict[str, SAE], datamodule: DataModule | None = None,
                       pairs: Sequence[tuple[str, str]] | None = None, progress: bool = False) -> MatchContext:
         """What ``matcher`` reads for ``pairs`` (default: the run's), rebuilt from the directory: the
         SAEs ``saes``, the projected feature samples (if it reads samples), the correlations over

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -47,6 +47,9 @@ from saeot.profiling import (
 from saeot.reference import project_samples
 from saeot.saes import check_saes
 from saeot.types import MatchResult
+
+if TYPE_CHECKING:
+    import lightning as L
 
 __all__ = ["setup", "stream", "fit_reference", "match", "match_pairs", "summarize", "trainer_shard"]
 
@@ -105,7 +108,7 @@ def _model_hooks(keys: Sequence[str]) -> list[str]:
     return [k for k in keys if base_hook(k) == k]
 
 
-def stream(run: RunSetup, trainer: Any) -> Streams:
+def stream(run: RunSetup, trainer: L.Trainer) -> Streams:
     """Stages 2-3: the profile pass and the held-out pass through ``trainer.predict``."""
     p = run.profiling
     t0 = time.perf_counter()
@@ -187,7 +190,7 @@ def summarize(res: MatchResult) -> dict:
     }
 
 
-def trainer_shard(trainer: Any) -> Shard | None:
+def trainer_shard(trainer: L.Trainer) -> Shard | None:
     """The matching shard of this process under a multi-process Trainer (None on one process)."""
     if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return None

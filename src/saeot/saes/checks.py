@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from sae_lens import SAE
 
 from saeot.hooks import base_hook
 
+if TYPE_CHECKING:
+    from saeot.models.language_model import LanguageModel
+
 __all__ = ["check_sae_widths", "check_saes"]
 
 _TL_HOOK = re.compile(r"^blocks\.\d+\.hook_\w+$")
 
 
-def check_sae_widths(saes: dict[str, SAE], lm: Any) -> None:
+def check_sae_widths(saes: dict[str, SAE], lm: LanguageModel) -> None:
     """Raise if an SAE's ``d_in`` differs from the width of its hook."""
     d_model = lm.model.cfg.d_model
     for hook, sae in saes.items():
@@ -26,7 +29,7 @@ def check_sae_widths(saes: dict[str, SAE], lm: Any) -> None:
             )
 
 
-def check_saes(saes: dict[str, SAE], lm: Any) -> None:
+def check_saes(saes: dict[str, SAE], lm: LanguageModel) -> None:
     """Widths (:func:`check_sae_widths`), the hook each SAE was made for (when its metadata
     names a ``blocks.<l>.hook_<site>`` hook, it must be the run's), and finite weights."""
     check_sae_widths(saes, lm)

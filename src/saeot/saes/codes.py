@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 __all__ = ["encode", "decode"]
 
 
-def encode(sae: Any, h: Tensor) -> Tensor:
+def encode(sae: SAE, h: Tensor) -> Tensor:
     """``[..., d] -> [..., F]`` SAE activations ``f(h)`` (computed in the SAE's dtype, returned as float32)."""
     p = next(sae.parameters())
     return sae.encode(h.to(device=p.device, dtype=p.dtype)).float()
 
 
-def decode(sae: Any, codes: Tensor) -> Tensor:
+def decode(sae: SAE, codes: Tensor) -> Tensor:
     """``[..., F] -> [..., d]`` ``W_dec^T codes + b_dec`` (sae_lens' own decode), float32."""
     p = next(sae.parameters())
     return sae.decode(codes.to(device=p.device, dtype=p.dtype)).float()

@@ -44,17 +44,20 @@ the tests use to check that folding leaves ``decode(encode(x))`` unchanged.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 __all__ = ["fold_scale", "fold_threshold", "fold_sae", "encoder_bias"]
 
 _TOPK_FAMILY = ("topk", "batchtopk", "abstopk", "matryoshka_batchtopk")
 
 
-def _architecture(sae: Any) -> str:
+def _architecture(sae: SAE) -> str:
     cfg = getattr(sae, "cfg", None)
     arch = getattr(cfg, "architecture", None)
     if callable(arch):
@@ -62,7 +65,7 @@ def _architecture(sae: Any) -> str:
     return str(arch) if arch is not None else "unknown"
 
 
-def encoder_bias(sae: Any) -> Tensor:
+def encoder_bias(sae: SAE) -> Tensor:
     """``[d_sae]`` the encoder bias that decides firing: ``b_enc`` (``b_gate`` for gated SAEs)."""
     for name in ("b_enc", "b_gate"):  # gated SAEs: the gate bias decides firing
         bias = getattr(sae, name, None)
@@ -76,7 +79,7 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 @torch.no_grad()
-def fold_scale(sae: Any) -> Tensor:
+def fold_scale(sae: SAE) -> Tensor:
     """``[d_sae]`` per-feature folding scale ``s`` (see the module docstring for the rules).
 
     JumpReLU: ``s = theta`` (``1/||W_dec[i]||`` where ``theta_i <= 0``); ReLU / gated /
@@ -100,7 +103,7 @@ def fold_scale(sae: Any) -> Tensor:
 
 
 @torch.no_grad()
-def fold_threshold(sae: Any) -> tuple[Tensor, Tensor, Tensor]:
+def fold_threshold(sae: SAE) -> tuple[Tensor, Tensor, Tensor]:
     """Folded parameters ``(W_enc' [d_in, d_sae], b_enc' [d_sae], W_dec' [d_sae, d_in])``.
 
     ``W_enc' = W_enc diag(1/s)``, ``b_enc' = b_enc / s``, ``W_dec' = diag(s) W_dec``
@@ -116,7 +119,7 @@ def fold_threshold(sae: Any) -> tuple[Tensor, Tensor, Tensor]:
 
 
 @torch.no_grad()
-def fold_sae(sae: Any) -> Any:
+def fold_sae(sae: SAE) -> SAE:
     """A copy of ``sae`` (same class and config) with folded weights and threshold ``theta / s``.
 
     Its ``decode(encode(x))`` equals the original's up to rounding: for JumpReLU the

@@ -22,7 +22,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from sae_lens import SAE
@@ -35,6 +35,12 @@ from saeot.progress import progress_bar
 from saeot.saes.records import disk_record, pretrained_record
 from saeot.saes.training import ARCHITECTURES, SAETrainingConfig, train_sae
 from saeot.settings import check_types, from_settings
+
+if TYPE_CHECKING:
+    from sae_lens import TrainingSAE
+
+    from saeot.data.types import DataModule
+    from saeot.models.language_model import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +55,7 @@ class SAEProvider(ABC):
         """Check the configuration without loading anything (called before long work)."""
 
     @abstractmethod
-    def load(self, lm: Any, hooks: list[str], datamodule: Any = None) -> dict[str, SAE]:
+    def load(self, lm: LanguageModel, hooks: list[str], datamodule: DataModule | None = None) -> dict[str, SAE]:
         """hook name -> SAE for every hook in ``hooks``."""
 
     @abstractmethod
@@ -91,7 +97,7 @@ class PretrainedSAEs(SAEProvider):
                 )
         require_hub(directory[self.release].repo_id, f"sae.release={self.release!r}")
 
-    def load(self, lm: Any, hooks: list[str], datamodule: Any = None) -> dict[str, SAE]:
+    def load(self, lm: LanguageModel, hooks: list[str], datamodule: DataModule | None = None) -> dict[str, SAE]:
         self.validate(hooks)
         return {
             h: SAE.from_pretrained(self.release, _format(self.sae_id, h), device=self.device, dtype=self.dtype)
@@ -126,7 +132,7 @@ class DiskSAEs(SAEProvider):
             if not (d / "cfg.json").is_file():
                 raise ValueError(f"sae.path: {d} (for {h}) has no cfg.json; expected an SAE saved with sae_lens")
 
-    def load(self, lm: Any, hooks: list[str], datamodule: Any = None) -> dict[str, SAE]:
+    def load(self, lm: LanguageModel, hooks: list[str], datamodule: DataModule | None = None) -> dict[str, SAE]:
         self.validate(hooks)
         out = {}
         for h in hooks:
@@ -260,18 +266,18 @@ class LocalTrainedSAEs(SAEProvider):
             **tcfg.architecture_options(),
         }
 
-    def cache_key(self, lm: Any, hook: str, data_fingerprint: str) -> str:
+    def cache_key(self, lm: LanguageModel, hook: str, data_fingerprint: str) -> str:
         model_id = {"name": lm.name, "cfg": {k: str(v) for k, v in sorted(lm.model.cfg.to_dict().items())
                                              if k in ("n_layers", "d_model", "d_vocab", "n_heads", "d_mlp", "seed")}}
         blob = json.dumps({"model": model_id, "hook": hook, "data": data_fingerprint,
                            "settings": self.key_settings(lm.model.cfg.d_model), "v": 1}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
-    def cache_path(self, lm: Any, hook: str, data_fingerprint: str) -> Path:
+    def cache_path(self, lm: LanguageModel, hook: str, data_fingerprint: str) -> Path:
         return self._root() / "saes" / f"{hook}-{self.cache_key(lm, hook, data_fingerprint)}"
 
     # ------------------------------------------------------------------ load / train
-    def load(self, lm: Any, hooks: list[str], datamodule: Any = None) -> dict[str, SAE]:
+    def load(self, lm: LanguageModel, hooks: list[str], datamodule: DataModule | None = None) -> dict[str, SAE]:
         if datamodule is None:
             raise ValueError("sae=train_local needs the data module to stream hidden states")
         fp = datamodule.fingerprint()
@@ -312,7 +318,7 @@ class LocalTrainedSAEs(SAEProvider):
             raise RuntimeError(f"LocalTrainedSAEs.describe({missing}) before load(): the cache entries are not known")
         return {h: disk_record(self._paths[h]) for h in hooks}
 
-    def collect(self, datamodule: Any, hooks: list[str]) -> dict[str, torch.Tensor]:
+    def collect(self, datamodule: DataModule, hooks: list[str]) -> dict[str, torch.Tensor]:
         """Up to ``train_tokens`` hidden states per hook from the profile split, ``[N, d]`` fp32,
         written into one buffer per hook allocated up front (peak memory: the pool, not the
         pool plus its batches, as gathering and concatenating took)."""
@@ -337,7 +343,7 @@ class LocalTrainedSAEs(SAEProvider):
                              f"of {hooks} on (data.max_contexts, data.heldout_fraction)")
         return {h: b if n == b.shape[0] else b[:n].clone() for h, b in bufs.items()}
 
-    def train_one(self, acts: torch.Tensor, hook: str) -> Any:
+    def train_one(self, acts: torch.Tensor, hook: str) -> TrainingSAE:
         """Train a fresh training SAE on ``acts [N, d]``; returns it with the input scale folded in."""
         return train_sae(acts, self.training_config(acts.shape[1]), seed=self.settings.seed, name=hook)
 
@@ -346,6 +352,6 @@ TRAINING_RECORD = "training.json"
 """Written next to a trained SAE: ``n_train_tokens``, ``minutes`` (training), ``minutes_collect``."""
 
 
-def _save_trained(sae: Any, directory: Path, record: dict[str, Any]) -> None:
+def _save_trained(sae: TrainingSAE, directory: Path, record: dict[str, Any]) -> None:
     sae.save_inference_model(directory)
     (Path(directory) / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from sae_lens.saes.sae import SAEMetadata
@@ -20,6 +20,9 @@ from torch import Tensor
 from saeot.synthetic._random import torch_threads
 from saeot.synthetic.config import KINDS
 from saeot.synthetic.world import SyntheticWorld
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 __all__ = ["SyntheticSAEs", "express_in_latents", "latents_to_true_by_decoder", "activation_agreement",
            "sae_metadata"]
@@ -154,7 +157,7 @@ def latents_to_true_by_decoder(w_dec: Tensor, directions: Tensor, min_cos: float
 
 
 @torch.no_grad()
-def activation_agreement(sae: Any, world: SyntheticWorld, hook: str, latent_to_true: Tensor,
+def activation_agreement(sae: SAE, world: SyntheticWorld, hook: str, latent_to_true: Tensor,
                          split: str = "train", n_tokens: int = 8192) -> Tensor:
     """``[F]`` Pearson correlation, over ``n_tokens`` tokens of ``split``, between each latent's
     activation and the true activation of the feature it stands for (NaN for latents that stand

@@ -16,7 +16,7 @@ Over seeds (:func:`aggregate_seeds`), every number ``x`` of a score becomes ``x`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import math
 from collections.abc import Iterable, Sequence
@@ -28,13 +28,18 @@ from torch import Tensor
 from saeot.synthetic._random import torch_threads
 from saeot.synthetic.world import SyntheticWorld
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from saeot.types import MatchResult
+
 __all__ = ["explained_variance", "match_scores", "AFFECTED", "affected_kinds", "affected_accuracy", "mean_ci95",
            "aggregate_seeds"]
 
 
 @torch.no_grad()
 def explained_variance(
-    sae: Any, world: SyntheticWorld, hook: str, split: str = "heldout", batch_size: int = 4096
+    sae: SAE, world: SyntheticWorld, hook: str, split: str = "heldout", batch_size: int = 4096
 ) -> float:
     """``1 - sum |h - sae(h)|^2 / sum |h - mean h|^2`` over the split (streamed)."""
     err, s1, s2, n = 0.0, torch.zeros(world.d_model, dtype=torch.float64), 0.0, 0
@@ -49,7 +54,7 @@ def explained_variance(
     return 1.0 - err / max(total, 1e-30)
 
 
-def match_scores(result: Any, result_hung: Any, truth: Tensor, alive_a: Tensor,
+def match_scores(result: MatchResult, result_hung: MatchResult, truth: Tensor, alive_a: Tensor,
                  kinds: dict[str, Tensor] | None = None) -> dict:
     """The scores above of a nearest-mode ``result`` and a one-to-one ``result_hung`` (``MatchResult``).
 

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from saeot.evaluation.functional._substitution import is_residual, next_token_ce, resid_position, run_from_hook
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["Continuations"]
 
@@ -50,7 +53,7 @@ class Continuations:
         max_contexts: contexts per stacked forward.
     """
 
-    def __init__(self, model: Any, tokens: Tensor, mask: Tensor, hidden: dict[str, Tensor],
+    def __init__(self, model: HookedTransformer, tokens: Tensor, mask: Tensor, hidden: dict[str, Tensor],
                  max_contexts: int = 64) -> None:
         self.model, self.tokens, self.hidden = model, tokens, hidden
         self.keep = mask[..., None]

@@ -31,7 +31,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,6 +40,11 @@ from torch import Tensor
 from saeot.matching.base import Matcher, MatchContext
 from saeot.pipeline.config import build
 from saeot.pipeline.rundir import RunDir
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from saeot.data.types import DataModule
 
 __all__ = ["RankedPairs", "rank_pairs", "full_assignment", "full_matcher", "assign_run"]
 
@@ -141,7 +146,7 @@ def full_assignment(matcher: Matcher, ctx: MatchContext, hook_a: str, hook_b: st
                        seconds=time.perf_counter() - t0)
 
 
-def assign_run(run: RunDir, saes: dict[str, Any], datamodule: Any, pairs: Sequence[tuple[str, str]],
+def assign_run(run: RunDir, saes: dict[str, SAE], datamodule: DataModule, pairs: Sequence[tuple[str, str]],
                n_candidates: int = 8, progress: bool = False) -> list[RankedPairs]:
     """The full one-to-one assignment of every layer pair of ``run`` under its own matcher."""
     matcher = build(run.cfg.matcher)

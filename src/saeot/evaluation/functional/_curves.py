@@ -34,7 +34,7 @@ contexts, the same replicate weights for every run and layer pair
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from saeot.evaluation.functional._deactivation import DeactivationAccumulator, p
 from saeot.evaluation.functional._substitution import code_ratio, substitute_codes
 from saeot.hooks import hook_layer
 from saeot.saes.codes import decode
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 __all__ = ["CURVE_METRICS", "curve_auc", "PairCurve", "CoverageCurves"]
 
@@ -71,7 +74,7 @@ def curve_auc(x: Sequence[float], y: Sequence[float]) -> float:
 class PairCurve:
     """The curves of one layer pair of one run (module docstring)."""
 
-    def __init__(self, ranked: RankedPairs, sae_a: Any, sae_b: Any, grid: Sequence[float], code_scale: str,
+    def __init__(self, ranked: RankedPairs, sae_a: SAE, sae_b: SAE, grid: Sequence[float], code_scale: str,
                  with_ce: bool, deactivation: int = 0, bootstrap: int = 0, bootstrap_seed: int = 0) -> None:
         self.rp, self.sae_b, self.with_ce = ranked, sae_b, with_ce
         self.bootstrap, self.bootstrap_seed = int(bootstrap), int(bootstrap_seed)

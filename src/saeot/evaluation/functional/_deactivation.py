@@ -25,12 +25,15 @@ context (row of a batch), for the bootstrap over contexts
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from saeot.saes.codes import encode
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 __all__ = ["SUCCESS_DROP", "DeactivationAccumulator", "relative_drop", "sample_ranks"]
 
@@ -50,7 +53,7 @@ def sample_ranks(n_pairs: int, m: int) -> Tensor:
 class DeactivationAccumulator:
     """:math:`\\Delta_{ij}` of the pairs ``(feature_a[q], feature_b[q])`` accumulated over batches."""
 
-    def __init__(self, sae_a: Any, sae_b: Any, feature_a: Tensor, feature_b: Tensor, stack_contexts: int = 64,
+    def __init__(self, sae_a: SAE, sae_b: SAE, feature_a: Tensor, feature_b: Tensor, stack_contexts: int = 64,
                  per_context: bool = False):
         self.sae_a, self.sae_b = sae_a, sae_b
         self.fa, self.fb = feature_a.long().cpu(), feature_b.long().cpu()
@@ -130,7 +133,7 @@ def relative_drop(clean: Tensor, ablated: Tensor) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def pair_geometry(sae_a: Any, sae_b: Any, feature_a: Tensor, feature_b: Tensor) -> dict[str, Tensor]:
+def pair_geometry(sae_a: SAE, sae_b: SAE, feature_a: Tensor, feature_b: Tensor) -> dict[str, Tensor]:
     """The two first-order predictors of a pair's functional scores, ``[P]`` each:
 
     * ``transfer_cos``: cosine of A's decoder row ``d_i`` and B's encoder column ``e_j``, feature

@@ -11,7 +11,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -27,6 +27,12 @@ from saeot.evaluation.functional._substitution import (
 from saeot.hooks import hook_layer
 from saeot.saes.codes import decode, encode
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from saeot.data.types import DataModule
+    from saeot.models.language_model import LanguageModel
+
 __all__ = ["evaluate_functional"]
 
 
@@ -41,7 +47,7 @@ class _PairState:
 
 
 def evaluate_functional(
-    lm: Any, saes: dict[str, Any], datamodule: Any, matchings: dict[str, list[PairMatching]],
+    lm: LanguageModel, saes: dict[str, SAE], datamodule: DataModule, matchings: dict[str, list[PairMatching]],
     settings: FunctionalSettings | None = None, alive: dict[str, Tensor] | None = None,
     consumers: Sequence[PassConsumer] = (),
     stack_contexts: int = 64,
@@ -50,7 +56,7 @@ def evaluate_functional(
     ``lm``, ``saes`` and ``datamodule``, in one streaming pass over ``settings.split``.
 
     Args:
-        lm: :class:`saeot.lm.LanguageModel`.
+        lm: :class:`saeot.models.language_model.LanguageModel`.
         saes: hook -> SAE.
         datamodule: a set-up :class:`saeot.data.datamodule.HiddenStateDataModule`.
         matchings: run label -> its :class:`PairMatching` list.
@@ -203,7 +209,7 @@ def evaluate_functional(
     return out
 
 
-def _batches(datamodule: Any, s: FunctionalSettings, device: torch.device, desc: str,
+def _batches(datamodule: DataModule, s: FunctionalSettings, device: torch.device, desc: str,
              hooks: list[str] | None = None):
     """Batches of ``s.split``; with the hidden states at ``hooks`` (none when ``hooks`` is None)."""
     with torch.no_grad():

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -33,6 +33,10 @@ from saeot.pipeline.config import build
 from saeot.pipeline.rundir import RunDir
 from saeot.saes import check_sae_widths
 
+if TYPE_CHECKING:
+    from saeot.data.types import DataModule
+    from saeot.models.language_model import LanguageModel
+
 __all__ = ["EvaluationData", "evaluation_data", "label_runs", "evaluate_runs"]
 
 log = logging.getLogger(__name__)
@@ -43,12 +47,12 @@ class EvaluationData:
     """The tokens of one streaming pass: a set-up data module built from the run's ``data``
     config, the split to read (``fresh`` unless it fell back), and a note saying why."""
 
-    datamodule: Any
+    datamodule: DataModule
     split: str
     note: str | None = None
 
 
-def evaluation_data(run: RunDir, lm: Any, settings: FunctionalSettings) -> EvaluationData:
+def evaluation_data(run: RunDir, lm: LanguageModel, settings: FunctionalSettings) -> EvaluationData:
     """The data module for ``settings.split``, built from the run's ``data`` config.
 
     For ``fresh``: the module is built with ``fresh_contexts`` (default: as many as the
@@ -179,7 +183,7 @@ def evaluate_runs(cfg: DictConfig, run_dirs: Sequence[str | Path], out_dir: str 
     return {"rows": all_rows, "judge": judge_rows, "table": str(table), "coverage_rows": cov_rows}
 
 
-def _coverage_curves(group: Sequence[RunDir], matchings: dict, saes: dict, datamodule: Any,
+def _coverage_curves(group: Sequence[RunDir], matchings: dict, saes: dict, datamodule: DataModule,
                      settings: FunctionalSettings) -> dict[str, CoverageCurves]:
     """run label -> the consumer of its equal-coverage curves (its full assignment computed
     now); a run whose matcher cannot run again on what its directory holds is left out, said."""

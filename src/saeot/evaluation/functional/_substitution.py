@@ -5,7 +5,7 @@ explained variance and next-token cross-entropy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -13,10 +13,14 @@ from torch import Tensor
 from saeot.hooks import hook_layer
 from saeot.saes import fold_scale
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
 __all__ = ["code_ratio", "substitute_codes", "run_from_hook", "next_token_ce", "SubstitutionAccumulator"]
 
 
-def code_ratio(sae_a: Any, sae_b: Any, oto_a: Tensor, oto_b: Tensor, mode: str) -> Tensor:
+def code_ratio(sae_a: SAE, sae_b: SAE, oto_a: Tensor, oto_b: Tensor, mode: str) -> Tensor:
     """``[M']`` factor applied to A's code before B's decoder: ``s^B_j / s^A_i`` (fold) or 1."""
     if mode == "none":
         return torch.ones(oto_a.numel())
@@ -32,7 +36,7 @@ def substitute_codes(codes_a: Tensor, oto_a: Tensor, oto_b: Tensor, ratio: Tenso
     return out
 
 
-def run_from_hook(model: Any, hook: str, value: Tensor, tokens: Tensor) -> Tensor:
+def run_from_hook(model: HookedTransformer, hook: str, value: Tensor, tokens: Tensor) -> Tensor:
     """Logits ``[B, T, V]`` of ``model`` when the activation at ``hook`` is replaced by
     ``value [B, T, d]``. Residual-stream hooks start the forward pass right there
     (``start_at_layer``: layers before the hook are not recomputed); other hooks run the
@@ -43,7 +47,7 @@ def run_from_hook(model: Any, hook: str, value: Tensor, tokens: Tensor) -> Tenso
     return model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, lambda act, hook: value)])
 
 
-def run_between(model: Any, hook_a: str, hook_b: str, value: Tensor) -> Tensor:
+def run_between(model: HookedTransformer, hook_a: str, hook_b: str, value: Tensor) -> Tensor:
     """``[n, T, d]`` float32 states at ``hook_b`` when the residual stream at ``hook_a`` is ``value
     [n, T, d]`` (both residual-stream hooks, B after A): only the blocks between them run."""
     for h in (hook_a, hook_b):

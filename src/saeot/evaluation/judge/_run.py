@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from saeot.evaluation.judge._base import Judge
 from saeot.evaluation.judge._prompt import LABELS, SCORES
 from saeot.hooks import hook_layer
 from saeot.progress import progress_bar
+
+if TYPE_CHECKING:
+    from saeot.evaluation.functional._matchings import PairMatching
 
 __all__ = ["mean_ci", "sample_pairs", "control_pairs", "discrimination", "judge_run"]
 
@@ -118,7 +121,7 @@ def control_pairs(usable_a: Tensor, usable_b: Tensor, n: int, seed: int) -> list
     return [(int(x), int(y)) for x, y in zip(rng.choice(a, n), rng.choice(b, n))]
 
 
-def judge_run(judge: Judge, run: Any, matchings: Sequence[Any], contexts: FeatureContexts,
+def judge_run(judge: Judge, run: Any, matchings: Sequence[PairMatching], contexts: FeatureContexts,
               progress: bool = True) -> dict:
     """Judge a sample of each layer pair's matches of one run (``metrics.json["judge"]``).
 
