@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saeot.evaluation.functional._areas import CURVE_METRICS, curve_auc
 from saeot.evaluation.functional._coactivation import MOMENTS, pearson
 from saeot.evaluation.functional._deactivation import relative_drop
 
@@ -147,8 +148,6 @@ class CurveSums:
 
     def aucs(self, w: Tensor) -> dict[str, np.ndarray]:
         """metric -> ``[R]`` areas under the curves of :meth:`curves` (:func:`curve_auc` row by row)."""
-        from saeot.evaluation.functional._curves import CURVE_METRICS, curve_auc  # _curves imports this module
-
         c = self.curves(w)
         return {m: np.array([curve_auc(self.fraction, row) for row in c[m].tolist()]) for m in CURVE_METRICS}
 

@@ -36,10 +36,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from saeot.evaluation.functional._areas import CURVE_METRICS, curve_auc
 from saeot.evaluation.functional._batch import PassBatch, PassTotals
 from saeot.evaluation.functional._bootstrap import CurveSums, bootstrap_result
 from saeot.evaluation.functional._coactivation import CoactivationAccumulator
@@ -53,23 +53,6 @@ if TYPE_CHECKING:
     from sae_lens import SAE
 
 __all__ = ["CURVE_METRICS", "curve_auc", "PairCurve", "CoverageCurves"]
-
-#: metric -> (label, higher is better)
-CURVE_METRICS = {"explained_variance": ("substitution EV", True), "delta_ce": ("substitution ΔCE (nats)", False),
-                 "corr": ("co-activation correlation", True),
-                 "deactivation": ("deactivation: mean drop of B's feature", True),
-                 "deactivation_success": ("deactivation success rate", True)}
-
-
-def curve_auc(x: Sequence[float], y: Sequence[float]) -> float:
-    """Trapezoid area under ``y(x)`` (NaN points dropped; one point: NaN)."""
-    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    ok = np.isfinite(xs) & np.isfinite(ys)
-    xs, ys = xs[ok], ys[ok]
-    if len(xs) < 2:
-        return float("nan")
-    return float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2))
-
 
 class PairCurve:
     """The curves of one layer pair of one run (module docstring)."""
