@@ -539,6 +539,20 @@ def test_fresh_split_is_text_after_the_runs_contexts(tiny_lm, tmp_path):
 
 
 # ---------------------------------------------------------------------------- causal deactivation
+def _one_heldout_batch(tiny_lm, tiny_saes, dm):
+    """One held-out batch of the tiny model: ``tokens, mask``, the clean states at H0 / H1 and their codes."""
+    from saeot.saes.codes import encode
+
+    batch = next(iter(dm.iter_batches("heldout", device=torch.device("cpu"), progress=False, desc="t",
+                                      hooks=None, hidden=False)))
+    tokens, mask = batch["tokens"], batch["mask"]
+    with torch.no_grad():
+        _, cache = tiny_lm.model.run_with_cache(tokens, names_filter=[H0, H1])
+        h0, h1 = cache[H0].float(), cache[H1].float()
+        ca, cb = encode(tiny_saes[H0], h0), encode(tiny_saes[H1], h1)
+    return tokens, mask, h0, h1, ca, cb
+
+
 def test_deactivation_drop_equals_an_ablation_run_through_hooks(tiny_lm, tiny_saes, dm):
     """Deactivation across two different layers (0 -> 1): removing i's decoder contribution at A where it
     fires, j's relative drop at B equals the same ablation done with a forward hook on the whole model."""
@@ -548,14 +562,9 @@ def test_deactivation_drop_equals_an_ablation_run_through_hooks(tiny_lm, tiny_sa
 
     model = tiny_lm.model
     sa, sb = tiny_saes[H0], tiny_saes[H1]
-    batch = next(iter(dm.iter_batches("heldout", device=torch.device("cpu"), progress=False, desc="t",
-                                      hooks=None, hidden=False)))
-    tokens, mask = batch["tokens"], batch["mask"]
+    tokens, mask, h0, h1, ca, cb = _one_heldout_batch(tiny_lm, tiny_saes, dm)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[H0, H1])
-        h0, h1 = cache[H0].float(), cache[H1].float()
         assert torch.allclose(run_between(model, H0, H1, h0), h1, atol=1e-4)
-        ca, cb = encode(sa, h0), encode(sb, h1)
     fires = ((ca > 0) & mask[..., None]).sum((0, 1))
     fa = torch.argsort(fires, descending=True)[:6]  # features of A that fire in this batch
     fb = torch.tensor([int((cb[..., :][(ca[..., i] > 0) & mask]).sum(0).argmax()) for i in fa])  # j co-firing most
@@ -585,17 +594,10 @@ def test_deactivation_sums_are_the_same_with_per_context_sums_over_many_stacks(t
     up to them (a loop variable once shadowed the list of stacks and ended the batch after the first)."""
     from saeot.evaluation.functional._deactivation import DeactivationAccumulator
     from saeot.evaluation.functional._substitution import run_between
-    from saeot.saes.codes import encode
 
     model = tiny_lm.model
     sa, sb = tiny_saes[H0], tiny_saes[H1]
-    batch = next(iter(dm.iter_batches("heldout", device=torch.device("cpu"), progress=False, desc="t",
-                                      hooks=None, hidden=False)))
-    tokens, mask = batch["tokens"], batch["mask"]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[H0, H1])
-        h0, h1 = cache[H0].float(), cache[H1].float()
-        ca, cb = encode(sa, h0), encode(sb, h1)
+    tokens, mask, h0, h1, ca, cb = _one_heldout_batch(tiny_lm, tiny_saes, dm)
     fires = ((ca > 0) & mask[..., None]).sum((0, 1))
     fa = torch.argsort(fires, descending=True)[:8]
     fb = torch.tensor([int((cb[(ca[..., i] > 0) & mask]).sum(0).argmax()) for i in fa])
