@@ -23,11 +23,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
+
+from saeot.evaluation.functional._deactivation import why_summary
 
 
 def load(path: Path) -> list[dict]:
@@ -47,15 +50,10 @@ def per_matcher(rows: list[dict]) -> dict:
         groups[f"{r['layer_a']}->{r['layer_b']} {r['matcher']}"].append(r)
     out = {}
     for key, g in sorted(groups.items()):
-        fires = [r for r in g if r["j_clean"] > 0]
-        out[key] = {
-            "n": len(g), "success": round(float(np.mean([r["success"] for r in g])), 4),
-            "silent": round(1 - len(fires) / len(g), 4),
-            "success_given_fires": round(float(np.mean([r["success"] for r in fires])), 4) if fires else None,
-            "transfer_cos": round(float(np.mean([r["transfer_cos"] for r in g])), 4),
-            "decoder_cos": round(float(np.mean([r["decoder_cos"] for r in g])), 4),
-            "corr": round(float(np.nanmean([r["corr"] for r in g])), 4),
-        }
+        why = why_summary({k: [r[k] for r in g] for k in ("j_clean", "success", "transfer_cos", "decoder_cos")})
+        out[key] = {"n": len(g), "success": round(float(np.mean([r["success"] for r in g])), 4),
+                    **{k: (None if math.isnan(v) else round(v, 4)) for k, v in why.items()},
+                    "corr": round(float(np.nanmean([r["corr"] for r in g])), 4)}
     return out
 
 

@@ -26,6 +26,18 @@ def _clouds(F, K, r, seed, dead=()):
     return x, w
 
 
+def _search_equals_dense(cost, dense, k: int, chunk: int, rtol: float, atol: float):
+    """``cost.nearest(k)`` (its ``n_solved`` counted from 0) against the sorted dense costs on the live rows:
+    the same indices, costs within ``rtol`` / ``atol``; returns ``(cost, index)`` of the search."""
+    cost.n_solved = 0
+    c, i = cost.nearest(k, chunk=chunk)
+    want_c, want_i = torch.sort(dense, dim=1, stable=True)
+    alive = torch.isfinite(want_c[:, 0])
+    assert torch.allclose(c[alive], want_c[alive, :k], rtol=rtol, atol=atol)
+    assert torch.equal(i[alive], want_i[alive, :k])
+    return c, i
+
+
 def _samples(hook, x, w):
     F, K, _ = x.shape
     z = torch.zeros(F)
@@ -54,12 +66,7 @@ def test_pruned_nearest_equals_brute_force(settings, solver):
     cost = SemanticCost(solver, xa, wa, xb, wb, **settings, **dirs)
     ia, ib = torch.meshgrid(torch.arange(13), torch.arange(17), indexing="ij")
     dense = cost.pairs(ia.flatten(), ib.flatten()).view(13, 17)
-    cost.n_solved = 0
-    c, i = cost.nearest(3, chunk=5)
-    want_c, want_i = torch.sort(dense, dim=1, stable=True)
-    alive = torch.isfinite(want_c[:, 0])
-    assert torch.allclose(c[alive], want_c[alive, :3], rtol=1e-6, atol=1e-9)
-    assert torch.equal(i[alive], want_i[alive, :3])
+    c, i = _search_equals_dense(cost, dense, 3, 5, rtol=1e-6, atol=1e-9)
     assert (i[3] == -1).all() and torch.isinf(c[3]).all() and not (i == 5).any()
     if isinstance(solver, ExactW2) and settings.get("debias"):
         assert cost.n_solved < 13 * 17  # the bound pruned some pairs
@@ -290,12 +297,7 @@ def test_token_weight_is_the_fused_cost_and_its_search_is_exact():
     same = torch.zeros(13, 17, dtype=torch.bool)
     same[shared, shared] = True
     assert bool((dense < plain + 0.8 * cost.scale - 1e-9)[same & live].all())
-    cost.n_solved = 0
-    c, i = cost.nearest(2, chunk=4)
-    want_c, want_i = torch.sort(dense, dim=1, stable=True)
-    alive = torch.isfinite(want_c[:, 0])
-    assert torch.allclose(c[alive], want_c[alive, :2], rtol=1e-9, atol=1e-12)
-    assert torch.equal(i[alive], want_i[alive, :2])
+    c, i = _search_equals_dense(cost, dense, 2, 4, rtol=1e-9, atol=1e-12)
     assert cost.n_solved < 13 * 17
     rows = torch.tensor([7, 0, 2])
     c2, i2 = cost.nearest(2, rows=rows)

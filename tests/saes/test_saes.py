@@ -186,6 +186,27 @@ def test_train_sae_refuses_exactly_the_non_finite_pools(bad, dtype):
         train_sae(x, cfg, seed=0, name="layer7")
 
 
+def test_every_training_setting_reaches_the_training_config_with_its_default():
+    """sae=train_local's settings hand SAETrainingConfig every field it has (but the width, which follows
+    from expansion, and two internals), with the training config's defaults: a field added to one and not
+    the other fails here instead of silently training with a default."""
+    import dataclasses
+
+    from saeot.saes.providers import TRAINING_FIELDS, LocalSAESettings, LocalTrainedSAEs
+
+    train = {f.name: f.default for f in dataclasses.fields(SAETrainingConfig)}
+    local = {f.name: f.default for f in dataclasses.fields(LocalSAESettings)}
+    assert set(train) == set(TRAINING_FIELDS) | {"d_sae", "dead_window", "normalize_inputs"}
+    assert set(TRAINING_FIELDS) <= set(local)
+    assert {n: local[n] for n in TRAINING_FIELDS if n != "progress"} == {n: train[n] for n in TRAINING_FIELDS
+                                                                         if n != "progress"}
+    cfg = LocalTrainedSAEs(architecture="jumprelu", target_l0=12.0, k=5, lr=0.01, steps=7, batch_size=3,
+                           l0_coefficient=2.0, jumprelu_init_threshold=0.3, expansion=3).training_config(64)
+    assert (cfg.architecture, cfg.target_l0, cfg.k, cfg.lr, cfg.steps, cfg.batch_size, cfg.l0_coefficient,
+            cfg.jumprelu_init_threshold, cfg.d_sae, cfg.normalize_inputs) == (
+        "jumprelu", 12.0, 5, 0.01, 7, 3, 2.0, 0.3, 192, True)
+
+
 def test_local_trained_saes_train_through_train_sae(tiny_dm, tiny_lm):
     prov = LocalTrainedSAEs(d_sae=32, k=4, steps=10, batch_size=64, train_tokens=200, seed=3, progress=False)
     acts = prov.collect(tiny_dm, tiny_dm.hooks[:1])[tiny_dm.hooks[0]]

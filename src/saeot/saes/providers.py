@@ -169,17 +169,17 @@ class LocalSAESettings:
         progress: progress bars.
     """
 
-    architecture: str = "topk"
+    architecture: str = SAETrainingConfig.architecture
     d_sae: int | None = None
     expansion: int = 4
-    k: int = 16
-    l1_coefficient: float = 5.0
-    l0_coefficient: float = 1.0
-    jumprelu_init_threshold: float = 0.01
-    target_l0: float | None = None
-    lr: float = 3e-3
-    steps: int = 600
-    batch_size: int = 512
+    k: int = SAETrainingConfig.k
+    l1_coefficient: float = SAETrainingConfig.l1_coefficient
+    l0_coefficient: float = SAETrainingConfig.l0_coefficient
+    jumprelu_init_threshold: float = SAETrainingConfig.jumprelu_init_threshold
+    target_l0: float | None = SAETrainingConfig.target_l0
+    lr: float = SAETrainingConfig.lr
+    steps: int = SAETrainingConfig.steps
+    batch_size: int = SAETrainingConfig.batch_size
     train_tokens: int = 16384
     seed: int = 0
     cache_dir: str | None = None
@@ -206,6 +206,13 @@ class LocalSAESettings:
             raise ValueError(f"sae.target_l0={self.target_l0}: expected a number > 0 (and <= d_sae) or null")
         if self.target_l0 is not None and self.d_sae is not None and self.target_l0 > self.d_sae:
             raise ValueError(f"sae.target_l0={self.target_l0}: expected a number in (0, d_sae={self.d_sae}] or null")
+
+
+#: the settings of :class:`LocalSAESettings` handed unchanged to :class:`~saeot.saes.training.SAETrainingConfig`
+#: (its defaults are the training config's; ``d_sae`` follows from ``expansion``, ``dead_window`` and
+#: ``normalize_inputs`` are not settings of a run)
+TRAINING_FIELDS = ("architecture", "k", "l1_coefficient", "l0_coefficient", "jumprelu_init_threshold", "target_l0",
+                   "lr", "steps", "batch_size", "device", "progress")
 
 
 class LocalTrainedSAEs(SAEProvider):
@@ -244,12 +251,8 @@ class LocalTrainedSAEs(SAEProvider):
     def training_config(self, d_model: int) -> SAETrainingConfig:
         """The settings of :func:`saeot.saes.training.train_sae` for hidden states of width ``d_model``."""
         s = self.settings
-        return SAETrainingConfig(
-            architecture=s.architecture, d_sae=s.d_sae or s.expansion * d_model, k=s.k,
-            l1_coefficient=s.l1_coefficient, l0_coefficient=s.l0_coefficient,
-            jumprelu_init_threshold=s.jumprelu_init_threshold, target_l0=s.target_l0, lr=s.lr, steps=s.steps,
-            batch_size=s.batch_size, normalize_inputs=True, device=s.device, progress=s.progress,
-        )
+        return SAETrainingConfig(**{name: getattr(s, name) for name in TRAINING_FIELDS},
+                                 d_sae=s.d_sae or s.expansion * d_model, normalize_inputs=True)
 
     # ------------------------------------------------------------------ cache
     def _root(self) -> Path:

@@ -102,11 +102,9 @@ class PairCurve:
                 continue
             if self.with_ce:
                 h_sub, ce = b.substituted(rp.hook_b, h_hat)
-                self.ce_sum[n] += float(ce[b.ce_mask].double().sum())
             else:
                 h_sub, ce = torch.where(keep, h_hat.expand_as(h_b), h_b), None
-            self.sse[n] += float((h_b - h_sub)[b.mask].double().pow(2).sum())
-            self._context_sums(li, b, h_b, h_sub, ce)
+            self._absorb(n, li, b, h_b, h_sub, ce)
         rows = b.mask.nonzero()[:, 0] if per_context else None  # the context of every evaluation token
         self.coact.update(ca[b.mask][:, fa], cb[b.mask][:, fb], rows, n_rows)
         if self.deact is not None and b.run_between is not None:
@@ -114,18 +112,16 @@ class PairCurve:
         elif self.deact is not None:
             self.deact.skip(n_rows)
 
-    def _absorb(self, n: int, li: int, b: PassBatch, h_b: Tensor, h_sub: Tensor, ce: Tensor) -> None:
-        """Level ``n``'s squared error and cross-entropy of one batch."""
-        self.ce_sum[n] += float(ce[b.ce_mask].double().sum())
-        self.sse[n] += float((h_b - h_sub)[b.mask].double().pow(2).sum())
-        self._context_sums(li, b, h_b, h_sub, ce)
-
-    def _context_sums(self, li: int, b: PassBatch, h_b: Tensor, h_sub: Tensor, ce: Tensor | None) -> None:
-        """The same sums per context (row) of the batch (level index ``li``), with ``functional.bootstrap``."""
+    def _absorb(self, n: int, li: int, b: PassBatch, h_b: Tensor, h_sub: Tensor, ce: Tensor | None) -> None:
+        """Level ``n``'s (index ``li``) squared error and, with ``ce``, cross-entropy of one batch; with
+        ``functional.bootstrap`` the same sums per context (row) too, from the same squared errors."""
+        sq = (h_b - h_sub).double().pow(2)
+        self.sse[n] += float(sq[b.mask].sum())
+        if ce is not None:
+            self.ce_sum[n] += float(ce[b.ce_mask].double().sum())
         if self.bootstrap <= 0:
             return
-        d2 = (h_b - h_sub).double().pow(2).sum(-1)
-        self._ctx_sse[-1][:, li] += torch.where(b.mask, d2, 0.0).sum(-1).cpu()
+        self._ctx_sse[-1][:, li] += torch.where(b.mask, sq.sum(-1), 0.0).sum(-1).cpu()
         if ce is not None:
             self._ctx_ce[-1][:, li] += torch.where(b.ce_mask, ce.double(), 0.0).sum(-1).cpu()
 

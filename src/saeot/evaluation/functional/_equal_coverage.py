@@ -120,6 +120,11 @@ def _f(v, digits: int = 3) -> str:
     return str(v)
 
 
+def _cell(v):
+    """A csv cell: floats with 6 significant digits, the rest as they are."""
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
 def _ci(r: dict, col: str) -> str:
     """``0.555 [0.541, 0.568]`` (the area and its interval; the area alone without one)."""
     lo, hi = r.get(f"{col}_lo", float("nan")), r.get(f"{col}_hi", float("nan"))
@@ -176,10 +181,10 @@ def write_coverage_table(rows: list[dict], out_dir: str | Path) -> Path:
         w = csv.DictWriter(f, fieldnames=COVERAGE_COLUMNS + CI_COLUMNS + curve_cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            out = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k != "curve"}
+            out = {k: _cell(v) for k, v in r.items() if k != "curve"}
             for m in CURVE_METRICS:
                 for g, v in zip(grid, r["curve"].get(m, [float("nan")] * len(grid))):
-                    out[f"{m}@{g:g}"] = f"{v:.6g}"
+                    out[f"{m}@{g:g}"] = _cell(v)
             w.writerow(out)
     with atomic_path(out_dir / "deactivation_pairs.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=DEACTIVATION_PAIR_COLUMNS)
@@ -188,8 +193,7 @@ def write_coverage_table(rows: list[dict], out_dir: str | Path) -> Path:
             dp = r["curve"].get("deactivation_pairs", {})
             for q in range(len(dp.get("rank", []))):
                 w.writerow({"matcher": r["matcher"], "layer_a": r["layer_a"], "layer_b": r["layer_b"],
-                            **{k: (f"{dp[k][q]:.6g}" if isinstance(dp[k][q], float) else dp[k][q])
-                               for k in DEACTIVATION_PAIR_COLUMNS[3:]}})
+                            **{k: _cell(dp[k][q]) for k in DEACTIVATION_PAIR_COLUMNS[3:]}})
     return md
 
 
